@@ -1,0 +1,278 @@
+"""Model directories: our native format and Hugging Face GPT-2 directories, in and out.
+
+Native directory: config.json ({"format": "gptgen", ...GPTConfig}) + model.safetensors + tokenizer files.
+HF GPT-2 directory: config.json (model_type "gpt2") + model.safetensors or pytorch_model.bin, as written
+by GPT2LMHeadModel.save_pretrained. Every write goes to a temporary sibling directory that replaces the
+target in one rename, so a crash never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import GPTConfig
+from .errors import CheckpointError, ConfigError
+from .model import GPT
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+HF_BIN_FILE = "pytorch_model.bin"
+
+
+# Atomic writes ------------------------------------------------------------------------------------
+def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Call fill(tmp_dir) and move tmp_dir to target in one rename (replacing an old target)."""
+    target = Path(target).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        fill(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# Native format -----------------------------------------------------------------------------------
+def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The state dict with a tied LM head stored once (safetensors refuses shared storage)."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_model_files(directory: Path, model: GPT) -> None:
+    (directory / CONFIG_FILE).write_text(model.config.to_json(), "utf-8")
+    save_file(model_state_dict(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def is_hf_gpt2_dir(directory: Path) -> bool:
+    config = _read_config(directory)
+    return config.get("format") != "gptgen" and config.get("model_type") == "gpt2"
+
+
+def _read_config(directory: Path) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"Model directory {directory} does not exist.")
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {CONFIG_FILE}; it is not a model directory.")
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt).") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object.")
+    return data
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} has no weights file {path.name}.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt ({exc}).") from None
+
+
+def read_config(directory: str | os.PathLike) -> GPTConfig:
+    """The GPTConfig of a native or HF GPT-2 directory."""
+    directory = Path(directory)
+    data = _read_config(directory)
+    if data.get("format") == "gptgen":
+        try:
+            return GPTConfig.from_dict(data)
+        except (TypeError, ConfigError) as exc:
+            raise CheckpointError(f"{directory / CONFIG_FILE} is not a valid gptgen config: {exc}") from None
+    if data.get("model_type") == "gpt2":
+        return hf_config_to_gptconfig(data)
+    raise CheckpointError(
+        f"{directory / CONFIG_FILE} is neither a gptgen config nor a Hugging Face GPT-2 config "
+        f"(model_type={data.get('model_type')!r})."
+    )
+
+
+def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> GPT:
+    """Load a GPT from a native or HF GPT-2 directory."""
+    directory = Path(directory)
+    config = read_config(directory)
+    if is_hf_gpt2_dir(directory):
+        state = hf_state_to_native(_load_hf_weights(directory), config)
+    else:
+        state = _load_safetensors(directory / WEIGHTS_FILE)
+    model = _build_with_state(config, state, directory)
+    return model.to(device=device, dtype=dtype) if dtype else model.to(device)
+
+
+def _build_with_state(config: GPTConfig, state: dict[str, torch.Tensor], where: Path) -> GPT:
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = model_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"The weights in {where} lack {len(missing)} tensor(s) the config needs, e.g. {missing[0]}.")
+    unexpected = sorted(set(state) - set(expected) - {"lm_head.weight"})
+    if unexpected:
+        raise CheckpointError(f"The weights in {where} hold tensor(s) the config does not describe, e.g. {unexpected[0]}.")
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"Weight {name} in {where} has shape {tuple(state[name].shape)} but config.json implies "
+                f"{tuple(tensor.shape)}."
+            )
+    model = model.to_empty(device="cpu")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed.wte.weight
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    model.load_state_dict(state, strict=False, assign=False)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed.wte.weight
+    return model
+
+
+# Hugging Face GPT-2 --------------------------------------------------------------------------------
+_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                   "gelu": "gelu", "relu": "relu"}
+
+
+def hf_config_to_gptconfig(data: dict) -> GPTConfig:
+    act = data.get("activation_function", "gelu_new")
+    if act not in _HF_ACTIVATIONS:
+        raise CheckpointError(f"Unsupported GPT-2 activation_function {act!r}.")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if data.get(flag):
+            raise CheckpointError(f"GPT-2 checkpoints with {flag}=true are not supported.")
+    if data.get("scale_attn_weights", True) is False:
+        raise CheckpointError("GPT-2 checkpoints with scale_attn_weights=false are not supported.")
+    try:
+        return GPTConfig(
+            vocab_size=data["vocab_size"], n_positions=data.get("n_positions", data.get("n_ctx", 1024)),
+            n_embd=data["n_embd"], n_layer=data["n_layer"], n_head=data["n_head"],
+            n_inner=data.get("n_inner"), activation=_HF_ACTIVATIONS[act],
+            layer_norm_epsilon=data.get("layer_norm_epsilon", 1e-5),
+            tie_word_embeddings=data.get("tie_word_embeddings", True),
+            bos_token_id=data.get("bos_token_id"), eos_token_id=_first(data.get("eos_token_id")),
+            pad_token_id=data.get("pad_token_id"),
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"The GPT-2 config.json lacks the field {exc.args[0]!r}.") from None
+    except ConfigError as exc:
+        raise CheckpointError(f"The GPT-2 config.json is invalid: {exc}") from None
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) and value else value
+
+
+def gptconfig_to_hf(config: GPTConfig) -> dict:
+    if (config.norm_position != "pre" or not config.final_norm or config.lm_head_bias
+            or config.attn_inner_dim != config.n_embd or config.activation == "relu"):
+        raise CheckpointError(
+            "Only GPT-2-shaped models (pre-norm, GELU, final LayerNorm, head without bias, "
+            "n_embd divisible by n_head) can be exported to the Hugging Face GPT-2 format."
+        )
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": config.vocab_size, "n_positions": config.n_positions, "n_ctx": config.n_positions,
+        "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": config.n_inner,
+        "activation_function": {"gelu_tanh": "gelu_new", "gelu": "gelu"}[config.activation],
+        "layer_norm_epsilon": config.layer_norm_epsilon, "initializer_range": config.init_std,
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id, "use_cache": True,
+    }
+
+
+_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # HF Conv1D stores (in, out)
+
+
+def _load_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    st = directory / WEIGHTS_FILE
+    if st.is_file():
+        return _load_safetensors(st)
+    binary = directory / HF_BIN_FILE
+    if binary.is_file():
+        try:
+            return torch.load(str(binary), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many kinds on truncated zip/pickle data
+            raise CheckpointError(f"{binary} is truncated, corrupt, or not a plain weights file ({type(exc).__name__}).") from None
+    raise CheckpointError(f"{directory} has neither {WEIGHTS_FILE} nor {HF_BIN_FILE}.")
+
+
+def hf_state_to_native(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, tensor in state.items():
+        name = key[len("transformer."):] if key.startswith("transformer.") else key
+        if name.endswith(".attn.bias") or name.endswith(".attn.masked_bias"):
+            continue  # causal-mask buffers of old checkpoints
+        if name.startswith("wte.") or name.startswith("wpe."):
+            name = "embed." + name
+        elif name.startswith("h."):
+            name = "blocks." + name[2:]
+            if any(part in name for part in _CONV1D) and name.endswith(".weight"):
+                tensor = tensor.t()
+        elif name.startswith("ln_f.") or name.startswith("lm_head."):
+            pass
+        else:
+            raise CheckpointError(f"Unexpected tensor {key!r} in the GPT-2 checkpoint.")
+        out[name] = tensor.contiguous()
+    return out
+
+
+def native_state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in model_state_dict(model).items():
+        if name.startswith("embed."):
+            key = "transformer." + name[len("embed."):]
+        elif name.startswith("blocks."):
+            key = "transformer.h." + name[len("blocks."):]
+            if any(part in name for part in _CONV1D) and name.endswith(".weight"):
+                tensor = tensor.t()
+        elif name.startswith("ln_f."):
+            key = "transformer." + name
+        else:
+            key = name
+        out[key] = tensor.contiguous()
+    return out
+
+
+def save_hf_model_files(directory: Path, model: GPT) -> None:
+    config = gptconfig_to_hf(model.config)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2), "utf-8")
+    save_file(native_state_to_hf(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    (directory / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, indent=2), "utf-8")

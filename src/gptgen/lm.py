@@ -1,0 +1,86 @@
+"""LanguageModel: a GPT and its tokenizer, the object users load, generate with, train and save."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint
+from .config import GPTConfig, preset
+from .errors import CheckpointError, TokenizerError
+from .model import GPT
+from .tokenizer import Tokenizer
+
+
+class LanguageModel:
+    def __init__(self, model: GPT, tokenizer: Tokenizer) -> None:
+        check_vocab_fits(tokenizer, model.config)
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_preset(cls, name: str, tokenizer: Tokenizer, **overrides: Any) -> "LanguageModel":
+        """A freshly initialised model of a named preset sized to the tokenizer's vocabulary."""
+        overrides.setdefault("vocab_size", tokenizer.vocab_size)
+        for role in ("pad", "bos", "eos"):
+            overrides.setdefault(f"{role}_token_id", getattr(tokenizer, f"{role}_token_id"))
+        return cls(GPT(preset(name, **overrides)), tokenizer)
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed.wte.weight.device
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LanguageModel":
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def num_parameters(self) -> int:
+        return self.model.num_parameters()
+
+    def save(self, directory: str | os.PathLike, format: str = "gptgen") -> Path:
+        """Write the model directory atomically; format "gptgen" (native) or "hf" (transformers GPT-2)."""
+        if format not in ("gptgen", "hf"):
+            raise CheckpointError(f"Unknown checkpoint format {format!r}; choose 'gptgen' or 'hf'.")
+        writer = checkpoint.save_model_files if format == "gptgen" else checkpoint.save_hf_model_files
+        if format == "hf":
+            checkpoint.gptconfig_to_hf(self.config)  # fail before writing anything
+
+        def fill(tmp: Path) -> None:
+            writer(tmp, self.model)
+            self.tokenizer.save(tmp)
+
+        return checkpoint.write_dir_atomically(directory, fill)
+
+    def __repr__(self) -> str:
+        return f"LanguageModel({self.num_parameters():,} parameters, {self.tokenizer!r})"
+
+
+def check_vocab_fits(tokenizer: Tokenizer, config: GPTConfig) -> None:
+    if tokenizer.vocab_size > config.vocab_size:
+        raise TokenizerError(
+            f"The tokenizer has {tokenizer.vocab_size:,} tokens but the model's embedding holds only "
+            f"{config.vocab_size:,}; train a smaller vocabulary or build the model with vocab_size="
+            f"{tokenizer.vocab_size}."
+        )
+
+
+def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None, tokenizer: str | os.PathLike | Tokenizer | None = None) -> LanguageModel:
+    """Load a native gptgen directory or a Hugging Face GPT-2 directory as a LanguageModel."""
+    directory = Path(directory)
+    model = checkpoint.load_model(directory, device=device, dtype=dtype)
+    if isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    else:
+        try:
+            tok = Tokenizer.from_pretrained(tokenizer or directory)
+        except TokenizerError as exc:
+            raise CheckpointError(f"{directory} holds no usable tokenizer: {exc}") from None
+    return LanguageModel(model.eval(), tok)

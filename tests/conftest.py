@@ -1,0 +1,30 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("GPTGEN_DATA_DIR", REPO.parent / "shared" / "data"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"shared data directory {DATA_DIR} not found (set GPTGEN_DATA_DIR)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(data_dir) -> Path:
+    return data_dir / "gpt2-tokenizer"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
