@@ -58,6 +58,31 @@ class LanguageModel:
 
         return checkpoint.write_dir_atomically(directory, fill)
 
+    # Generation lives in gptgen.generation, training in gptgen.training; these are the entry points.
+    def generate(self, prompts, **options):
+        """Generate text; see gptgen.generation.generate for the options (KerasHub and HF names)."""
+        from .generation import generate
+
+        return generate(self, prompts, **options)
+
+    def stream(self, prompt, **options):
+        """Yield text pieces of one generation as tokens are produced."""
+        from .generation import stream
+
+        return stream(self, prompt, **options)
+
+    def fit(self, train_data, **options):
+        """Train or fine-tune; see gptgen.training.fit."""
+        from .training import fit
+
+        return fit(self, train_data, **options)
+
+    def evaluate(self, data, **options):
+        """Loss, perplexity and token accuracy on data; see gptgen.training.evaluate."""
+        from .training import evaluate
+
+        return evaluate(self, data, **options)
+
     def __repr__(self) -> str:
         return f"LanguageModel({self.num_parameters():,} parameters, {self.tokenizer!r})"
 
