@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from .errors import TokenizerError
 
@@ -155,20 +155,31 @@ class Tokenizer:
             sp.Load(str(model_file))
         except Exception:
             raise TokenizerError(f"{model_file} is not a valid SentencePiece model.") from None
+        proto = _sentencepiece_proto(sp)
         pieces = [(sp.IdToPiece(i), sp.GetScore(i)) for i in range(sp.GetPieceSize())]
         unk_id = sp.unk_id()
-        is_bpe = _sentencepiece_is_bpe(sp)
-        if is_bpe:
+        byte_fallback = bool(proto.trainer_spec.byte_fallback)
+        if proto.trainer_spec.model_type == type(proto.trainer_spec).BPE:
+            kind = "bpe"
             vocab = {p: i for i, (p, _) in enumerate(pieces)}
             merges = _merges_from_vocab(vocab, [s for _, s in pieces])
             model = models.BPE(vocab, merges, unk_token=pieces[unk_id][0] if unk_id >= 0 else None,
-                               fuse_unk=True, byte_fallback=_has_byte_pieces(vocab))
+                               fuse_unk=True, byte_fallback=byte_fallback)
         else:
-            model = models.Unigram(pieces, unk_id=unk_id if unk_id >= 0 else None,
-                                   byte_fallback=_has_byte_pieces(dict(pieces)))
+            kind = "unigram"
+            model = models.Unigram(pieces, unk_id=unk_id if unk_id >= 0 else None, byte_fallback=byte_fallback)
         backend = HFTokenizer(model)
-        backend.normalizer = normalizers.Replace(" ", "▁")
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(replace_char="▁", prepend_scheme="always", split=False)
+        # SentencePiece's own normalisation: its compiled NFKC map, then collapsed and stripped spaces.
+        steps = []
+        charsmap = proto.normalizer_spec.precompiled_charsmap
+        if charsmap:
+            steps.append(normalizers.Precompiled(charsmap))
+        if proto.normalizer_spec.remove_extra_whitespaces:
+            steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Strip(left=True, right=True)]
+        if steps:
+            backend.normalizer = normalizers.Sequence(steps)
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always",
+                                                         split=bool(proto.trainer_spec.split_by_whitespace))
         backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                              decoders.Fuse(), decoders.Strip(" ", 1, 0)])
         roles = special_tokens or {}
@@ -176,7 +187,7 @@ class Tokenizer:
             for role, ident in (("unk", unk_id), ("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id())):
                 if ident >= 0:
                     roles[role] = pieces[ident][0]
-        tok = cls(backend, roles, "bpe" if is_bpe else "unigram")
+        tok = cls(backend, roles, kind)
         tok._register_specials()
         return tok
 
@@ -422,19 +433,16 @@ def _guess_roles(vocab) -> dict[str, str]:
     return roles
 
 
-def _sentencepiece_is_bpe(sp) -> bool:
+def _sentencepiece_proto(sp):
     try:
         from sentencepiece import sentencepiece_model_pb2 as pb
-    except ImportError:  # older wheels: fall back on the scores (BPE scores are -id)
-        scores = [sp.GetScore(i) for i in range(min(sp.GetPieceSize(), 200))]
-        return all(float(s).is_integer() for s in scores)
+    except ImportError:
+        raise TokenizerError(
+            "Reading a SentencePiece .model needs protobuf: pip install 'gptgen[sentencepiece]'."
+        ) from None
     proto = pb.ModelProto()
     proto.ParseFromString(sp.serialized_model_proto())
-    return proto.trainer_spec.model_type == pb.TrainerSpec.BPE
-
-
-def _has_byte_pieces(vocab) -> bool:
-    return "<0x00>" in vocab
+    return proto
 
 
 def _merges_from_vocab(vocab: dict[str, int], scores: list[float]) -> list[tuple[str, str]]:
