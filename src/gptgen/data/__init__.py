@@ -1,0 +1,11 @@
+"""Data: readers (text, JSON, JSONL, CSV), packing into fixed-length examples, memmap shards, named data sets."""
+
+from .packing import PackedExamples, chunk_tokens, pack_examples
+from .readers import (InvalidUTF8Warning, expand_paths, read_csv_pairs, read_documents, read_json, read_jsonl,
+                      read_lines, read_paragraphs, read_texts, split_every_nth, split_fraction)
+
+__all__ = [
+    "expand_paths", "read_lines", "read_paragraphs", "read_documents", "read_json", "read_jsonl", "read_csv_pairs",
+    "read_texts", "split_fraction", "split_every_nth", "InvalidUTF8Warning",
+    "PackedExamples", "pack_examples", "chunk_tokens",
+]

@@ -1,0 +1,346 @@
+"""Readers: text files, JSON, JSONL and CSV into a list of example strings, and train/validation splits.
+
+Conventions shared by every reader:
+
+- Paths may be files, directories (every file below, recursively, hidden files skipped) or globs; each
+  argument expands in sorted order and the arguments keep the order they were given in.
+- Files are decoded as UTF-8 (a leading BOM is dropped). Invalid UTF-8 does not stop reading: each bad
+  byte sequence becomes U+FFFD and an ``InvalidUTF8Warning`` names the file, the number of replacements
+  and the first line that holds one. Nothing else is dropped silently.
+- Line ends are normalised: CRLF and lone CR count as LF.
+- ``min_length`` drops examples of ``<= min_length`` characters (the seed's ``MIN_STRING_LEN`` filter,
+  "drop lines of <= 512 characters").
+- A corpus that yields no example at all, or none left after the filter, raises ``DataError``.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import random
+import string
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from ..errors import DataError
+
+PathsLike = str | os.PathLike | Sequence[str | os.PathLike]
+MODES = ("lines", "paragraphs", "documents", "json", "jsonl", "csv")
+_REPLACEMENT = "\ufffd"
+
+
+class InvalidUTF8Warning(UserWarning):
+    """A file held bytes that are not UTF-8; they were replaced by U+FFFD."""
+
+
+# Paths ---------------------------------------------------------------------------------------------
+def expand_paths(paths: PathsLike) -> list[Path]:
+    """Files named by paths, directories (recursive) or globs; sorted per argument, without duplicates."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = list(paths)
+    if not paths:
+        raise DataError("No input files were given.")
+    files: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        if path.is_file():
+            found = [path]
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise DataError(f"Directory {path} holds no files.")
+        else:
+            found = sorted(Path(p) for p in glob.glob(str(item), recursive=True) if Path(p).is_file())
+            if not found:
+                if glob.has_magic(str(item)):
+                    raise DataError(f"No file matches the pattern {str(item)!r}.")
+                raise DataError(f"Input file {path} does not exist.")
+        files += found
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The text of one file: UTF-8 (BOM dropped), invalid bytes replaced and reported, newlines normalised."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"Cannot read {path}: {exc.strerror or exc}.") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = raw.decode("utf-8", errors="replace")
+        # U+FFFD already present in valid UTF-8 is EF BF BD; count only the ones this decode made.
+        count = text.count(_REPLACEMENT) - raw.count(_REPLACEMENT.encode("utf-8"))
+        line = raw[: exc.start].count(b"\n") + 1
+        warnings.warn(InvalidUTF8Warning(
+            f"{path} is not valid UTF-8: replaced {count} invalid byte sequence(s) with U+FFFD, "
+            f"the first on line {line}."), stacklevel=3)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
+def _texts(paths: PathsLike) -> Iterator[tuple[Path, str]]:
+    for path in expand_paths(paths):
+        yield path, read_text_file(path)
+
+
+# Filtering -----------------------------------------------------------------------------------------
+def filter_min_length(examples: Iterable[str], min_length: int = 0, *, source: str = "the corpus") -> list[str]:
+    """Keep examples of more than min_length characters; DataError if none was there or none is left."""
+    examples = list(examples)
+    if not examples:
+        raise DataError(f"{source} holds no examples: it is empty.")
+    if min_length <= 0:
+        return examples
+    kept = [e for e in examples if len(e) > min_length]
+    if not kept:
+        longest = max(map(len, examples))
+        raise DataError(f"All {len(examples):,} examples of {source} are {min_length} characters or shorter "
+                        f"(the longest has {longest}); lower min_length below {longest}.")
+    return kept
+
+
+def _describe(paths: PathsLike) -> str:
+    if isinstance(paths, (str, os.PathLike)):
+        return str(paths)
+    paths = list(paths)
+    return str(paths[0]) if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more)"
+
+
+# Plain text ----------------------------------------------------------------------------------------
+def read_lines(paths: PathsLike, min_length: int = 0) -> list[str]:
+    """One example per line (the seed's TextLineDataset); lines holding only whitespace are skipped."""
+    out = []
+    for _, text in _texts(paths):
+        out += [line for line in text.split("\n") if line.strip()]
+    return filter_min_length(out, min_length, source=_describe(paths))
+
+
+def iter_paragraphs(text: str, join: str = " ") -> Iterator[str]:
+    """Blank-line separated paragraphs of one text; a line of only whitespace counts as blank.
+
+    Each line is stripped of surrounding whitespace and the lines of a paragraph are joined with `join`
+    (one space undoes hard wrapping; "\\n" keeps the lines).
+    """
+    block: list[str] = []
+    for line in text.split("\n"):
+        stripped = line.strip()
+        if stripped:
+            block.append(stripped)
+        elif block:
+            yield join.join(block)
+            block = []
+    if block:
+        yield join.join(block)
+
+
+def read_paragraphs(paths: PathsLike, min_length: int = 0, join: str = " ") -> list[str]:
+    """Blank-line separated paragraphs, hard-wrapped lines joined with one space (see iter_paragraphs)."""
+    out = []
+    for _, text in _texts(paths):
+        out += iter_paragraphs(text, join)
+    return filter_min_length(out, min_length, source=_describe(paths))
+
+
+def read_documents(paths: PathsLike, min_length: int = 0) -> list[str]:
+    """One example per file, its whole text with surrounding whitespace stripped; blank files skipped."""
+    out = [text.strip() for _, text in _texts(paths)]
+    return filter_min_length([t for t in out if t], min_length, source=_describe(paths))
+
+
+# Structured ----------------------------------------------------------------------------------------
+def _render_field(value, join: str, where: str, field: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return join.join(value)
+    raise DataError(f"{where}: field {field!r} is a {type(value).__name__}, not a string or a list of strings.")
+
+
+def read_json(paths: PathsLike, field: str = "paragraphs", join: str = "", min_length: int = 0) -> list[str]:
+    """Each file a JSON list of objects; one example per object from `field` (a list is joined with `join`).
+
+    The 全唐诗 files (poet.tang.*.json): field="paragraphs", join="" gives one poem per example.
+    """
+    out = []
+    for path, text in _texts(paths):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}).") from None
+        if isinstance(data, dict):
+            data = [data]
+        if not isinstance(data, list):
+            raise DataError(f"{path} holds a JSON {type(data).__name__}; expected a list of objects.")
+        for i, item in enumerate(data):
+            if not isinstance(item, dict) or field not in item:
+                raise DataError(f"{path}: item {i} has no field {field!r}; choose the field with field=....")
+            rendered = _render_field(item[field], join, f"{path} item {i}", field)
+            if rendered.strip():
+                out.append(rendered)
+    return filter_min_length(out, min_length, source=_describe(paths))
+
+
+def read_jsonl(paths: PathsLike, field: str = "text", min_length: int = 0) -> list[str]:
+    """One JSON object per line ({"text": ...}); blank lines skipped."""
+    out = []
+    for path, text in _texts(paths):
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {lineno} is not valid JSON ({exc.msg}).") from None
+            if not isinstance(item, dict) or field not in item:
+                raise DataError(f"{path} line {lineno} has no field {field!r}; choose the field with field=....")
+            rendered = _render_field(item[field], "\n", f"{path} line {lineno}", field)
+            if rendered.strip():
+                out.append(rendered)
+    return filter_min_length(out, min_length, source=_describe(paths))
+
+
+def template_fields(template: str) -> list[str]:
+    """The {placeholders} of a str.format template, in order of first use."""
+    names = []
+    try:
+        for _, name, _, _ in string.Formatter().parse(template):
+            if name is not None and name not in names:
+                if not name or not name.isidentifier():
+                    raise DataError(f"Template {template!r} uses a placeholder {{{name}}}; name each one, e.g. {{Q}}.")
+                names.append(name)
+    except ValueError as exc:
+        raise DataError(f"Template {template!r} is not a valid format string ({exc}).") from None
+    return names
+
+
+def read_csv_pairs(path: PathsLike, template: str = "<s>{Q}</s><s>{A}</s>",
+                   columns: dict[str, str] | None = None, min_length: int = 0) -> list[str]:
+    """One example per CSV row, rendered through `template` (seed 004: "<s>{Q}</s><s>{A}</s>").
+
+    The first row is the header. Placeholders name columns; `columns` maps a placeholder to a differently
+    named column, e.g. template="<s>{Q}</s><s>{A}</s>", columns={"Q": "question", "A": "answer"}.
+    """
+    names = template_fields(template)
+    if not names:
+        raise DataError(f"Template {template!r} has no {{column}} placeholder.")
+    mapping = {name: (columns or {}).get(name, name) for name in names}
+    out = []
+    for file, text in _texts(path):
+        rows = iter(_csv_rows(text))
+        header = next(rows, None)
+        if header is None:
+            continue
+        missing = [c for c in mapping.values() if c not in header]
+        if missing:
+            raise DataError(f"{file} has no column {missing[0]!r}; its columns are {', '.join(header)}.")
+        index = {name: header.index(col) for name, col in mapping.items()}
+        for lineno, row in rows:
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) < len(header):
+                raise DataError(f"{file} row at line {lineno} has {len(row)} fields; the header has {len(header)}.")
+            out.append(template.format(**{name: row[i] for name, i in index.items()}))
+    return filter_min_length(out, min_length, source=_describe(path))
+
+
+def _csv_rows(text: str) -> Iterator:
+    """(line number, row) pairs; the header comes first, without its line number."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    first = True
+    for row in reader:
+        if first:
+            first = False
+            yield row
+        else:
+            yield reader.line_num, row
+
+
+def read_texts(paths: PathsLike, mode: str = "lines", **opts) -> list[str]:
+    """Dispatch to the reader of `mode` (lines, paragraphs, documents, json, jsonl, csv) with its options."""
+    readers = {"lines": read_lines, "paragraphs": read_paragraphs, "documents": read_documents,
+               "json": read_json, "jsonl": read_jsonl, "csv": read_csv_pairs}
+    if mode not in readers:
+        raise DataError(f"Unknown reader mode {mode!r}; choose one of {', '.join(MODES)}.")
+    try:
+        return readers[mode](paths, **opts)
+    except TypeError as exc:
+        if "unexpected keyword argument" in str(exc):
+            raise DataError(f"The {mode} reader does not take that option ({exc}).") from None
+        raise
+
+
+# Splits --------------------------------------------------------------------------------------------
+def split_fraction(examples: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A seeded random validation split of round(n * val_fraction) examples (at least one when the
+    fraction is positive); both halves keep the original order."""
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    examples = list(examples)
+    n = len(examples)
+    n_val = round(n * val_fraction)
+    if val_fraction > 0:
+        n_val = max(1, n_val)
+    if n - n_val < 1:
+        raise DataError(f"A validation fraction of {val_fraction} of {n} example(s) leaves no training example.")
+    chosen = set(random.Random(seed).sample(range(n), n_val))
+    train = [e for i, e in enumerate(examples) if i not in chosen]
+    val = [e for i, e in enumerate(examples) if i in chosen]
+    return train, val
+
+
+def split_every_nth(examples: Sequence[str], n: int) -> tuple[list[str], list[str]]:
+    """Every n-th example (the n-th, 2n-th, ... counting from one) to validation, the rest to training."""
+    if n < 2:
+        raise DataError(f"split_every_nth needs n >= 2, got {n}.")
+    examples = list(examples)
+    if len(examples) < n:
+        raise DataError(f"Every {n}th example of {len(examples)} gives no validation example; use fewer.")
+    train = [e for i, e in enumerate(examples, 1) if i % n]
+    val = [e for i, e in enumerate(examples, 1) if not i % n]
+    return train, val
+
+
+def parse_split(spec: str | float | None) -> tuple[str, float] | None:
+    """"every_nth:10" -> ("every_nth", 10); "fraction:0.1" or 0.1 -> ("fraction", 0.1); None/"none" -> None."""
+    if spec is None or spec == "none":
+        return None
+    if isinstance(spec, (int, float)):
+        return ("fraction", float(spec))
+    kind, _, value = str(spec).partition(":")
+    try:
+        if kind == "every_nth":
+            return ("every_nth", int(value))
+        if kind == "fraction":
+            return ("fraction", float(value))
+    except ValueError:
+        pass
+    raise DataError(f"Unknown split {spec!r}; use 'every_nth:N', 'fraction:F' or a number in [0, 1).")
+
+
+def apply_split(examples: Sequence[str], spec: str | float | None, seed: int = 0):
+    """Split by a parse_split spec; with no spec, return the examples unchanged."""
+    parsed = parse_split(spec)
+    if parsed is None:
+        return list(examples)
+    kind, value = parsed
+    if kind == "every_nth":
+        return split_every_nth(examples, int(value))
+    return split_fraction(examples, value, seed=seed)
