@@ -1,0 +1,19 @@
+"""Text generation: one decode engine over a static KV cache, samplers, logits processors, stopping.
+
+    from gptgen.generation import generate, stream, TopKSampler
+    generate(lm, "My trip to Yosemite was", max_length=200, sampler="top_k")
+    generate(lm, ["a", "b"], max_new_tokens=40, do_sample=True, top_k=50, top_p=0.95, num_return_sequences=3)
+    for piece in stream(lm, "Once upon a time", sampler=TopKSampler(k=10)): print(piece, end="")
+"""
+
+from .engine import DEFAULT_MAX_NEW_TOKENS, decode_steps, generate, generate_ids, resolve_sampler, stream
+from .processors import BadWords, LogitsProcessor, MinNewTokens, NoRepeatNGram, RepetitionPenalty
+from .samplers import (SAMPLERS, BeamSampler, ContrastiveSampler, GreedySampler, RandomSampler, Sampler,
+                       TopKSampler, TopPSampler, get_sampler)
+
+__all__ = [
+    "generate", "stream", "generate_ids", "resolve_sampler", "decode_steps", "DEFAULT_MAX_NEW_TOKENS",
+    "Sampler", "GreedySampler", "BeamSampler", "RandomSampler", "TopKSampler", "TopPSampler",
+    "ContrastiveSampler", "SAMPLERS", "get_sampler",
+    "LogitsProcessor", "RepetitionPenalty", "NoRepeatNGram", "BadWords", "MinNewTokens",
+]

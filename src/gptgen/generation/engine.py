@@ -1,0 +1,644 @@
+"""The decode engine: one loop for every sampler, over a static KV cache or a user's next() function.
+
+    prefill the (left-padded) prompts -> logits
+    repeat: sampler.select -> reorder rows (beam / contrastive) -> commit tokens -> stop rows
+            sampler.feed -> one model step for the fed tokens -> logits
+
+Rows are prompts times the sampler's rows per prompt (num_return_sequences, beams, or contrastive
+candidates). Left padding is masked out of attention and positions count real tokens only, so a
+prompt gives the same tokens alone or in a batch. On CUDA the one-token decode step is compiled with
+torch.compile(mode="reduce-overhead") (CUDA graphs) over a cache kept between calls; the first call
+compiles, later calls of the same batch shape replay it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ..errors import GenerationError
+from .processors import build_processors
+from .samplers import (BeamSampler, ContrastiveSampler, GreedySampler, RandomSampler, Sampler, TopKSampler,
+                       TopPSampler, get_sampler)
+from .stopping import StreamEmitter, TextTracker, normalize_stop
+
+DEFAULT_MAX_NEW_TOKENS = 50
+
+
+# Decode state ---------------------------------------------------------------------------------------
+class DecodeState:
+    """Token history and bookkeeping of one generation, shared by the loop, samplers and processors."""
+
+    def __init__(self, *, prompts: Sequence[Sequence[int]], rows_per_prompt: int, num_return_sequences: int,
+                 max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, device, generator, processors,
+                 stop_fn: Callable[[int, list[int]], bool] | None = None, row_stopping: bool = True) -> None:
+        self.batch_size = len(prompts)
+        self.rows_per_prompt = rows_per_prompt
+        self.num_rows = self.batch_size * rows_per_prompt
+        self.num_return_sequences = num_return_sequences
+        self.max_new_tokens = max_new_tokens
+        self.eos_ids = list(eos_ids)
+        self.pad_id = pad_id
+        self.device = torch.device(device)
+        self.eos_tensor = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
+        self.generator = generator
+        self.processors = processors
+        self.stop_fn = stop_fn
+        self.row_stopping = row_stopping
+        self.sampler_state: dict = {}
+        P = max(len(p) for p in prompts)
+        self.prompt_len = P
+        total = P + max_new_tokens
+        tokens = torch.full((self.batch_size, total), pad_id, dtype=torch.long)
+        valid = torch.zeros((self.batch_size, total), dtype=torch.bool)
+        for b, p in enumerate(prompts):
+            if p:
+                tokens[b, P - len(p):P] = torch.tensor(list(p), dtype=torch.long)
+            valid[b, P - len(p):] = True
+        self.tokens = tokens.repeat_interleave(rows_per_prompt, 0).to(self.device)
+        self.valid = valid.repeat_interleave(rows_per_prompt, 0).to(self.device)
+        self.pad_counts = (P - torch.tensor([len(p) for p in prompts])).repeat_interleave(rows_per_prompt).to(self.device)
+        self.cur = P
+        self.finished = torch.zeros(self.num_rows, dtype=torch.bool, device=self.device)
+        self.gen_count = torch.zeros(self.num_rows, dtype=torch.long, device=self.device)
+        self._lists: list[list[int]] | None = None
+
+    # Views used by processors and samplers ----------------------------------------------------
+    @property
+    def generated_steps(self) -> int:
+        return self.cur - self.prompt_len
+
+    def generated_tensor(self) -> torch.Tensor:
+        return self.tokens[:, self.prompt_len:self.cur]
+
+    def row_lists(self) -> list[list[int]]:
+        """Each row's real tokens (prompt and generated) as Python lists."""
+        if self._lists is None:
+            toks = self.tokens[:, :self.cur].tolist()
+            valid = self.valid[:, :self.cur].tolist()
+            self._lists = [[t for t, v in zip(tr, vr) if v] for tr, vr in zip(toks, valid)]
+        return self._lists
+
+    def presence(self, vocab_size: int) -> torch.Tensor:
+        """(rows, vocab) True where the token occurs in the row."""
+        idx = torch.where(self.valid[:, :self.cur], self.tokens[:, :self.cur], vocab_size)
+        out = torch.zeros(self.num_rows, vocab_size + 1, dtype=torch.bool, device=self.device)
+        out.scatter_(1, idx, True)
+        return out[:, :vocab_size]
+
+    def process(self, scores: torch.Tensor) -> torch.Tensor:
+        for proc in self.processors:
+            scores = proc(scores, self)
+        return scores
+
+    def row_generated(self) -> list[list[int]]:
+        counts = self.gen_count.tolist()
+        gen = self.tokens[:, self.prompt_len:self.cur].tolist()
+        return [g[:c] for g, c in zip(gen, counts)]
+
+    # Updates by the loop ----------------------------------------------------------------------
+    def reorder(self, index: torch.Tensor) -> None:
+        self.tokens = self.tokens.index_select(0, index)
+        self.valid = self.valid.index_select(0, index)
+        self.finished = self.finished.index_select(0, index)
+        self.gen_count = self.gen_count.index_select(0, index)
+        self._lists = None
+
+    def append(self, tokens: torch.Tensor) -> None:
+        if self.row_stopping:
+            tokens = torch.where(self.finished, torch.full_like(tokens, self.pad_id), tokens)
+        self.tokens[:, self.cur] = tokens
+        self.gen_count += (~self.finished).long()
+        self.cur += 1
+        self._lists = None
+        if not self.row_stopping:
+            return
+        if self.eos_ids:
+            self.finished |= torch.isin(tokens, self.eos_tensor)
+        if self.stop_fn is not None:
+            for r, gen in enumerate(self.row_generated()):
+                if gen and not bool(self.finished[r]) and self.stop_fn(r, gen):
+                    self.finished[r] = True
+
+    def done(self, check_rows: bool = True) -> bool:
+        if self.cur - self.prompt_len >= self.max_new_tokens:
+            return True
+        return bool(self.row_stopping and check_rows and self.finished.all())
+
+
+# Backends: where logits come from ---------------------------------------------------------------
+class ModelBackend:
+    """Runs a gptgen GPT over its static KV cache."""
+
+    def __init__(self, model, compile: bool | None = None) -> None:
+        self.model = model
+        self.device = model.embed.wte.weight.device
+        self.compile = (self.device.type == "cuda") if compile is None else compile
+
+    def prefill(self, state: DecodeState, need_hidden):
+        model, P = self.model, state.prompt_len
+        total = P + state.max_new_tokens
+        rows = state.num_rows
+        dtype = model.embed.wte.weight.dtype
+        if self.compile:
+            # A cache of the full context, kept between calls, so the captured graph is replayed.
+            total = model.config.n_positions
+            cache = model.blocks[0].attn.kv_cache
+            if not (cache is not None and model.max_cache_len == total and cache.k_cache.shape[0] == rows
+                    and cache.k_cache.dtype == dtype):
+                model.setup_kv_cache(rows, total)
+        else:
+            model.setup_kv_cache(rows, total)
+        self.mask = torch.ones(rows, total, dtype=torch.long, device=self.device)
+        self.mask[:, :P] = state.valid[:, :P].long()
+        self.pad_counts = state.pad_counts
+        positions = (torch.arange(P, device=self.device)[None, :] - self.pad_counts[:, None]).clamp(min=0)
+        logits, hidden = self._forward(state.tokens[:, :P], torch.arange(P, device=self.device), positions,
+                                       P, last_only=need_hidden != "all")
+        return logits[:, -1].float(), hidden
+
+    def step(self, feed: torch.Tensor, slot: int, need_hidden):
+        pos = (slot - self.pad_counts).clamp(min=0)[:, None]
+        input_pos = torch.tensor([slot], device=self.device)
+        if self.compile:
+            fn = _compiled_step(self.model)
+            logits, hidden = fn(self.model, feed[:, None], input_pos, pos, self.mask)
+            # Outputs of a captured graph are overwritten by the next replay: copy them out.
+            return logits[:, -1].float().clone(), (hidden.clone() if need_hidden else None)
+        logits, hidden = self._forward(feed[:, None], input_pos, pos, slot + 1, last_only=True)
+        return logits[:, -1].float(), hidden
+
+    def _forward(self, idx, input_pos, position_ids, kv_len, last_only):
+        """GPT.forward over the cache, with the LM head as a product with the transposed embedding:
+        on CPU that layout makes the batch-1 head (the largest matmul of a small GPT) about 4x faster."""
+        m = self.model
+        if self.device.type != "cpu":
+            return m(idx, input_pos=input_pos, position_ids=position_ids, attention_mask=self.mask,
+                     kv_len=kv_len, return_hidden=True, last_token_only=last_only)
+        mask = m._attention_mask(idx.shape[1], idx.device, self.mask, input_pos, kv_len)
+        x = m.embed(idx, position_ids)
+        for block in m.blocks:
+            x = block(x, mask, input_pos, kv_len)
+        x = m.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = x @ _head_t(m)
+        if m.lm_head.bias is not None:
+            logits = logits + m.lm_head.bias
+        return logits, x
+
+    def reorder(self, index: torch.Tensor) -> None:
+        for block in self.model.blocks:
+            cache = block.attn.kv_cache
+            cache.k_cache.copy_(cache.k_cache.index_select(0, index))
+            cache.v_cache.copy_(cache.v_cache.index_select(0, index))
+        self.mask = self.mask.index_select(0, index)
+        self.pad_counts = self.pad_counts.index_select(0, index)
+
+    def close(self) -> None:
+        if not self.compile:
+            self.model.clear_kv_cache()
+
+
+def _head_t(model) -> torch.Tensor:
+    """The LM head weight transposed and contiguous, cached until the weight changes."""
+    w = model.lm_head.weight
+    key = (w.data_ptr(), w._version, w.dtype, w.shape)
+    cached = getattr(model, "_gptgen_head_t", None)
+    if cached is None or cached[0] != key:
+        cached = (key, w.detach().t().contiguous())
+        model._gptgen_head_t = cached
+    return cached[1]
+
+
+def _decode_step(model, idx, input_pos, position_ids, mask):
+    return model(idx, input_pos=input_pos, position_ids=position_ids, attention_mask=mask,
+                 return_hidden=True, last_token_only=True)
+
+
+def _compiled_step(model):
+    fn = getattr(model, "_gptgen_decode_step", None)
+    if fn is None:
+        fn = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True)
+        model._gptgen_decode_step = fn
+    return fn
+
+
+class FunctionBackend:
+    """KerasHub's functional form: next(prompt, cache, index) -> (logits, hidden_states, cache)."""
+
+    def __init__(self, next_fn, buffer: torch.Tensor, index: int, cache, hidden_states) -> None:
+        self.next_fn = next_fn
+        self.buffer = buffer
+        self.index = index
+        self.cache = cache
+        self.hidden_states = hidden_states
+
+    def prefill(self, state, need_hidden):
+        logits, hidden, self.cache = self.next_fn(self.buffer, self.cache, self.index)
+        if need_hidden == "all":
+            if self.hidden_states is None:
+                raise GenerationError("The contrastive sampler needs hidden_states of the prompt in the functional form.")
+            hidden = torch.as_tensor(self.hidden_states)[:, :self.index]
+        return torch.as_tensor(logits).float(), hidden
+
+    def step(self, feed, slot, need_hidden):
+        self.buffer[:, slot] = feed.to(self.buffer.dtype)
+        logits, hidden, self.cache = self.next_fn(self.buffer, self.cache, slot + 1)
+        if hidden is not None:
+            hidden = torch.as_tensor(hidden)
+            if hidden.dim() == 2:
+                hidden = hidden[:, None]
+        return torch.as_tensor(logits).float(), hidden
+
+    def reorder(self, index):
+        self.buffer = self.buffer.index_select(0, index)
+        self.cache = _map_tensors(self.cache, lambda t: t.index_select(0, index.to(t.device)))
+
+    def close(self):
+        pass
+
+
+def _map_tensors(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+# The loop --------------------------------------------------------------------------------------------
+def decode_steps(backend, sampler: Sampler, state: DecodeState, check_every: int = 1) -> Iterator[DecodeState]:
+    """The one decode loop. Yields the state after every committed step; the caller reads the
+    result with sampler.finalize(state) once the iterator ends."""
+    sampler.start(state)
+    if state.max_new_tokens <= 0:
+        return
+    try:
+        logits, hidden = backend.prefill(state, sampler.needs_hidden)
+        step = 0
+        while True:
+            tokens, reorder = sampler.select(logits, hidden, state)
+            if reorder is not None:
+                state.reorder(reorder)
+                backend.reorder(reorder)
+                logits = logits.index_select(0, reorder)
+                if hidden is not None:
+                    hidden = hidden.index_select(0, reorder)
+            if tokens is not None:
+                state.append(tokens)
+                step += 1
+                yield state
+                if state.done(check_rows=step % check_every == 0) or sampler.is_done(state):
+                    break
+            feed, slot = sampler.feed(tokens, logits, state)
+            logits, hidden = backend.step(feed, slot, sampler.needs_hidden)
+    finally:
+        backend.close()
+
+
+# Token-level API -----------------------------------------------------------------------------------
+def _eos_list(eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    return [int(e) for e in eos_token_id]
+
+
+def resolve_sampler(sampler=None, *, do_sample=None, temperature=None, top_k=None, top_p=None, num_beams=None,
+                    length_penalty=1.0, early_stopping=False, penalty_alpha=None) -> Sampler:
+    """Map KerasHub (`sampler=`) and HF (`do_sample`, `top_k`, ...) options onto one sampler."""
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or temperature < 0):
+        raise GenerationError(f"temperature must be a number of at least 0 (0 means greedy), got {temperature!r}.")
+    if num_beams is not None and (isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1):
+        raise GenerationError(f"num_beams must be a positive integer, got {num_beams!r}.")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise GenerationError(f"top_k must be a positive integer (0 turns it off), got {top_k!r}.")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p!r}.")
+    temp = 1.0 if temperature is None else float(temperature)
+    if isinstance(sampler, Sampler):
+        return sampler
+    if sampler is not None:
+        if not isinstance(sampler, str):
+            raise GenerationError(f"sampler must be a name or a Sampler instance, got {type(sampler).__name__}.")
+        name = sampler.lower().replace("-", "_")
+        if name == "greedy":
+            return GreedySampler()
+        if name == "random":
+            return RandomSampler(temperature=temp)
+        if name == "top_k":
+            return TopKSampler(k=5 if top_k is None else top_k, temperature=temp)
+        if name == "top_p":
+            return TopPSampler(p=0.1 if top_p is None else top_p, k=top_k or None, temperature=temp)
+        if name == "beam":
+            return BeamSampler(num_beams=num_beams or 5, length_penalty=length_penalty, early_stopping=early_stopping)
+        if name == "contrastive":
+            return ContrastiveSampler(k=5 if top_k is None else top_k,
+                                      alpha=0.6 if penalty_alpha is None else penalty_alpha)
+        return get_sampler(sampler)  # raises the unknown-name error
+    if num_beams is not None and num_beams > 1:
+        if do_sample:
+            raise GenerationError("Beam sampling (do_sample with num_beams > 1) is not supported; drop one of them.")
+        return BeamSampler(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
+    if temperature == 0:
+        return GreedySampler()
+    if penalty_alpha is not None and penalty_alpha > 0 and top_k is not None and top_k > 1 and not do_sample:
+        return ContrastiveSampler(k=top_k, alpha=penalty_alpha)
+    sampling = do_sample if do_sample is not None else any(v is not None for v in (temperature, top_k, top_p))
+    if not sampling:
+        return GreedySampler()
+    k = 50 if top_k is None else (top_k or None)  # HF: top_k defaults to 50, 0 turns it off
+    p = 1.0 if top_p is None else float(top_p)
+    if p < 1.0:
+        return TopPSampler(p=p, k=k, temperature=temp)
+    if k:
+        return TopKSampler(k=k, temperature=temp)
+    return RandomSampler(temperature=temp)
+
+
+class _Run:
+    """Everything generate_ids needs once options are checked: built by _prepare, run by _iterate."""
+
+
+def _prepare(model, input_ids, *, max_length=None, max_new_tokens=None, sampler=None, do_sample=None,
+             temperature=None, top_k=None, top_p=None, num_beams=None, length_penalty=1.0, early_stopping=False,
+             penalty_alpha=None, no_repeat_ngram_size=0, repetition_penalty=1.0, bad_words_ids=None,
+             min_new_tokens=0, eos_token_id=None, num_return_sequences=1, seed=None, truncate_prompt=False,
+             pad_token_id=None, compile=None, stop_fn_factory=None) -> _Run:
+    if not input_ids:
+        raise GenerationError("The prompt list is empty; pass at least one prompt.")
+    prompts = [[int(t) for t in p] for p in input_ids]
+    if any(len(p) == 0 for p in prompts):
+        raise GenerationError("A prompt has no tokens; give it text or a BOS token.")
+    cfg = model.config
+    vocab = cfg.vocab_size
+    for p in prompts:
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise GenerationError(f"Prompt token id {bad[0]} is outside the model's vocabulary of {vocab}.")
+    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+        raise GenerationError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}.")
+    chosen = resolve_sampler(sampler, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                             num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                             penalty_alpha=penalty_alpha)
+    chosen.check(num_return_sequences)
+    ctx = cfg.n_positions
+    if max_new_tokens is not None:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise GenerationError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")
+        new = max_new_tokens
+    elif max_length is not None:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise GenerationError(f"max_length must be a positive integer, got {max_length!r}.")
+        new = None
+    else:
+        new = DEFAULT_MAX_NEW_TOKENS
+    longest = max(len(p) for p in prompts)
+    if longest >= ctx or (truncate_prompt and new is not None and longest + new > ctx):
+        if not truncate_prompt:
+            raise GenerationError(
+                f"A prompt of {longest} tokens leaves no room in the model's context of {ctx} tokens; "
+                "shorten it or pass truncate_prompt=True to keep its end."
+            )
+        room = min(new if new is not None else 1, ctx - 1)
+        prompts = [p[-(ctx - room):] for p in prompts]
+        longest = max(len(p) for p in prompts)
+    if new is None:
+        new = max(0, min(max_length, ctx) - longest)
+    new = min(new, ctx - longest)
+    eos = _eos_list(eos_token_id if eos_token_id is not None else cfg.eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
+                                                         else (eos[0] if eos else 0))
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+        raise GenerationError(f"min_new_tokens must be a non-negative integer, got {min_new_tokens!r}.")
+    procs = build_processors(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                             bad_words_ids=bad_words_ids, min_new_tokens=min_new_tokens, eos_ids=eos,
+                             vocab_size=vocab)
+    device = model.embed.wte.weight.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(seed))
+    run = _Run()
+    run.model, run.sampler, run.prompts = model, chosen, prompts
+    rows_per = chosen.rows_per_sequence(num_return_sequences)
+    stop_fn = stop_fn_factory(prompts, rows_per) if stop_fn_factory is not None else None
+    run.state = DecodeState(prompts=prompts, rows_per_prompt=rows_per, num_return_sequences=num_return_sequences,
+                            max_new_tokens=new, eos_ids=eos, pad_id=pad, device=device, generator=generator,
+                            processors=procs, stop_fn=stop_fn, row_stopping=chosen.row_stopping)
+    run.backend = ModelBackend(model, compile=compile)
+    run.check_every = 1 if device.type == "cpu" else 8
+    return run
+
+
+def _iterate(run: _Run) -> Iterator[DecodeState]:
+    was_training = run.model.training
+    run.model.eval()
+    try:
+        with torch.inference_mode():
+            yield from decode_steps(run.backend, run.sampler, run.state, run.check_every)
+    finally:
+        run.model.train(was_training)
+
+
+def _finalize(run: _Run) -> list[list[list[int]]]:
+    """Generated tokens per prompt and returned sequence, each ending at (and including) its EOS."""
+    out = run.sampler.finalize(run.state)
+    eos = set(run.state.eos_ids)
+    trimmed = []
+    for seqs in out:
+        row = []
+        for seq in seqs:
+            for i, t in enumerate(seq):
+                if t in eos:
+                    seq = seq[:i + 1]
+                    break
+            row.append(seq)
+        trimmed.append(row)
+    return trimmed
+
+
+def generate_ids(model, input_ids: Sequence[Sequence[int]], **options) -> list[list[int]]:
+    """New tokens for each prompt (ids, no padding): num_return_sequences lists per prompt, flattened."""
+    run = _prepare(model, input_ids, **options)
+    for _ in _iterate(run):
+        pass
+    return [seq for seqs in _finalize(run) for seq in seqs]
+
+
+# Text-level API ------------------------------------------------------------------------------------
+_TEXT_ONLY = ("bad_words", "stop", "add_bos", "include_prompt", "skip_special_tokens", "callback")
+
+
+def _text_run(lm, prompts: list[str], *, bad_words=None, bad_words_ids=None, stop=None, add_bos=None,
+              eos_token_id=None, skip_special_tokens=True, **options):
+    tok = lm.tokenizer
+    for p in prompts:
+        if not isinstance(p, str):
+            raise GenerationError(f"Prompts must be strings, got {type(p).__name__}.")
+    if add_bos is None:
+        add_bos = bool(lm.config.extra.get("add_bos", False))
+    ids = tok.encode_batch(prompts, add_bos=add_bos)
+    fallback = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    for i, p in enumerate(ids):
+        if not p:
+            if fallback is None:
+                raise GenerationError("An empty prompt needs a BOS or EOS token to start from, and this tokenizer has neither.")
+            ids[i] = [fallback]
+    bad = [list(b) for b in (bad_words_ids or [])]
+    if bad_words:
+        if isinstance(bad_words, str):
+            bad_words = [bad_words]
+        for word in bad_words:
+            enc = tok.encode(word)
+            if not enc:
+                raise GenerationError(f"The banned word {word!r} encodes to no tokens.")
+            bad.append(enc)
+    if eos_token_id is None:
+        eos_token_id = tok.eos_token_id if tok.eos_token_id is not None else lm.config.eos_token_id
+    stops = normalize_stop(stop)
+    trackers: list[TextTracker] = []
+
+    def stop_factory(final_prompts, rows_per):
+        trackers.extend(TextTracker(tok, p, stops, skip_special_tokens) for p in final_prompts)
+        if not stops:
+            return None
+        return lambda r, gen: trackers[r // rows_per].stop_hit(gen)
+
+    run = _prepare(lm.model, ids, bad_words_ids=bad or None, eos_token_id=eos_token_id,
+                   stop_fn_factory=stop_factory, **options)
+    return run, trackers
+
+
+def _stream_rows(run) -> list[int] | None:
+    """The row that carries each returned sequence while decoding, or None (beam: known only at the end)."""
+    s = run.sampler
+    if isinstance(s, BeamSampler):
+        return None
+    rows_per = run.state.rows_per_prompt
+    n = run.state.num_return_sequences
+    return [b * rows_per + j for b in range(run.state.batch_size) for j in range(n)]
+
+
+def _texts(run, trackers) -> list[list[str]]:
+    out = []
+    for b, seqs in enumerate(_finalize(run)):
+        out.append([trackers[b].final(seq) for seq in seqs])
+    return out
+
+
+def generate(lm, prompts, *, max_length=None, max_new_tokens=None, sampler=None, do_sample=None, temperature=None,
+             top_k=None, top_p=None, num_beams=None, length_penalty=1.0, early_stopping=False, penalty_alpha=None,
+             no_repeat_ngram_size=0, repetition_penalty=1.0, bad_words_ids=None, bad_words=None, min_new_tokens=0,
+             eos_token_id=None, stop=None, num_return_sequences=1, seed=None, add_bos=None, include_prompt=True,
+             skip_special_tokens=True, truncate_prompt=False, callback=None, compile=None):
+    """Generate text for a prompt (-> str, or list[str] with num_return_sequences > 1) or a list of
+    prompts (-> list[str], or list[list[str]]). Accepts KerasHub's names (max_length, sampler=) and HF's
+    (max_new_tokens, do_sample, top_k (0 = off), top_p, temperature, num_beams, ...).
+    callback(index, text_piece) receives text as it is produced; index numbers the returned sequences."""
+    single = isinstance(prompts, str)
+    plist = [prompts] if single else list(prompts)
+    if not plist:
+        raise GenerationError("The prompt list is empty; pass at least one prompt.")
+    run, trackers = _text_run(
+        lm, plist, bad_words=bad_words, bad_words_ids=bad_words_ids, stop=stop, add_bos=add_bos,
+        eos_token_id=eos_token_id, skip_special_tokens=skip_special_tokens, max_length=max_length,
+        max_new_tokens=max_new_tokens, sampler=sampler, do_sample=do_sample, temperature=temperature, top_k=top_k,
+        top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+        penalty_alpha=penalty_alpha, no_repeat_ngram_size=no_repeat_ngram_size,
+        repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+        num_return_sequences=num_return_sequences, seed=seed, truncate_prompt=truncate_prompt, compile=compile)
+    n = num_return_sequences
+    rows = _stream_rows(run) if callback is not None else None
+    emitters = [StreamEmitter() for _ in range(len(plist) * n)]
+    for state in _iterate(run):
+        if rows is None:
+            continue
+        gens = state.row_generated()
+        for i, r in enumerate(rows):
+            done = bool(state.finished[r])
+            piece = emitters[i].piece(trackers[i // n].safe(gens[r], done))
+            if piece:
+                callback(i, piece)
+    texts = _texts(run, trackers)
+    if callback is not None:
+        for i in range(len(plist) * n):
+            piece = emitters[i].piece(texts[i // n][i % n])
+            if piece:
+                callback(i, piece)
+    if include_prompt:
+        texts = [[p + t for t in ts] for p, ts in zip(plist, texts)]
+    if single:
+        return texts[0][0] if n == 1 else texts[0]
+    return [ts[0] for ts in texts] if n == 1 else texts
+
+
+def stream(lm, prompt: str, **options) -> Iterator[str]:
+    """Yield the generated text of one prompt in pieces as tokens are produced; the pieces join to the
+    text generate() returns with include_prompt=False."""
+    if not isinstance(prompt, str):
+        raise GenerationError("stream() takes one prompt string.")
+    if options.get("num_return_sequences", 1) != 1:
+        raise GenerationError("stream() produces one sequence; use generate() for num_return_sequences > 1.")
+    for key in ("include_prompt", "callback"):
+        options.pop(key, None)
+    run, trackers = _text_run(lm, [prompt], **options)
+    rows = _stream_rows(run)
+    emitter = StreamEmitter()
+    for state in _iterate(run):
+        if rows is None:
+            continue
+        gen = state.row_generated()[rows[0]]
+        piece = emitter.piece(trackers[0].safe(gen, bool(state.finished[rows[0]])))
+        if piece:
+            yield piece
+    piece = emitter.piece(_texts(run, trackers)[0][0])
+    if piece:
+        yield piece
+
+
+# KerasHub functional form --------------------------------------------------------------------------
+def run_functional(sampler: Sampler, next_fn, prompt, *, cache=None, index: int = 0, mask=None,
+                   stop_token_ids=None, hidden_states=None, seed=None):
+    """Drive `next_fn` with the same loop; returns `prompt` (batch, length) filled from `index` on."""
+    prompt = torch.as_tensor(prompt)
+    squeeze = prompt.dim() == 1
+    if squeeze:
+        prompt = prompt[None]
+    prompt = prompt.clone().long()
+    B, L = prompt.shape
+    if not 0 < index <= L:
+        raise GenerationError(f"index must be in [1, {L}] for a prompt of length {L}, got {index}.")
+    if mask is not None and bool(torch.as_tensor(mask)[:, index:].any()):
+        raise GenerationError("Prompts that continue past `index` (a mask beyond it) are not supported; left-pad instead.")
+    sampler.check(1)
+    rows_per = sampler.rows_per_sequence(1)
+    prompts = prompt[:, :index].tolist()
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=prompt.device)
+        generator.manual_seed(int(seed))
+    state = DecodeState(prompts=prompts, rows_per_prompt=rows_per, num_return_sequences=1,
+                        max_new_tokens=L - index, eos_ids=_eos_list(stop_token_ids), pad_id=0,
+                        device=prompt.device, generator=generator, processors=[],
+                        row_stopping=sampler.row_stopping)
+    buffer = prompt.repeat_interleave(rows_per, 0)
+    if cache is not None and rows_per > 1:
+        cache = _map_tensors(cache, lambda t: t.repeat_interleave(rows_per, 0))
+    if hidden_states is not None and rows_per > 1:
+        hidden_states = torch.as_tensor(hidden_states).repeat_interleave(rows_per, 0)
+    backend = FunctionBackend(next_fn, buffer, index, cache, hidden_states)
+    for _ in decode_steps(backend, sampler, state):
+        pass
+    out = prompt.clone()
+    for b, seqs in enumerate(sampler.finalize(state)):
+        seq = seqs[0]
+        if seq:
+            out[b, index:index + len(seq)] = torch.tensor(seq, dtype=out.dtype)
+    return out[0] if squeeze else out

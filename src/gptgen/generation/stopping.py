@@ -1,0 +1,92 @@
+"""Stopping and text: stop strings, and decoding generated tokens to text that is never broken.
+
+Byte-level tokens can split one UTF-8 character over several tokens; decoding a prefix then ends in
+U+FFFD. The TextTracker decodes generated tokens together with a few prompt tokens (so tokenizers that
+drop a leading space, like SentencePiece's, still join words correctly), holds back an unfinished
+character and any tail that could still grow into a stop string, and cuts the final text before the
+first stop string.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+REPLACEMENT = "\ufffd"
+ANCHOR_TOKENS = 4  # prompt tokens decoded in front of the generated ones
+
+
+def normalize_stop(stop) -> list[str]:
+    from ..errors import GenerationError
+
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    out = []
+    for s in stop:
+        if not isinstance(s, str):
+            raise GenerationError(f"stop must be a string or a list of strings, got {type(s).__name__}.")
+        if s:
+            out.append(s)
+    return out
+
+
+class TextTracker:
+    """Text of one prompt's generated tokens, for stop strings, streaming and the final output."""
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = (),
+                 skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.anchor = list(prompt_ids[-ANCHOR_TOKENS:])
+        self.stop = list(stop)
+        self.skip = skip_special_tokens
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self._base = {flag: tokenizer.decode(self.anchor, skip_special_tokens=flag) for flag in (False, True)}
+
+    def _text(self, gen: Sequence[int], skip: bool) -> str:
+        full = self.tokenizer.decode(self.anchor + list(gen), skip_special_tokens=skip)
+        base = self._base[skip]
+        if full.startswith(base):
+            return full[len(base):]
+        return self.tokenizer.decode(list(gen), skip_special_tokens=skip)
+
+    def stop_hit(self, gen: Sequence[int]) -> bool:
+        """Whether the generated text (special tokens included) contains a stop string."""
+        if not self.stop:
+            return False
+        raw = self._text(gen, False)
+        return any(s in raw for s in self.stop)
+
+    def final(self, gen: Sequence[int]) -> str:
+        text = self._text(gen, self.skip)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            return text[:cut]
+        return text.rstrip(REPLACEMENT)
+
+    def safe(self, gen: Sequence[int], done: bool) -> str:
+        """The longest text that no later token can change: the final text once done."""
+        if done:
+            return self.final(gen)
+        text = self._text(gen, self.skip)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            return text[:cut]
+        text = text.rstrip(REPLACEMENT)
+        if self.hold:
+            text = text[:max(0, len(text) - self.hold)]
+        return text
+
+
+class StreamEmitter:
+    """Turns successive safe texts into pieces whose concatenation is the final text."""
+
+    def __init__(self) -> None:
+        self.emitted = ""
+
+    def piece(self, text: str) -> str:
+        if text.startswith(self.emitted) and len(text) > len(self.emitted):
+            out = text[len(self.emitted):]
+            self.emitted = text
+            return out
+        return ""
