@@ -14,6 +14,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
     p.add_argument("--model", required=True, help="model directory (gptgen or Hugging Face GPT-2)")
     p.add_argument("--tokenizer", help="tokenizer directory or file, when the model directory has none")
+    add_generation_arguments(p)
+    p.add_argument("--no-prompt", action="store_true", help="print only the generated text")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--stream", action="store_true", help="print tokens as they are produced (one prompt)")
+    out.add_argument("--json", action="store_true", help="print a JSON object per prompt")
+    p.set_defaults(handler=run_generate)
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """The sampler and decoding-control flags that generation_options() reads (shared with `gptgen chat`)."""
     p.add_argument("--sampler", help="greedy, beam, random, top_k, top_p or contrastive (default: greedy, "
                                      "or sampling when --do-sample / --top-k / --top-p / --temperature is given)")
     p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 50)")
@@ -34,14 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", metavar="TEXT", help="end a sequence at this text (repeatable)")
     p.add_argument("--num-return-sequences", type=int, default=1, help="sequences per prompt")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    p.add_argument("--no-prompt", action="store_true", help="print only the generated text")
     p.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt longer than the context")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
-    out = p.add_mutually_exclusive_group()
-    out.add_argument("--stream", action="store_true", help="print tokens as they are produced (one prompt)")
-    out.add_argument("--json", action="store_true", help="print a JSON object per prompt")
-    p.set_defaults(handler=run_generate)
 
 
 def generation_options(args) -> dict:
