@@ -60,18 +60,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_rows, need_grad, compute_dtype):
         rows = hidden.shape[0]
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(weight.dtype, torch.float32)  # softmax and sums: at least float32
+        loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
         grad_h = torch.empty_like(hidden) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
-        grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
+        grad_b = (torch.zeros(bias.shape, dtype=acc, device=bias.device)
                   if need_grad and bias is not None else None)
         for start in range(0, rows, chunk_rows):
             h = hidden[start:start + chunk_rows].to(compute_dtype)
             t = targets[start:start + chunk_rows]
-            logits = F.linear(h, w, b).float()
+            logits = F.linear(h, w, b).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
             loss_sum += (lse - target_logit).sum()
@@ -82,10 +83,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 g = probs.to(compute_dtype)
                 grad_h[start:start + chunk_rows] = (g @ w).to(hidden.dtype)
-                if compute_dtype == torch.float32:
+                if compute_dtype == acc:
                     grad_w.addmm_(g.t(), h)
                 else:
-                    grad_w += (g.t() @ h).float()
+                    grad_w += (g.t() @ h).to(acc)
                 if grad_b is not None:
                     grad_b += probs.sum(0)
         if need_grad:
