@@ -71,8 +71,9 @@ def pack_examples(token_lists: Sequence[Sequence[int]], seq_len: int, *, bos_id:
                   eos_id: int | None = None, pad_id: int = 0) -> PackedExamples:
     """One row per example: [BOS] + tokens (+ [EOS]), cut to seq_len + 1, shifted into inputs and labels.
 
-    With bos_id set and eos_id None this equals the seed's StartEndPacker with labels = tokens:
-    inputs = [BOS] + tokens[:seq_len - 1], labels = tokens[:seq_len], padding masked out.
+    With bos_id set and eos_id None this gives the seed's StartEndPacker loss (labels = tokens[:seq_len],
+    inputs = [BOS] + tokens[:seq_len - 1], padding masked out); the one difference, the seed's final token
+    fed as an input at the first masked position, feeds no counted output of a causal model.
     """
     _check_seq_len(seq_len)
     token_lists = list(token_lists)

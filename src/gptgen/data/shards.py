@@ -143,14 +143,15 @@ class _ShardWriter:
 
 
 def prepare_shards(texts_or_paths, tokenizer, out_dir: str | os.PathLike, *,
-                   shard_tokens: int = DEFAULT_SHARD_TOKENS, num_workers: int | None = None,
+                   shard_tokens: int = DEFAULT_SHARD_TOKENS, num_workers: int | None = 1,
                    add_eos: bool = True, add_bos: bool = False, mode: str = "lines",
                    batch_texts: int = BATCH_TEXTS, overwrite: bool = False, **reader_opts) -> dict:
     """Tokenise texts into memmap shards in out_dir and return the manifest (also written as manifest.json).
 
     texts_or_paths: an iterable of strings, or paths / directories / globs read lazily with the reader
-    `mode` (and reader_opts such as min_length). num_workers: tokenising processes (default: the CPU
-    count; 1 tokenises in this process). The token stream equals tokenizer.encode_batch(texts,
+    `mode` (and reader_opts such as min_length); a single str is a path, a list of str is texts.
+    num_workers: tokenising processes; 1 (default) tokenises in this process, where the HF tokenizer's
+    encode_batch already runs on all cores; None uses one process per CPU. The token stream equals tokenizer.encode_batch(texts,
     add_bos=add_bos, add_eos=add_eos) concatenated, in input order.
     """
     from ..tokenizer import Tokenizer
