@@ -20,7 +20,7 @@ import multiprocessing as mp
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -204,7 +204,8 @@ def prepare_shards(texts_or_paths, tokenizer, out_dir: str | os.PathLike, *,
         writer.close()
         total = sum(s["num_tokens"] for s in writer.shards)
         if num_docs == 0:
-            raise DataError("The corpus is empty: no text was given to prepare_shards.")
+            raise DataError("The corpus is empty: no text reached prepare_shards; check the inputs, the reader mode "
+                                "and min_length.")
         if total < 2:
             raise DataError(f"The corpus tokenises to {total} token(s); shards need at least two.")
         manifest = {
