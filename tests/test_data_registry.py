@@ -59,7 +59,7 @@ def test_data_dir_defaults_to_the_user_cache(monkeypatch, tmp_path):
 def test_packaged_quickstart_needs_no_data_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("GPTGEN_DATA_DIR", str(tmp_path / "nothing"))
     train, val = resolve_dataset("quickstart")
-    lines = (ASSETS_DIR / "persuasion.txt").read_text("utf-8").splitlines()
+    lines = [line for line in (ASSETS_DIR / "persuasion.txt").read_text("utf-8").splitlines() if line]
     assert len(train) + len(val) == len(lines) and val == lines[9::10]
     size = sum(p.stat().st_size for p in ASSETS_DIR.iterdir())
     assert size < 1_000_000

@@ -97,9 +97,9 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     "quickstart": DatasetSpec(
         "quickstart",
-        "Jane Austen's Persuasion (1818), one paragraph per line, packaged with gptgen for the offline "
-        "quickstart; every 10th paragraph to validation.",
-        files=("persuasion.txt",), mode="lines", split="every_nth:10",
+        "Jane Austen's Persuasion (1818), packaged with gptgen for the offline quickstart; one example per "
+        "paragraph, every 10th to validation.",
+        files=("persuasion.txt",), mode="paragraphs", split="every_nth:10",
         url=_NLTK_GUTENBERG, license="public domain", packaged=True,
     ),
 }
