@@ -197,7 +197,7 @@ def test_split_every_nth_counts_from_one():
     ("Q,A\nq,a\n", lambda f: read_csv_pairs(f, template="{0}"), r"name each one"),
     ("Q,A\nq\n", lambda f: read_csv_pairs(f), r"line 2 has 1 fields; the header has 2"),
     ("x\n", lambda f: read_texts(f, "xml"), r"Unknown reader mode 'xml'"),
-    ("x\n", lambda f: read_texts(f, "lines", field="t"), r"lines reader does not take that option"),
+    ("x\n", lambda f: read_texts(f, "lines", field="t"), r"lines reader does not take the option 'field'"),
 ])
 def test_bad_input_raises_one_clear_data_error(tmp_path, content, call, pattern):
     f = tmp_path / "input.txt"
@@ -225,3 +225,29 @@ def test_missing_paths_and_bad_splits(tmp_path):
         split_every_nth(["a", "b"], 10)
     with pytest.raises(DataError, match=r"Unknown split 'half'"):
         apply_split(["a", "b"], "half")
+
+
+def test_mixed_line_ends_and_exact_invalid_byte_report(tmp_path):
+    f = tmp_path / "mixed.txt"
+    f.write_bytes(b"one\r\ntwo\rthree\n\n  \t\nfour \xff\xfe five\nsix\nseven \xe9\n")
+    with pytest.warns(InvalidUTF8Warning, match=r"mixed.txt is not valid UTF-8: replaced 3 invalid byte "
+                                                r"sequence\(s\) with U\+FFFD, the first on line 5\.") as record:
+        lines = read_lines(f)
+    assert len(record) == 1
+    assert lines == ["one", "two", "three", "four \ufffd\ufffd five", "six", "seven \ufffd"]
+    with pytest.warns(InvalidUTF8Warning, match=r"replaced 3 .* line 5\."):
+        assert read_paragraphs(f) == ["one two three", "four \ufffd\ufffd five six seven \ufffd"]
+    with pytest.warns(InvalidUTF8Warning, match=r"replaced 3 .* line 5\."):
+        assert read_documents(f) == ["one\ntwo\nthree\n\n  \t\nfour \ufffd\ufffd five\nsix\nseven \ufffd"]
+
+
+def test_streamed_lines_equal_whole_file_decoding(data_dir):
+    # the line-by-line decoder and the whole-file decoder agree on every file of the books
+    from gptgen.data.readers import iter_file_lines, read_text_file
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InvalidUTF8Warning)
+        for path in sorted((data_dir / "books").glob("*.txt")):
+            text = read_text_file(path)
+            expected = (text[:-1] if text.endswith("\n") else text).split("\n")
+            assert list(iter_file_lines(path)) == expected

@@ -72,33 +72,204 @@ def expand_paths(paths: PathsLike) -> list[Path]:
     return unique
 
 
-def read_text_file(path: str | os.PathLike) -> str:
-    """The text of one file: UTF-8 (BOM dropped), invalid bytes replaced and reported, newlines normalised."""
-    path = Path(path)
+def _warn_invalid(path: Path, count: int, line: int) -> None:
+    warnings.warn(InvalidUTF8Warning(
+        f"{path} is not valid UTF-8: replaced {count} invalid byte sequence(s) with U+FFFD, "
+        f"the first on line {line}."), stacklevel=4)
+
+
+def _decode(raw: bytes) -> tuple[str, int, int]:
+    """(text, replacements made, byte offset of the first) of UTF-8 bytes; invalid sequences become U+FFFD."""
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"Cannot read {path}: {exc.strerror or exc}.") from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8"), 0, -1
     except UnicodeDecodeError as exc:
         text = raw.decode("utf-8", errors="replace")
         # U+FFFD already present in valid UTF-8 is EF BF BD; count only the ones this decode made.
-        count = text.count(_REPLACEMENT) - raw.count(_REPLACEMENT.encode("utf-8"))
-        line = raw[: exc.start].count(b"\n") + 1
-        warnings.warn(InvalidUTF8Warning(
-            f"{path} is not valid UTF-8: replaced {count} invalid byte sequence(s) with U+FFFD, "
-            f"the first on line {line}."), stacklevel=3)
+        return text, text.count(_REPLACEMENT) - raw.count(_REPLACEMENT.encode("utf-8")), exc.start
+
+
+def _open(path: Path):
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise DataError(f"Cannot read {path}: {exc.strerror or exc}.") from None
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The text of one file: UTF-8 (BOM dropped), invalid bytes replaced and reported, newlines normalised."""
+    path = Path(path)
+    with _open(path) as handle:
+        raw = handle.read()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    text, count, offset = _decode(raw)
+    if count:
+        _warn_invalid(path, count, raw[:offset].count(b"\n") + 1)
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     return text
 
 
-def _texts(paths: PathsLike) -> Iterator[tuple[Path, str]]:
+def iter_file_lines(path: str | os.PathLike) -> Iterator[str]:
+    """The lines of one file, streamed (without line ends), decoded and reported as read_text_file does.
+
+    Lines are split on LF, CRLF and lone CR. The file is never held in memory whole; UTF-8 never puts
+    an LF or CR byte inside a character, so cutting the bytes at line ends first is safe.
+    """
+    path = Path(path)
+    total, first = 0, 0
+    with _open(path) as handle:
+        for number, raw in enumerate(handle, 1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            raw = raw.rstrip(b"\n")
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            text, count, _ = _decode(raw)
+            if count:
+                total += count
+                first = first or number
+            if "\r" in text:  # lone CR line ends inside this LF line
+                yield from text.split("\r")
+            else:
+                yield text
+    if total:
+        _warn_invalid(path, total, first)
+
+
+# Per-file example generators (shared by the list readers below and by streaming shard preparation) ------
+def lines_of(path: Path) -> Iterator[str]:
+    return (line for line in iter_file_lines(path) if line.strip())
+
+
+def iter_paragraphs(lines: Iterable[str] | str, join: str = " ") -> Iterator[str]:
+    """Blank-line separated paragraphs of lines (or of a text); a line of only whitespace counts as blank.
+
+    Each line is stripped of surrounding whitespace and the lines of a paragraph are joined with `join`
+    (one space undoes hard wrapping; "\n" keeps the lines).
+    """
+    if isinstance(lines, str):
+        lines = lines.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    block: list[str] = []
+    for line in lines:
+        stripped = line.strip()
+        if stripped:
+            block.append(stripped)
+        elif block:
+            yield join.join(block)
+            block = []
+    if block:
+        yield join.join(block)
+
+
+def paragraphs_of(path: Path, join: str = " ") -> Iterator[str]:
+    return iter_paragraphs(iter_file_lines(path), join)
+
+
+def document_of(path: Path) -> Iterator[str]:
+    text = read_text_file(path).strip()
+    if text:
+        yield text
+
+
+def _render_field(value, join: str, where: str, field: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return join.join(value)
+    raise DataError(f"{where}: field {field!r} is a {type(value).__name__}, not a string or a list of strings.")
+
+
+def json_items_of(path: Path, field: str = "paragraphs", join: str = "") -> Iterator[str]:
+    try:
+        data = json.loads(read_text_file(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}).") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError(f"{path} holds a JSON {type(data).__name__}; expected a list of objects.")
+    for i, item in enumerate(data):
+        if not isinstance(item, dict) or field not in item:
+            raise DataError(f"{path}: item {i} has no field {field!r}; choose the field with field=....")
+        rendered = _render_field(item[field], join, f"{path} item {i}", field)
+        if rendered.strip():
+            yield rendered
+
+
+def jsonl_items_of(path: Path, field: str = "text") -> Iterator[str]:
+    for lineno, line in enumerate(iter_file_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {lineno} is not valid JSON ({exc.msg}).") from None
+        if not isinstance(item, dict) or field not in item:
+            raise DataError(f"{path} line {lineno} has no field {field!r}; choose the field with field=....")
+        rendered = _render_field(item[field], "\n", f"{path} line {lineno}", field)
+        if rendered.strip():
+            yield rendered
+
+
+def template_fields(template: str) -> list[str]:
+    """The {placeholders} of a str.format template, in order of first use."""
+    names = []
+    try:
+        for _, name, _, _ in string.Formatter().parse(template):
+            if name is not None and name not in names:
+                if not name or not name.isidentifier():
+                    raise DataError(f"Template {template!r} uses a placeholder {{{name}}}; name each one, e.g. {{Q}}.")
+                names.append(name)
+    except ValueError as exc:
+        raise DataError(f"Template {template!r} is not a valid format string ({exc}).") from None
+    if not names:
+        raise DataError(f"Template {template!r} has no {{column}} placeholder.")
+    return names
+
+
+def csv_rows_of(path: Path, template: str = "<s>{Q}</s><s>{A}</s>",
+                columns: dict[str, str] | None = None) -> Iterator[str]:
+    names = template_fields(template)
+    mapping = {name: (columns or {}).get(name, name) for name in names}
+    reader = csv.reader(io.StringIO(read_text_file(path), newline=""))
+    header = next(reader, None)
+    if header is None:
+        return
+    missing = [c for c in mapping.values() if c not in header]
+    if missing:
+        raise DataError(f"{path} has no column {missing[0]!r}; its columns are {', '.join(header)}.")
+    index = {name: header.index(col) for name, col in mapping.items()}
+    for row in reader:
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) < len(header):
+            raise DataError(f"{path} row at line {reader.line_num} has {len(row)} fields; the header has "
+                            f"{len(header)}.")
+        yield template.format(**{name: row[i] for name, i in index.items()})
+
+
+def iter_examples(paths: PathsLike, mode: str = "lines", **opts) -> Iterator[str]:
+    """Examples of every file in turn, streamed where the format allows (lines, paragraphs, jsonl);
+    no length filter and no emptiness check (see read_texts for those)."""
+    if mode not in _PER_FILE:
+        raise DataError(f"Unknown reader mode {mode!r}; choose one of {', '.join(MODES)}.")
+    per_file = _PER_FILE[mode]
+    allowed = _OPTIONS[mode]
+    unknown = sorted(set(opts) - allowed)
+    if unknown:
+        raise DataError(f"The {mode} reader does not take the option {unknown[0]!r}; it takes "
+                        f"{', '.join(sorted(allowed | {'min_length'})) }.")
+    if mode == "csv":
+        template_fields(opts.get("template", "<s>{Q}</s><s>{A}</s>"))  # fail before reading
     for path in expand_paths(paths):
-        yield path, read_text_file(path)
+        yield from per_file(path, **opts)
+
+
+_PER_FILE = {"lines": lines_of, "paragraphs": paragraphs_of, "documents": document_of, "json": json_items_of,
+             "jsonl": jsonl_items_of, "csv": csv_rows_of}
+_OPTIONS = {"lines": set(), "paragraphs": {"join"}, "documents": set(), "json": {"field", "join"},
+            "jsonl": {"field"}, "csv": {"template", "columns"}}
 
 
 # Filtering -----------------------------------------------------------------------------------------
@@ -121,57 +292,33 @@ def _describe(paths: PathsLike) -> str:
     if isinstance(paths, (str, os.PathLike)):
         return str(paths)
     paths = list(paths)
-    return str(paths[0]) if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more)"
+    if len(paths) <= 1:
+        return str(paths[0]) if paths else "the input"
+    return f"{paths[0]} (and {len(paths) - 1} more)"
 
 
-# Plain text ----------------------------------------------------------------------------------------
+def read_texts(paths: PathsLike, mode: str = "lines", min_length: int = 0, **opts) -> list[str]:
+    """Examples of `mode` (lines, paragraphs, documents, json, jsonl, csv) with its options, then the
+    min_length filter; DataError when there is none, or none left."""
+    if not isinstance(paths, (str, os.PathLike)):
+        paths = list(paths)
+    return filter_min_length(iter_examples(paths, mode, **opts), min_length, source=_describe(paths))
+
+
+# The readers by name --------------------------------------------------------------------------------
 def read_lines(paths: PathsLike, min_length: int = 0) -> list[str]:
     """One example per line (the seed's TextLineDataset); lines holding only whitespace are skipped."""
-    out = []
-    for _, text in _texts(paths):
-        out += [line for line in text.split("\n") if line.strip()]
-    return filter_min_length(out, min_length, source=_describe(paths))
-
-
-def iter_paragraphs(text: str, join: str = " ") -> Iterator[str]:
-    """Blank-line separated paragraphs of one text; a line of only whitespace counts as blank.
-
-    Each line is stripped of surrounding whitespace and the lines of a paragraph are joined with `join`
-    (one space undoes hard wrapping; "\\n" keeps the lines).
-    """
-    block: list[str] = []
-    for line in text.split("\n"):
-        stripped = line.strip()
-        if stripped:
-            block.append(stripped)
-        elif block:
-            yield join.join(block)
-            block = []
-    if block:
-        yield join.join(block)
+    return read_texts(paths, "lines", min_length)
 
 
 def read_paragraphs(paths: PathsLike, min_length: int = 0, join: str = " ") -> list[str]:
     """Blank-line separated paragraphs, hard-wrapped lines joined with one space (see iter_paragraphs)."""
-    out = []
-    for _, text in _texts(paths):
-        out += iter_paragraphs(text, join)
-    return filter_min_length(out, min_length, source=_describe(paths))
+    return read_texts(paths, "paragraphs", min_length, join=join)
 
 
 def read_documents(paths: PathsLike, min_length: int = 0) -> list[str]:
     """One example per file, its whole text with surrounding whitespace stripped; blank files skipped."""
-    out = [text.strip() for _, text in _texts(paths)]
-    return filter_min_length([t for t in out if t], min_length, source=_describe(paths))
-
-
-# Structured ----------------------------------------------------------------------------------------
-def _render_field(value, join: str, where: str, field: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return join.join(value)
-    raise DataError(f"{where}: field {field!r} is a {type(value).__name__}, not a string or a list of strings.")
+    return read_texts(paths, "documents", min_length)
 
 
 def read_json(paths: PathsLike, field: str = "paragraphs", join: str = "", min_length: int = 0) -> list[str]:
@@ -179,56 +326,12 @@ def read_json(paths: PathsLike, field: str = "paragraphs", join: str = "", min_l
 
     The 全唐诗 files (poet.tang.*.json): field="paragraphs", join="" gives one poem per example.
     """
-    out = []
-    for path, text in _texts(paths):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}).") from None
-        if isinstance(data, dict):
-            data = [data]
-        if not isinstance(data, list):
-            raise DataError(f"{path} holds a JSON {type(data).__name__}; expected a list of objects.")
-        for i, item in enumerate(data):
-            if not isinstance(item, dict) or field not in item:
-                raise DataError(f"{path}: item {i} has no field {field!r}; choose the field with field=....")
-            rendered = _render_field(item[field], join, f"{path} item {i}", field)
-            if rendered.strip():
-                out.append(rendered)
-    return filter_min_length(out, min_length, source=_describe(paths))
+    return read_texts(paths, "json", min_length, field=field, join=join)
 
 
 def read_jsonl(paths: PathsLike, field: str = "text", min_length: int = 0) -> list[str]:
     """One JSON object per line ({"text": ...}); blank lines skipped."""
-    out = []
-    for path, text in _texts(paths):
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {lineno} is not valid JSON ({exc.msg}).") from None
-            if not isinstance(item, dict) or field not in item:
-                raise DataError(f"{path} line {lineno} has no field {field!r}; choose the field with field=....")
-            rendered = _render_field(item[field], "\n", f"{path} line {lineno}", field)
-            if rendered.strip():
-                out.append(rendered)
-    return filter_min_length(out, min_length, source=_describe(paths))
-
-
-def template_fields(template: str) -> list[str]:
-    """The {placeholders} of a str.format template, in order of first use."""
-    names = []
-    try:
-        for _, name, _, _ in string.Formatter().parse(template):
-            if name is not None and name not in names:
-                if not name or not name.isidentifier():
-                    raise DataError(f"Template {template!r} uses a placeholder {{{name}}}; name each one, e.g. {{Q}}.")
-                names.append(name)
-    except ValueError as exc:
-        raise DataError(f"Template {template!r} is not a valid format string ({exc}).") from None
-    return names
+    return read_texts(paths, "jsonl", min_length, field=field)
 
 
 def read_csv_pairs(path: PathsLike, template: str = "<s>{Q}</s><s>{A}</s>",
@@ -238,53 +341,7 @@ def read_csv_pairs(path: PathsLike, template: str = "<s>{Q}</s><s>{A}</s>",
     The first row is the header. Placeholders name columns; `columns` maps a placeholder to a differently
     named column, e.g. template="<s>{Q}</s><s>{A}</s>", columns={"Q": "question", "A": "answer"}.
     """
-    names = template_fields(template)
-    if not names:
-        raise DataError(f"Template {template!r} has no {{column}} placeholder.")
-    mapping = {name: (columns or {}).get(name, name) for name in names}
-    out = []
-    for file, text in _texts(path):
-        rows = iter(_csv_rows(text))
-        header = next(rows, None)
-        if header is None:
-            continue
-        missing = [c for c in mapping.values() if c not in header]
-        if missing:
-            raise DataError(f"{file} has no column {missing[0]!r}; its columns are {', '.join(header)}.")
-        index = {name: header.index(col) for name, col in mapping.items()}
-        for lineno, row in rows:
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) < len(header):
-                raise DataError(f"{file} row at line {lineno} has {len(row)} fields; the header has {len(header)}.")
-            out.append(template.format(**{name: row[i] for name, i in index.items()}))
-    return filter_min_length(out, min_length, source=_describe(path))
-
-
-def _csv_rows(text: str) -> Iterator:
-    """(line number, row) pairs; the header comes first, without its line number."""
-    reader = csv.reader(io.StringIO(text, newline=""))
-    first = True
-    for row in reader:
-        if first:
-            first = False
-            yield row
-        else:
-            yield reader.line_num, row
-
-
-def read_texts(paths: PathsLike, mode: str = "lines", **opts) -> list[str]:
-    """Dispatch to the reader of `mode` (lines, paragraphs, documents, json, jsonl, csv) with its options."""
-    readers = {"lines": read_lines, "paragraphs": read_paragraphs, "documents": read_documents,
-               "json": read_json, "jsonl": read_jsonl, "csv": read_csv_pairs}
-    if mode not in readers:
-        raise DataError(f"Unknown reader mode {mode!r}; choose one of {', '.join(MODES)}.")
-    try:
-        return readers[mode](paths, **opts)
-    except TypeError as exc:
-        if "unexpected keyword argument" in str(exc):
-            raise DataError(f"The {mode} reader does not take that option ({exc}).") from None
-        raise
+    return read_texts(path, "csv", min_length, template=template, columns=columns)
 
 
 # Splits --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .readers import MODES, expand_paths, iter_paragraphs, read_json, read_jsonl, read_csv_pairs, read_text_file
+from .readers import iter_examples
 
 MANIFEST = "manifest.json"
 FORMAT = "gptgen-token-shards"
@@ -46,31 +46,11 @@ def choose_dtype(vocab_size: int) -> np.dtype:
 
 
 # Texts ---------------------------------------------------------------------------------------------
-def iter_texts(paths, mode: str = "lines", **opts) -> Iterator[str]:
-    """Texts of files one file at a time (lines, paragraphs, documents stream; json/jsonl/csv per file)."""
-    if mode not in MODES:
-        raise DataError(f"Unknown reader mode {mode!r}; choose one of {', '.join(MODES)}.")
-    min_length = int(opts.pop("min_length", 0))
-    for path in expand_paths(paths):
-        if mode in ("json", "jsonl", "csv"):
-            reader = {"json": read_json, "jsonl": read_jsonl, "csv": read_csv_pairs}[mode]
-            try:
-                texts = reader(path, **opts)
-            except DataError as exc:
-                if "holds no examples" in str(exc):
-                    continue
-                raise
-        else:
-            text = read_text_file(path)
-            if mode == "lines":
-                texts = (line for line in text.split("\n") if line.strip())
-            elif mode == "paragraphs":
-                texts = iter_paragraphs(text, opts.get("join", " "))
-            else:
-                texts = [text.strip()] if text.strip() else []
-        for t in texts:
-            if len(t) > min_length:
-                yield t
+def iter_texts(paths, mode: str = "lines", min_length: int = 0, **opts) -> Iterator[str]:
+    """Examples of files streamed one file at a time (see readers.iter_examples), longer than min_length."""
+    for text in iter_examples(paths, mode, **opts):
+        if len(text) > min_length:
+            yield text
 
 
 def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
