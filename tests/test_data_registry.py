@@ -124,6 +124,20 @@ def test_download_from_file_urls_checks_sha256(tmp_path):
         download_dataset(gone, tmp_path / "third")
 
 
+def test_a_spec_with_separate_validation_files(tmp_path):
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "train.txt").write_text("a long training line\nshort\nanother training line\n")
+    (tmp_path / "toy" / "valid.txt").write_text("a validation line\n")
+    spec = DatasetSpec("toy", "a toy", files=("toy/train.txt",), val_files=("toy/valid.txt",), mode="lines",
+                       min_length=5)
+    assert resolve_dataset(spec, root=tmp_path) == (["a long training line", "another training line"],
+                                                    ["a validation line"])
+    assert resolve_dataset(spec, root=tmp_path, split=None) == ["a long training line", "another training line"]
+    (tmp_path / "toy" / "valid.txt").unlink()
+    with pytest.raises(DataError, match=r"'toy' is not in .*looked for toy/valid.txt"):
+        resolve_dataset(spec, root=tmp_path)
+
+
 # The CLI ------------------------------------------------------------------------------------------
 def test_cli_prepare_files_with_validation_split(gpt2_tokenizer_dir, tmp_path, capsys):
     from gptgen import Tokenizer

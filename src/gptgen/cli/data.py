@@ -57,7 +57,7 @@ def _reader_opts(args) -> dict:
     if args.field is not None:
         opts["field"] = args.field
     if args.join is not None:
-        opts["join"] = args.join.encode().decode("unicode_escape")
+        opts["join"] = args.join.replace("\\n", "\n").replace("\\t", "\t")  # "\n" typed in a shell
     if args.template is not None:
         opts["template"] = args.template
     return opts

@@ -16,7 +16,7 @@ import os
 import shutil
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class DatasetSpec:
     mode: str                              # reader mode (see readers.read_texts)
     options: dict[str, Any] = field(default_factory=dict)
     split: str | None = None               # "every_nth:N", "fraction:F" or None
+    val_files: tuple[str, ...] = ()        # separate validation files (instead of a split)
     min_length: int = 0                    # applied after the split
     url: str = ""                          # public source (page or archive)
     license: str = ""
@@ -142,16 +143,20 @@ def resolve_dataset(name: str | DatasetSpec, *, root: str | os.PathLike | None =
                     min_length: int | None = None, seed: int = 0, **options):
     """Examples of a named data set: a list, or (train, val) when it has a split.
 
-    split / min_length / reader options override the spec's (split=None gives every example unsplit).
+    split / min_length / reader options override the spec's (split=None gives every example unsplit; a
+    spec with val_files reads its validation examples from them unless a split is passed).
     The split is taken before the length filter, so validation is the same paragraphs whatever the filter.
     """
     spec = get_spec(name)
     files = dataset_files(spec, root)
     opts = {**spec.options, **options}
     examples = read_texts(files, spec.mode, **opts)
-    split = spec.split if split is _DEFAULT else split
     min_length = spec.min_length if min_length is None else min_length
-    result = apply_split(examples, split, seed=seed)
+    if spec.val_files and split is _DEFAULT:
+        val_spec = replace(spec, files=spec.val_files, val_files=())
+        result = (examples, read_texts(dataset_files(val_spec, root), spec.mode, **opts))
+    else:
+        result = apply_split(examples, spec.split if split is _DEFAULT else split, seed=seed)
     if isinstance(result, tuple):
         train, val = result
         return (filter_min_length(train, min_length, source=f"the {spec.name} training split"),
