@@ -109,9 +109,11 @@ def test_random_windows_are_slices_of_the_stream_and_reproducible(gpt2, shakespe
     expected = 400 * counts / counts.sum()
     chi2 = float(((shard_hits - expected) ** 2 / expected).sum())
     assert chi2 < 3 * len(sizes) + 30
-    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=0)
-    batch = next(iter(loader))
-    assert batch["input_ids"].shape == (8, 16)
+    ds[0]  # opens a memmap in this process; worker processes open their own
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2)
+    batches = [b for _, b in zip(range(3), loader)]
+    assert [b["input_ids"].shape for b in batches] == [(8, 16)] * 3
+    assert torch.equal(batches[2]["input_ids"], torch.stack([ds[i]["input_ids"] for i in range(16, 24)]))
 
 
 def test_sequential_windows_count_every_label_once(gpt2, shakespeare, tmp_path):
