@@ -82,7 +82,8 @@ def test_shared_data_matches_the_recorded_checksums(data_dir):
 def test_unknown_and_missing_data_sets(tmp_path):
     with pytest.raises(DataError, match=r"Unknown data set 'wiki'; choose one of books, "):
         resolve_dataset("wiki")
-    with pytest.raises(DataError, match=r"'books' is not in .*; set GPTGEN_DATA_DIR .* `gptgen datasets download books`"):
+    with pytest.raises(DataError, match=r"'books' is not in .*; set GPTGEN_DATA_DIR .* "
+                                        r"`gptgen datasets download books`"):
         resolve_dataset("books", root=tmp_path)
     assert verify_dataset("chatbot-ko", tmp_path) == {"chatbot-ko/ChatbotData.csv": "missing"}
 

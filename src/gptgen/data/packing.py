@@ -31,8 +31,8 @@ class PackedExamples:
 
     def __post_init__(self) -> None:
         if not (self.input_ids.shape == self.labels.shape == self.loss_mask.shape) or self.input_ids.dim() != 2:
-            raise DataError(f"input_ids, labels and loss_mask must share one [N, seq_len] shape; got "
-                            f"{tuple(self.input_ids.shape)}, {tuple(self.labels.shape)}, {tuple(self.loss_mask.shape)}.")
+            shapes = ", ".join(str(tuple(t.shape)) for t in (self.input_ids, self.labels, self.loss_mask))
+            raise DataError(f"input_ids, labels and loss_mask must share one [N, seq_len] shape; got {shapes}.")
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -55,6 +55,7 @@ class DatasetSpec:
 
 
 _NLTK_GUTENBERG = "https://raw.githubusercontent.com/nltk/nltk_data/gh-pages/packages/corpora/gutenberg.zip"
+_SHAKESPEARE = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 _TANG = "https://raw.githubusercontent.com/chinese-poetry/chinese-poetry/master/%E5%85%A8%E5%94%90%E8%AF%97/"
 
 
@@ -76,10 +77,7 @@ DATASETS: dict[str, DatasetSpec] = {
         "The 1.1 MB Shakespeare excerpt; one example per speech (blank-line separated, lines kept), 10% "
         "to validation (seeded).",
         files=("tinyshakespeare/input.txt",), mode="paragraphs", options={"join": "\n"}, split="fraction:0.1",
-        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        license="public domain",
-        downloads=(Download("tinyshakespeare/input.txt",
-                            "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"),),
+        url=_SHAKESPEARE, license="public domain", downloads=(Download("tinyshakespeare/input.txt", _SHAKESPEARE),),
     ),
     "chatbot-ko": _spec(
         "chatbot-ko",

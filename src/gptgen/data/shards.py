@@ -131,8 +131,8 @@ def prepare_shards(texts_or_paths, tokenizer, out_dir: str | os.PathLike, *,
     texts_or_paths: an iterable of strings, or paths / directories / globs read lazily with the reader
     `mode` (and reader_opts such as min_length); a single str is a path, a list of str is texts.
     num_workers: tokenising processes; 1 (default) tokenises in this process, where the HF tokenizer's
-    encode_batch already runs on all cores; None uses one process per CPU. The token stream equals tokenizer.encode_batch(texts,
-    add_bos=add_bos, add_eos=add_eos) concatenated, in input order.
+    encode_batch already runs on all cores; None uses one process per CPU. The token stream equals
+    tokenizer.encode_batch(texts, add_bos=add_bos, add_eos=add_eos) concatenated, in input order.
     """
     from ..tokenizer import Tokenizer
 
