@@ -440,8 +440,10 @@ def _prepare(model, input_ids, *, max_length=None, max_new_tokens=None, sampler=
 def _iterate(run: _Run) -> Iterator[DecodeState]:
     was_training = run.model.training
     run.model.eval()
+    # CUDA graphs are captured under no_grad (inference tensors would tie the graph to inference mode).
+    grad_off = torch.no_grad() if run.backend.compile else torch.inference_mode()
     try:
-        with torch.inference_mode():
+        with grad_off:
             yield from decode_steps(run.backend, run.sampler, run.state, run.check_every)
     finally:
         run.model.train(was_training)
