@@ -31,7 +31,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 # Defaults of flags left unset by both the command line and the recipe.
 DEFAULTS: dict[str, Any] = dict(
-    reader="lines", min_length=0, packing="pad", epochs=1, batch_size=32, grad_accum=1, lr=3e-4,
+    reader="lines", packing="pad", epochs=1, batch_size=32, grad_accum=1, lr=3e-4,
     schedule="constant", warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.0, adam_eps=1e-8, beta1=0.9,
     beta2=0.999, precision="auto", device="auto", seed=0, vocab_size=8000, lowercase=False, samples=True,
     sampler="top_k", sample_tokens=80, sample_prompt="", top_k=10, eval_batch_size=None,
@@ -205,12 +205,13 @@ def load_corpus(args) -> tuple[list[str], list[str] | None]:
     elif args.dataset:
         from ..data import registry
 
-        resolved = registry.resolve_dataset(args.dataset)
+        options = {}
+        if args.split:
+            options["split"] = None if args.split == "none" else args.split
+        resolved = registry.resolve_dataset(args.dataset, min_length=args.min_length, seed=args.seed or 0, **options)
         if isinstance(resolved, tuple):
-            train, val = resolved
-            return (filter_min_length(train, args.min_length, source=args.dataset),
-                    filter_min_length(val, args.min_length, source=f"{args.dataset} (validation)"))
-        examples, source = resolved, args.dataset
+            return resolved
+        return resolved, None
     else:
         raise DataError("Say what to train on: --data PATH... (files, directories, globs) or --dataset NAME.")
     val = None
@@ -222,9 +223,9 @@ def load_corpus(args) -> tuple[list[str], list[str] | None]:
         train, val = split if isinstance(split, tuple) else (split, None)
     else:
         train = examples
-    train = filter_min_length(train, args.min_length, source=source)
+    train = filter_min_length(train, args.min_length or 0, source=source)
     if val is not None:
-        val = filter_min_length(val, args.min_length, source=f"{source} (validation)")
+        val = filter_min_length(val, args.min_length or 0, source=f"{source} (validation)")
     return train, val
 
 
@@ -246,24 +247,22 @@ def pack_texts(texts: list[str], tokenizer, seq_len: int, packing: str, add_bos:
 
 
 # Shared run logic ----------------------------------------------------------------------------------
-class _EpochPrinter:
-    """Prints one line per epoch (rank 0)."""
+def _epoch_printer(json_mode: bool):
+    """A callback printing one line per epoch on rank 0 (built lazily: the CLI imports torch late)."""
+    from ..training.callbacks import Callback
 
-    def __new__(cls, json_mode: bool):
-        from ..training.callbacks import Callback
+    class EpochPrinter(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            if not trainer.is_main or json_mode:
+                return
+            line = (f"epoch {epoch + 1}/{trainer.num_epochs}: train loss {logs['train_loss']:.4f} "
+                    f"ppl {logs['train_perplexity']:.1f} acc {logs['train_accuracy']:.4f}")
+            if "val_loss" in logs:
+                line += (f" | val loss {logs['val_loss']:.4f} ppl {logs['val_perplexity']:.1f} "
+                         f"acc {logs['val_accuracy']:.4f}")
+            print(line + f" | {logs['elapsed']:.0f} s", flush=True)
 
-        class Printer(Callback):
-            def on_epoch_end(self, trainer, epoch, logs):
-                if not trainer.is_main or json_mode:
-                    return
-                line = (f"epoch {epoch + 1}/{trainer.num_epochs}: train loss {logs['train_loss']:.4f} "
-                        f"ppl {logs['train_perplexity']:.1f} acc {logs['train_accuracy']:.4f}")
-                if "val_loss" in logs:
-                    line += (f" | val loss {logs['val_loss']:.4f} ppl {logs['val_perplexity']:.1f} "
-                             f"acc {logs['val_accuracy']:.4f}")
-                print(line + f" | {logs['elapsed']:.0f} s", flush=True)
-
-        return Printer()
+    return EpochPrinter()
 
 
 def _train_options(args, output: Path | None) -> dict[str, Any]:
@@ -306,7 +305,7 @@ def _run(args, lm, train_texts, val_texts, output: Path | None, env, timings: di
     if env.is_main and not args.json:
         print(f"{len(train):,} training and {len(val) if val is not None else 0:,} validation examples of "
               f"{seq_len} tokens; model {lm.num_parameters():,} parameters.", flush=True)
-    callbacks = [_EpochPrinter(args.json)]
+    callbacks = [_epoch_printer(args.json)]
     if args.samples:
         callbacks.append(SampleText(prompt=args.sample_prompt, max_new_tokens=args.sample_tokens,
                                     sampler=args.sampler, top_k=args.top_k, seed=args.seed,
@@ -319,7 +318,7 @@ def _run(args, lm, train_texts, val_texts, output: Path | None, env, timings: di
                "val": result.val, "train": result.train, **{k: round(v, 3) for k, v in timings.items()},
                "output": str(output) if output else None,
                "last": str(result.last_dir) if result.last_dir else None,
-               "best": str(result.best_dir) if result.best_dir else None,
+               "best": str(result.best_dir.resolve()) if result.best_dir else None,
                "curves": str(result.curves_path) if result.curves_path else None}
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -331,7 +330,7 @@ def _run(args, lm, train_texts, val_texts, output: Path | None, env, timings: di
                   f"accuracy {result.val['accuracy']:.4f}.")
         print(f"Trained {result.steps} steps in {result.elapsed:.1f} s.")
         if output:
-            print(f"Checkpoint: {result.last_dir}" + (f"; best model: {result.best_dir}" if result.best_dir else ""))
+            print(f"Checkpoint: {result.last_dir}" + (f"; best model: {result.best_dir.resolve()}" if result.best_dir else ""))
             if result.curves_path:
                 print(f"Loss curves: {result.curves_path}")
     return 0
@@ -432,7 +431,7 @@ def run_eval(args) -> int:
     from ..lm import load
     from ..training import evaluate
 
-    for key in ("reader", "min_length", "packing"):
+    for key in ("reader", "packing"):
         if getattr(args, key) is None:
             setattr(args, key, DEFAULTS[key])
     args.seed = 0
@@ -462,21 +461,16 @@ def run_eval(args) -> int:
 
 # Quickstart --------------------------------------------------------------------------------------
 def quickstart_corpus() -> list[Path]:
-    """The text files of the corpus packaged with gptgen (src/gptgen/assets)."""
-    from importlib import resources
+    """The files of the public-domain corpus packaged with gptgen (the `quickstart` data set)."""
+    from ..data.registry import dataset_files
 
-    root = Path(str(resources.files("gptgen") / "assets"))
-    files = sorted(p for p in root.rglob("*.txt") if p.is_file() and "license" not in p.name.lower()
-                   and "readme" not in p.name.lower())
-    if not files:
-        raise DataError(f"The packaged quickstart corpus is missing from {root}; reinstall gptgen.")
-    return files
+    return dataset_files("quickstart")
 
 
 def run_quickstart(args) -> int:
     import torch
 
-    from ..data.readers import read_paragraphs, split_every_nth
+    from ..data.registry import resolve_dataset
     from ..lm import LanguageModel
     from ..tokenizer import Tokenizer
     from ..training import SampleText, fit
@@ -485,8 +479,7 @@ def run_quickstart(args) -> int:
     torch.set_num_threads(threads)
     output = Path(args.output)
     files = quickstart_corpus()
-    paragraphs = read_paragraphs(files)
-    train_texts, val_texts = split_every_nth(paragraphs, 10)
+    train_texts, val_texts = resolve_dataset("quickstart")
     print(f"Corpus: {len(files)} packaged file(s), {len(train_texts):,} training and {len(val_texts):,} "
           f"validation paragraphs; {threads} CPU thread(s).", flush=True)
     t0 = time.perf_counter()
@@ -503,7 +496,7 @@ def run_quickstart(args) -> int:
     print(f"Model: the mini preset, {lm.num_parameters():,} parameters; {len(train):,} training examples of "
           f"{seq_len} tokens. Training for at most {args.minutes:g} minutes / {args.epochs} epochs.", flush=True)
     sampler_cb = SampleText(prompt="", max_new_tokens=40, sampler="top_k", top_k=10, seed=args.seed)
-    result = fit(lm, train, val, callbacks=[_EpochPrinter(False), sampler_cb], epochs=args.epochs,
+    result = fit(lm, train, val, callbacks=[_epoch_printer(False), sampler_cb], epochs=args.epochs,
                  max_time=args.minutes * 60, batch_size=32, lr=1e-3, schedule="constant", eps=1e-7,
                  output_dir=str(output), overwrite=True, seed=args.seed, progress=args.progress,
                  early_stopping=2)
