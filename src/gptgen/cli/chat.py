@@ -1,5 +1,145 @@
-"""`gptgen` commands of this area; filled in by its issue."""
+"""`gptgen chat`: an interactive chat with a model directory.
+
+At a terminal it is a REPL; when stdin is not a terminal it reads one turn per line, so a conversation can
+be scripted (`printf 'hi\\n/reset\\nhello\\n' | gptgen chat --model DIR`). Lines starting with "/" are
+commands: /reset, /candidates N, /history N, /help, /quit. Sampler flags are those of `gptgen generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import GenerationError
+from .generate import add_generation_arguments, generation_options
+
+HELP = """commands:
+  /reset          forget the conversation so far
+  /candidates N   answer with N candidates (needs sampling or beams for N > 1)
+  /history N      keep the last N exchanges in the prompt (0: none)
+  /help           this text
+  /quit           leave (also Ctrl-D)"""
 
 
-def register(sub) -> None:
-    """No commands yet."""
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="chat with a model (a REPL; reads turns from stdin when piped)")
+    p.add_argument("--model", required=True, help="model directory (gptgen or Hugging Face GPT-2)")
+    p.add_argument("--tokenizer", help="tokenizer directory or file, when the model directory has none")
+    p.add_argument("--template", default="auto",
+                   help="turn format: auto (<bos>{text}<eos> with the tokenizer's tokens, KoGPT-2's "
+                        "<s>{text}</s>), kogpt2, or plain ('Q: ...' / 'A: ...' lines)")
+    p.add_argument("--user-template", help="user turn, e.g. '<s>{text}</s>' (with --assistant-template)")
+    p.add_argument("--assistant-template", help="assistant turn; the text after {text} ends an answer")
+    p.add_argument("--system", default="", help="text put before the conversation")
+    p.add_argument("--history", type=int, default=3, help="exchanges kept in the prompt (default 3)")
+    p.add_argument("--candidates", type=int, help="answers per question (default: --num-return-sequences)")
+    add_generation_arguments(p)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per answered turn")
+    p.set_defaults(handler=run_chat)
+
+
+def build_template(args, tokenizer):
+    from ..chat import ChatTemplate, get_template
+
+    if args.user_template or args.assistant_template:
+        if not (args.user_template and args.assistant_template):
+            raise GenerationError("Give both --user-template and --assistant-template.")
+        return ChatTemplate(user=args.user_template, assistant=args.assistant_template, system=args.system)
+    base = get_template(args.template, tokenizer)
+    return ChatTemplate(user=base.user, assistant=base.assistant, system=args.system or base.system)
+
+
+def run_chat(args, stdin=None, stdout=None) -> int:
+    import torch
+
+    from ..chat import ChatSession
+    from ..lm import load
+
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
+    options = generation_options(args)
+    candidates = options.pop("num_return_sequences")
+    if args.candidates is not None:
+        candidates = args.candidates
+    options.pop("truncate_prompt", None)  # the session always keeps the end of a long conversation
+    session = ChatSession(lm, template=build_template(args, lm.tokenizer), history_turns=args.history,
+                          candidates=candidates, options={k: v for k, v in options.items() if v is not None})
+    interactive = stdin.isatty()
+    if interactive and not args.json:
+        stdout.write(f"Chatting with {args.model} ({lm.num_parameters():,} parameters). /help for commands.\n")
+    while True:
+        if interactive:
+            try:
+                line = input("you> ")
+            except EOFError:
+                stdout.write("\n")
+                break
+        else:
+            line = stdin.readline()
+            if not line:
+                break
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if line.startswith("/"):
+                if not _command(line, session, stdout, args.json):
+                    break
+                continue
+            answers = session.ask(line)
+        except GenerationError as exc:
+            if not interactive:
+                raise
+            stdout.write(f"error: {exc}\n")
+            continue
+        _print_answers(line, answers, session.last_finished, stdout, args.json)
+        stdout.flush()
+    return 0
+
+
+def _command(line: str, session, stdout, json_mode: bool) -> bool:
+    """Run a /command; False means leave."""
+    name, _, value = line.partition(" ")
+    value = value.strip()
+    if name in ("/quit", "/exit", "/q"):
+        return False
+    if name == "/reset":
+        session.reset()
+        _note(stdout, json_mode, {"command": "reset"}, "(conversation reset)")
+    elif name in ("/candidates", "/history"):
+        try:
+            n = int(value)
+        except ValueError:
+            raise GenerationError(f"{name} takes a whole number, got {value!r}.") from None
+        if name == "/candidates":
+            session.set_candidates(n)
+        else:
+            session.set_history(n)
+        _note(stdout, json_mode, {"command": name[1:], "value": n}, f"({name[1:]}: {n})")
+    elif name == "/help":
+        if not json_mode:
+            stdout.write(HELP + "\n")
+    else:
+        raise GenerationError(f"Unknown command {name}; type /help for the list.")
+    return True
+
+
+def _note(stdout, json_mode: bool, record: dict, text: str) -> None:
+    stdout.write((json.dumps(record) if json_mode else text) + "\n")
+
+
+def _print_answers(question: str, answers: list[str], finished: list[bool], stdout, json_mode: bool) -> None:
+    if json_mode:
+        stdout.write(json.dumps({"question": question, "answers": answers, "finished": finished},
+                                ensure_ascii=False) + "\n")
+        return
+    if len(answers) == 1:
+        stdout.write(f"bot> {answers[0]}\n")
+        return
+    for i, answer in enumerate(answers, 1):
+        stdout.write(f"bot[{i}]> {answer}\n")
