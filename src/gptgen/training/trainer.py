@@ -240,8 +240,9 @@ class LossModule(nn.Module):
     def forward(self, input_ids, labels, loss_mask):
         h = self.body(input_ids)
         keep = loss_mask.reshape(-1)
-        rows = h.reshape(-1, h.shape[-1])[keep]
-        targets = labels.reshape(-1)[keep]
+        rows, targets = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+        if not bool(keep.all()):  # only counted positions reach the head (padding costs no head FLOPs)
+            rows, targets = rows[keep], targets[keep]
         head = self.model.lm_head
         return linear_cross_entropy(rows, head.weight, head.bias, targets, self.chunk_rows)
 
