@@ -82,15 +82,21 @@ def _byte_decoder() -> dict[str, int]:
     return chars
 
 
+_TABLES: dict[int, torch.Tensor] = {}
+
+
 def utf8_transitions(tokenizer) -> torch.Tensor:
     """(vocab, 8) table: the decoder state after each byte-level token from each state, -1 if invalid.
-    Special tokens are allowed only between characters."""
+    Special tokens are allowed only between characters. Cached per tokenizer."""
+    key = id(tokenizer.backend)
+    if key in _TABLES:
+        return _TABLES[key]
     decoder = _byte_decoder()
     specials = set(tokenizer.special_tokens.values())
-    table = torch.full((tokenizer.vocab_size, len(_STATES)), -1, dtype=torch.long)
+    rows = [[-1] * len(_STATES) for _ in range(tokenizer.vocab_size)]
     for token, ident in tokenizer.get_vocab().items():
         if token in specials or any(c not in decoder for c in token):
-            table[ident, 0] = 0
+            rows[ident][0] = 0
             continue
         data = [decoder[c] for c in token]
         for start in range(len(_STATES)):
@@ -99,8 +105,9 @@ def utf8_transitions(tokenizer) -> torch.Tensor:
                 s = _utf8_step(s, b)
                 if s < 0:
                     break
-            table[ident, start] = s
-    return table
+            rows[ident][start] = s
+    _TABLES[key] = torch.tensor(rows, dtype=torch.long)
+    return _TABLES[key]
 
 
 class Utf8Constrained(Sampler):
@@ -110,6 +117,8 @@ class Utf8Constrained(Sampler):
     def __init__(self, inner, tokenizer) -> None:
         self.inner = get_sampler(inner) if isinstance(inner, str) else inner
         self.table = utf8_transitions(tokenizer)
+        self.allowed = self.table >= 0  # (vocab, states)
+        self._next = self.table.tolist()
         for attr in ("name", "row_stopping", "needs_hidden", "deterministic", "temperature"):
             setattr(self, attr, getattr(self.inner, attr))
 
@@ -118,12 +127,12 @@ class Utf8Constrained(Sampler):
         for gen in state.row_generated():
             s = 0
             for t in gen:
-                s = int(self.table[t, s]) if s >= 0 else s
+                s = self._next[t][s] if s >= 0 else s
             out.append(max(s, 0))
         return torch.tensor(out, dtype=torch.long)
 
     def select(self, logits, hidden, state):
-        allowed = self.table[:, self._row_states(state)].T >= 0  # (rows, vocab)
+        allowed = self.allowed[:, self._row_states(state)].T  # (rows, vocab)
         vocab = min(allowed.shape[1], logits.shape[-1])
         masked = logits.clone()
         masked[:, :vocab] = masked[:, :vocab].masked_fill(~allowed[:, :vocab].to(logits.device), float("-inf"))
