@@ -57,6 +57,7 @@ def parser(name: str, description: str, **defaults: Any) -> argparse.ArgumentPar
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, help="CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar and less printing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -129,7 +130,7 @@ def train(lm: LanguageModel, train_data, val_data, args, callbacks=(), **options
     """fit() with the recipe's flags; returns (FitResult, EvalLog)."""
     log = EvalLog(quiet=args.quiet)
     opts = dict(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                seed=args.seed, device=args.device, precision=args.precision, progress=not args.quiet)
+                seed=args.seed, device=args.device, precision=args.precision, progress=not (args.quiet or args.no_progress))
     opts.update(options)
     result = fit(lm, train_data, val_data, callbacks=[log, *callbacks], **opts)
     return result, log

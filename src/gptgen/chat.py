@@ -165,38 +165,29 @@ class ChatSession:
         # The template writes BOS itself; a model trained with add_bos must not get a second one.
         if tok.bos_token and prompt.startswith(tok.bos_token):
             options["add_bos"] = False
+        n = self.candidates
         marker_id = _special_marker_id(tok, marker)
         if marker_id is not None:
-            # A special-token marker: end at that token (as well as at the model's EOS) and keep the
-            # specials in the text so we can see whether the answer reached it.
+            # A special-token marker (KoGPT-2's </s>): end at that token as well as at the model's EOS,
+            # and keep the specials in the text to see whether each answer reached it.
             eos = options.get("eos_token_id")
             eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-            if tok.eos_token_id is not None and not eos:
+            if not eos and tok.eos_token_id is not None:
                 eos.append(tok.eos_token_id)
             options["eos_token_id"] = sorted(set(eos) | {marker_id})
-            raw = self.lm.generate(prompt, num_return_sequences=self.candidates, include_prompt=False,
-                                   skip_special_tokens=False, **options)
+            raw = _as_list(self.lm.generate(prompt, num_return_sequences=n, include_prompt=False,
+                                            skip_special_tokens=False, **options))
+            finished = [text.endswith(marker) for text in raw]
+            answers = [_strip_specials(text[: -len(marker)] if done else text, tok)
+                       for text, done in zip(raw, finished)]
         else:
+            # A text marker ("\n"): a stop string ends the answer and the text is cut before it. An answer
+            # reached the marker when answer + marker fit in the token budget (counted by re-encoding).
             options["stop"] = list(options.get("stop") or []) + [marker]
-            raw = None
-        if raw is None:
-            # A text marker: stop strings end the answer (the text is cut before the marker); the answer
-            # reached it when the same generation without the stop string goes on past it.
-            answers = self.lm.generate(prompt, num_return_sequences=self.candidates, include_prompt=False,
-                                       **options)
-            answers = [answers] if isinstance(answers, str) else list(answers)
+            raw = answers = _as_list(self.lm.generate(prompt, num_return_sequences=n, include_prompt=False,
+                                                      **options))
             finished = [self._reached_text_marker(prompt, a, options) for a in answers]
-            self.last_raw = list(answers)
-        else:
-            raw = [raw] if isinstance(raw, str) else list(raw)
-            self.last_raw = raw
-            answers, finished = [], []
-            for text in raw:
-                done = text.endswith(marker)
-                if done:
-                    text = text[: -len(marker)]
-                answers.append(_strip_specials(text, tok))
-                finished.append(done)
+        self.last_raw = list(raw)
         answers = [a.strip() for a in answers]
         self.last_finished = finished
         if self.history_turns:
@@ -204,13 +195,17 @@ class ChatSession:
         return answers
 
     def _reached_text_marker(self, prompt: str, answer: str, options: dict[str, Any]) -> bool:
-        """Whether a stop-string-cut answer stopped at the marker: the marker follows it in the token stream."""
+        """Whether a text-marker answer ended at the marker rather than at the token budget."""
         from .generation import DEFAULT_MAX_NEW_TOKENS
 
         budget = options.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
         used = len(self.lm.tokenizer.encode(prompt + answer + self.template.end_marker)) - \
             len(self.lm.tokenizer.encode(prompt))
         return used <= int(budget)
+
+
+def _as_list(texts) -> list[str]:
+    return [texts] if isinstance(texts, str) else list(texts)
 
 
 def _strip_specials(text: str, tokenizer) -> str:
