@@ -117,9 +117,10 @@ class DecodeState:
         if self.eos_ids:
             self.finished |= torch.isin(tokens, self.eos_tensor)
         if self.stop_fn is not None:
-            for r, gen in enumerate(self.row_generated()):
-                if gen and not bool(self.finished[r]) and self.stop_fn(r, gen):
-                    self.finished[r] = True
+            finished = self.finished.tolist()
+            hits = [r for r, gen in enumerate(self.row_generated()) if gen and not finished[r] and self.stop_fn(r, gen)]
+            if hits:
+                self.finished[torch.tensor(hits, device=self.device)] = True
 
     def done(self, check_rows: bool = True) -> bool:
         if self.cur - self.prompt_len >= self.max_new_tokens:
@@ -142,8 +143,9 @@ class ModelBackend:
         rows = state.num_rows
         dtype = model.embed.wte.weight.dtype
         if self.compile:
-            # A cache of the full context, kept between calls, so the captured graph is replayed.
-            total = model.config.n_positions
+            # A cache kept between calls, so the captured graph is replayed; its length is a power of
+            # two (at least 256, at most the context) so short generations do not read a full-context cache.
+            total = min(model.config.n_positions, max(256, 1 << (total - 1).bit_length()))
             cache = model.blocks[0].attn.kv_cache
             if not (cache is not None and model.max_cache_len == total and cache.k_cache.shape[0] == rows
                     and cache.k_cache.dtype == dtype):
@@ -160,7 +162,7 @@ class ModelBackend:
 
     def step(self, feed: torch.Tensor, slot: int, need_hidden):
         pos = (slot - self.pad_counts).clamp(min=0)[:, None]
-        input_pos = torch.tensor([slot], device=self.device)
+        input_pos = torch.full((1,), slot, dtype=torch.long, device=self.device)  # a fill, not a host copy
         if self.compile:
             fn = _compiled_step(self.model)
             logits, hidden = fn(self.model, feed[:, None], input_pos, pos, self.mask)
