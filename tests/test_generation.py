@@ -426,3 +426,36 @@ def test_cli_generate(lm, tmp_path, capsys):
     assert capsys.readouterr().out == lm.generate("hello", max_new_tokens=6) + "\n"
     assert main(["generate", "--model", str(tmp_path / "m"), "hello", "--sampler", "nucleus"]) == 2
     assert "Unknown sampler" in capsys.readouterr().err
+
+
+def test_keras_mini_shape_cache_and_functional_form():
+    """The KerasHub mini-GPT shape (post-norm, ReLU, 3 heads of 85 dims, head with bias), as seed B uses it."""
+    from gptgen import preset
+
+    torch.manual_seed(3)
+    model = GPT(preset("mini", vocab_size=300, n_positions=40)).eval()
+    prompts = [[2], [2, 17, 40]]
+    out = generate_ids(model, prompts, max_new_tokens=20, eos_token_id=[])
+    with torch.no_grad():
+        for p, o in zip(prompts, out):
+            full = model(torch.tensor([p + o]))[0]
+            assert full[len(p) - 1:-1].argmax(-1).tolist() == o  # every greedy step agrees with a full pass
+
+        def next_fn(prompt, cache, index):
+            return model(prompt)[:, index - 1], None, cache
+
+        buf = torch.zeros(1, 21, dtype=torch.long)
+        buf[0, 0] = 2
+        beam = BeamSampler(num_beams=10)(next=next_fn, prompt=buf, index=1)
+    assert beam[0, 1:].tolist() == generate_ids(model, [[2]], max_new_tokens=20, num_beams=10, eos_token_id=[])[0]
+
+
+def test_beam_streams_its_final_text_and_zero_tokens(lm):
+    kw = dict(max_new_tokens=8, num_beams=3)
+    text = lm.generate("hello", include_prompt=False, **kw)
+    assert "".join(stream(lm, "hello", **kw)) == text
+    got = []
+    assert lm.generate(["hello"], callback=lambda i, p: got.append(p), **kw) == ["hello" + text]
+    assert "".join(got) == text
+    assert lm.generate("hello", max_new_tokens=0) == "hello"
+    assert generate_ids(lm.model, [[3, 4]], max_new_tokens=0) == [[]]
