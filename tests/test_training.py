@@ -349,3 +349,13 @@ def test_cuda_flash_attention_and_fused_adamw(tokenizer):
         result = trainer.fit()
     assert trainer.optimizer.defaults.get("fused") is True
     assert all(math.isfinite(r["loss"]) for r in result.history if r["event"] == "step")
+
+
+@pytest.mark.slow
+def test_compiled_body_trains_like_eager(tokenizer):
+    data = random_packed(12, 32, 100, seed=6)
+    runs = []
+    for compile in (False, True):
+        res = fit(tiny_lm(tokenizer), data, epochs=1, batch_size=4, lr=3e-3, compile=compile, progress=False)
+        runs.append([r["loss"] for r in res.history if r["event"] == "step"])
+    assert runs[1] == pytest.approx(runs[0], rel=1e-4)
