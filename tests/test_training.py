@@ -359,3 +359,23 @@ def test_compiled_body_trains_like_eager(tokenizer):
         res = fit(tiny_lm(tokenizer), data, epochs=1, batch_size=4, lr=3e-3, compile=compile, progress=False)
         runs.append([r["loss"] for r in res.history if r["event"] == "step"])
     assert runs[1] == pytest.approx(runs[0], rel=1e-4)
+
+
+def test_no_png_without_matplotlib_but_a_note(tokenizer, tmp_path, monkeypatch, caplog):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with caplog.at_level("WARNING", logger="gptgen.training"):
+        res = fit(tiny_lm(tokenizer), random_packed(8, 32, 100), batch_size=4, epochs=2, output_dir=str(tmp_path),
+                  progress=False)
+    assert res.curves_path is None and not (tmp_path / "curves.png").exists()
+    assert (tmp_path / "metrics.jsonl").is_file()
+    notes = [r.getMessage() for r in caplog.records if "matplotlib is not installed" in r.getMessage()]
+    assert len(notes) == 1
