@@ -70,6 +70,11 @@ def run_chat(args, stdin=None, stdout=None) -> int:
     session = ChatSession(lm, template=build_template(args, lm.tokenizer), history_turns=args.history,
                           candidates=candidates, options={k: v for k, v in options.items() if v is not None})
     interactive = stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:  # pragma: no cover - not on every platform
+            pass
     if interactive and not args.json:
         stdout.write(f"Chatting with {args.model} ({lm.num_parameters():,} parameters). /help for commands.\n")
     while True:
