@@ -216,6 +216,10 @@ def test_resume_after_crash_repeats_the_same_losses(tokenizer, tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed")} for r in rs]  # noqa: E731
     assert strip(a) == strip(b)  # every step loss, eval and epoch record, bit for bit
     assert resumed.val == full.val
+    before = (tmp_path / "b" / "metrics.jsonl").read_text()
+    again = fit(tiny_lm(tokenizer, dropout=0.1), data, val, output_dir=str(tmp_path / "b"), resume=True, **opts)
+    assert again.steps == full.steps  # a finished run resumes to nothing
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == before
 
 
 # Bad input -----------------------------------------------------------------------------------------

@@ -607,7 +607,7 @@ class Trainer:
         try:
             for cb in self.callbacks:
                 cb.on_train_begin(self)
-            done = self.step >= self.total_steps
+            done = already_done = self.step >= self.total_steps
             while not done and self.epoch < self.num_epochs:
                 order = self._epoch_order(self.epoch)
                 while self.batch_in_epoch < self.steps_per_epoch:
@@ -643,10 +643,13 @@ class Trainer:
                     last_dir = self.save_checkpoint(finished=done or self.epoch >= self.num_epochs)
                 if done or self.should_stop:
                     break
-            if self.val_data is not None and self._last_eval_step != self.step:
-                self._run_eval()
+            if already_done:  # resumed a finished run: nothing to train, nothing to rewrite
+                last_dir = self.output_dir / "last" if self.output_dir is not None else None
+            else:
+                if self.val_data is not None and self._last_eval_step != self.step:
+                    self._run_eval()
+                last_dir = self.save_checkpoint(finished=True) or last_dir
             elapsed = time.perf_counter() - start
-            last_dir = self.save_checkpoint(finished=True) or last_dir
             partial = self.epoch_metrics.compute() if self.epoch_metrics.tokens else None
             end_logs = {"event": "end", "step": self.step, "elapsed": elapsed}
             if self.stop_reason:
