@@ -73,13 +73,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + chunk_rows].to(compute_dtype)
             t = targets[start:start + chunk_rows]
             logits = F.linear(h, w, b).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, t[:, None]).squeeze(1)
-            loss_sum += (lse - target_logit).sum()
-            correct += (logits.argmax(dim=-1) == t).sum()
+            # Few passes over the chunk, all in place: max, shift+exp, sum (then scale for the gradient).
+            top = logits.amax(dim=-1, keepdim=True)
+            target_logit = logits.gather(1, t[:, None])
+            correct += (target_logit >= top).sum()  # the label holds the highest score (arg-max hit)
+            probs = logits.sub_(top).exp_()
+            total = probs.sum(dim=-1, keepdim=True)
+            loss_sum += (top + total.log() - target_logit).sum()
             if need_grad:
-                # d(sum loss)/d logits = softmax - one_hot, computed in place over the chunk.
-                probs = logits.sub_(lse[:, None]).exp_()
+                # d(sum loss)/d logits = softmax - one_hot.
+                probs.div_(total)
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 g = probs.to(compute_dtype)
                 grad_h[start:start + chunk_rows] = (g @ w).to(hidden.dtype)
