@@ -30,6 +30,15 @@ TEXTS = [
 ] * 20
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, the more so on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.train("byte-bpe", TEXTS, vocab_size=320)
@@ -158,15 +167,15 @@ def test_repetition_penalty_matches_formula():
 
 def test_generated_text_never_repeats_an_ngram(lm):
     prompt = [5, 9, 11, 13]
-    outs = generate_ids(lm.model, [prompt] * 4, max_new_tokens=40, do_sample=True, top_k=0, seed=3,
+    outs = generate_ids(lm.model, [prompt] * 3, max_new_tokens=30, do_sample=True, top_k=0, seed=3,
                         no_repeat_ngram_size=2, eos_token_id=[])
     for out in outs:
         seq = prompt + out
-        assert len(out) == 40
+        assert len(out) == 30
         grams = [tuple(seq[i:i + 2]) for i in range(len(seq) - 1)]
         assert len(grams) == len(set(grams))
-    greedy = generate_ids(lm.model, [prompt], max_new_tokens=40, eos_token_id=[])[0]
-    plain = [tuple((prompt + greedy)[i:i + 2]) for i in range(len(prompt) + 39)]
+    greedy = generate_ids(lm.model, [prompt], max_new_tokens=30, eos_token_id=[])[0]
+    plain = [tuple((prompt + greedy)[i:i + 2]) for i in range(len(prompt) + 29)]
     assert len(plain) != len(set(plain)), "the greedy control should repeat itself"
 
 
@@ -435,7 +444,7 @@ def test_keras_mini_shape_cache_and_functional_form():
     torch.manual_seed(3)
     model = GPT(preset("mini", vocab_size=300, n_positions=40)).eval()
     prompts = [[2], [2, 17, 40]]
-    out = generate_ids(model, prompts, max_new_tokens=20, eos_token_id=[])
+    out = generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[])
     with torch.no_grad():
         for p, o in zip(prompts, out):
             full = model(torch.tensor([p + o]))[0]
@@ -444,10 +453,10 @@ def test_keras_mini_shape_cache_and_functional_form():
         def next_fn(prompt, cache, index):
             return model(prompt)[:, index - 1], None, cache
 
-        buf = torch.zeros(1, 21, dtype=torch.long)
+        buf = torch.zeros(1, 13, dtype=torch.long)
         buf[0, 0] = 2
         beam = BeamSampler(num_beams=10)(next=next_fn, prompt=buf, index=1)
-    assert beam[0, 1:].tolist() == generate_ids(model, [[2]], max_new_tokens=20, num_beams=10, eos_token_id=[])[0]
+    assert beam[0, 1:].tolist() == generate_ids(model, [[2]], max_new_tokens=12, num_beams=10, eos_token_id=[])[0]
 
 
 def test_beam_streams_its_final_text_and_zero_tokens(lm):
