@@ -88,19 +88,28 @@ def main(argv=None) -> dict:
         accuracy[f"{shots}-shot"] = correct / len(queries)
     majority = Counter(g for _, g in queries).most_common(1)[0][1] / len(queries)
     # The same mechanism with a text end marker: the answer ends at the newline.
+    # (Only where the tokenizer can write it: a Korean-only vocabulary may have no "Q", ":" or newline.)
     plain = ChatTemplate(user="Q: {text}\n", assistant="A: {text}\n")
-    plain_answer, plain_finished = complete_few_shot(lm, TASKS["qa"]["examples"], TASKS["qa"]["query"],
-                                                     template=plain, **options)
+    plain_prompt = few_shot_prompt(TASKS["qa"]["examples"], TASKS["qa"]["query"], template=plain)
+    plain_result = None
+    unk = lm.tokenizer.unk_token_id
+    if unk is None or unk not in lm.tokenizer.encode(plain_prompt):
+        plain_answer, plain_finished = complete_few_shot(lm, TASKS["qa"]["examples"], TASKS["qa"]["query"],
+                                                         template=plain, **options)
+        plain_result = {"prompt": plain_prompt, "answer": plain_answer, "finished": plain_finished}
     if not args.quiet:
         for key, r in tasks.items():
             print(f"[{key}] {r['prompt']!r}\n    -> {r['answer']!r}" + ("" if r["finished"] else " [cut]"))
         print(f"\nsentiment labelling accuracy on {len(queries)} held-out questions: " +
               ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()) + f" (majority label: {majority:.2f})")
-        print(f"plain template: {plain_answer!r} (ended at the newline: {plain_finished})")
+        if plain_result is None:
+            print("plain template: skipped, the tokenizer cannot encode 'Q:', 'A:' or the newline.")
+        else:
+            print(f"plain template: {plain_result['answer']!r} (ended by itself: {plain_result['finished']})")
     results = {"recipe": "few_shot", "model": args.model, "template": [template.user, template.assistant],
                "end_marker": template.end_marker, "tasks": tasks, "sentiment_accuracy": accuracy,
                "sentiment_majority_baseline": majority, "sentiment_queries": len(queries),
-               "plain_template": {"answer": plain_answer, "finished": plain_finished}, "seconds": clock()}
+               "plain_template": plain_result, "seconds": clock()}
     C.save_results(out, results)
     return results
 

@@ -88,10 +88,11 @@ def main(argv=None) -> dict:
     lm.to(C.resolve_device(args.device))
 
     options = dict(do_sample=True, top_k=50, top_p=0.95, max_new_tokens=args.max_new_tokens,
-                   bad_words=[tok.unk_token], seed=args.seed)
+                   bad_words=[tok.unk_token])
     session = ChatSession(lm, history_turns=0, candidates=args.candidates, options=options)
     answers, unk_seen = [], 0
-    for q in args.questions:
+    for i, q in enumerate(args.questions):
+        session.options["seed"] = args.seed + i  # reproducible, and a fresh draw for every question
         cands = session.ask(q)
         unk_seen += sum(tok.unk_token in raw for raw in session.last_raw)
         answers.append({"question": q, "answers": cands, "finished": session.last_finished})

@@ -183,3 +183,23 @@ def test_cli_chat_as_a_piped_process(chat_model):
                            "--max-new-tokens", "8"], input="안녕\n", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "bot> 반가워요\n"
+
+
+def test_text_end_marker_stops_the_answer():
+    """A plain-text template on a byte-level model: the newline ends the answer."""
+    torch.manual_seed(0)
+    # No space after "A:": byte-level BPE would make "A: " end in a lone space token never seen in training.
+    template = ChatTemplate(user="Q:{text}\n", assistant="A:{text}\n")
+    lines = ["Q:hi\nA:hello there\n", "Q:hi\nA:hello there\nQ:bye\n"]
+    tok = Tokenizer.train("byte-bpe", lines * 5, 300)
+    lm = LanguageModel.from_preset("gpt2", tok, n_layer=1, n_embd=48, n_head=2, n_positions=32)
+    lm.fit(lines * 8, epochs=60, batch_size=16, lr=1e-2, seq_len=24, add_eos=True, progress=False, device="cpu")
+    session = ChatSession(lm, template=template, history_turns=0,
+                          options=dict(sampler="greedy", max_new_tokens=8, eos_token_id=[]))
+    assert session.ask("hi") == ["hello there"] and session.last_finished == [True]
+    assert session.last_prompt == "Q:hi\nA:"
+    # Without the stop string the model goes on after the newline.
+    more = lm.generate("Q:hi\nA:", sampler="greedy", max_new_tokens=8, eos_token_id=[], include_prompt=False)
+    assert more.startswith("hello there\n") and len(more) > len("hello there\n")
+    session.options["max_new_tokens"] = 1
+    assert session.ask("hi")[0] != "hello there" and session.last_finished == [False]

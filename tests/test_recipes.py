@@ -170,7 +170,8 @@ def test_few_shot_prompts_use_special_tokens_and_stop_at_marker(chatbot, data_di
         assert "</s>" not in task["answer"] and "<s>" not in task["answer"]
     assert set(r["sentiment_accuracy"]) == {"0-shot", "1-shot", "3-shot"}
     assert all(0 <= v <= 1 for v in r["sentiment_accuracy"].values())
-    assert "\n" not in r["plain_template"]["answer"]
+    # The toy tokenizer knows only Korean: the plain "Q: ...\n" template cannot be written with it.
+    assert r["plain_template"] is None
 
 
 def r_model(results) -> str:

@@ -104,8 +104,8 @@ class ChatSession:
     """A conversation with a LanguageModel; keeps the last `history_turns` exchanges in the prompt.
 
     `options` are generate() options (sampler, top_k, top_p, max_new_tokens, bad_words, seed, ...).
-    After ask(), `last_finished[i]` tells whether answer i ended at the template's end marker (False: it
-    was cut by max_new_tokens or the context), `last_raw[i]` is its generated text with special tokens
+    After ask(), `last_finished[i]` tells whether answer i ended by itself, at the template's end marker
+    or the model's EOS (False: max_new_tokens or the context cut it), `last_raw[i]` is its generated text with special tokens
     kept (when the end marker is a special token), and `last_prompt` is the prompt that was sent.
     """
 
@@ -177,9 +177,9 @@ class ChatSession:
             options["eos_token_id"] = sorted(set(eos) | {marker_id})
             raw = _as_list(self.lm.generate(prompt, num_return_sequences=n, include_prompt=False,
                                             skip_special_tokens=False, **options))
-            finished = [text.endswith(marker) for text in raw]
-            answers = [_strip_specials(text[: -len(marker)] if done else text, tok)
-                       for text, done in zip(raw, finished)]
+            ends = [m for m in (marker, tok.eos_token) if m]
+            finished = [any(text.endswith(m) for m in ends) for text in raw]
+            answers = [_strip_specials(text, tok) for text in raw]
         else:
             # A text marker ("\n"): a stop string ends the answer and the text is cut before it. An answer
             # reached the marker when answer + marker fit in the token budget (counted by re-encoding).
