@@ -63,12 +63,13 @@ def strip(rs):
 
 
 def test_kill_9_then_resume_gives_the_same_per_step_losses(data_dir, tmp_path, tok_dir):
-    common = ["--batch-size", "16", "--max-steps", "60", "--save-every", "10", "--eval-every", "25",
+    # Long enough (120 steps) that a fast machine cannot finish before the kill lands.
+    common = ["--batch-size", "16", "--max-steps", "120", "--save-every", "10", "--eval-every", "50",
               "--config", "n_embd=64", "--config", "n_inner=256"]
     full = tmp_path / "full"
     gptgen(*train_args(data_dir, full, *common, tokenizer=tok_dir))
     want = records(full)
-    assert len(want) == 60
+    assert len(want) == 120
 
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "gptgen", *map(str, train_args(data_dir, run, *common, tokenizer=tok_dir))],
@@ -84,7 +85,7 @@ def test_kill_9_then_resume_gives_the_same_per_step_losses(data_dir, tmp_path, t
         time.sleep(0.02)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert 20 <= killed_at < 60
+    assert 20 <= killed_at < 120
     gptgen(*train_args(data_dir, run, *common, "--resume", tokenizer=tok_dir))
     assert strip(records(run)) == strip(want)  # every step's loss, bit for bit
     assert strip(records(run, "eval")) == strip(records(full, "eval"))
