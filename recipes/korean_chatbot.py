@@ -52,14 +52,14 @@ def build_parser():
                    help="bpe: SentencePiece-style (default); byte-bpe: GPT-2 style byte-level")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--candidates", type=int, default=5)
+    p.add_argument("--answer-with", metavar="DIR",
+                   help="skip training: answer the questions with a chatbot this recipe saved before")
     p.add_argument("--questions", nargs="+", default=QUESTIONS)
     return p
 
 
-def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    out = C.setup(args)
-    clock = C.Timer()
+def train_chatbot(args, out: Path):
+    """Tokenizer (or --base), packing, training; returns (numbers, model directory, reloaded model)."""
     csv_path = C.data_root(args.data_dir) / "chatbot-ko" / "ChatbotData.csv"
     dialogues = read_csv_pairs(csv_path, template=TEMPLATE)
     train_texts, val_texts = split_fraction(dialogues, args.val_fraction, seed=args.seed)
@@ -82,38 +82,48 @@ def main(argv=None) -> dict:
         print("example:", train_texts[0], "->", tok.encode(train_texts[0])[:16], "...")
     before = lm.evaluate(val_data)
     result, log = C.train(lm, train_data, val_data, args, weight_decay=0.01, schedule="constant")
-    after = result.val
     model_dir = lm.save(out / "model")
-    lm = load(model_dir)
-    lm.to(C.resolve_device(args.device))
+    trained = {"train_dialogues": len(train_texts), "val_dialogues": len(val_texts), "max_len": args.max_len,
+               "vocab_size": tok.vocab_size, "parameters": lm.num_parameters(),
+               "val_perplexity_before": C.ppl(before), "val_perplexity_after": C.ppl(result.val),
+               "val_accuracy_after": result.val["accuracy"], "epochs": log.epochs, "steps": result.steps}
+    return trained, model_dir, load(model_dir).to(C.resolve_device(args.device))
 
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    out = C.setup(args)
+    clock = C.Timer()
+    if args.answer_with:
+        trained, model_dir = {}, Path(args.answer_with)
+        lm = load(model_dir).to(C.resolve_device(args.device))
+        tok = lm.tokenizer
+    else:
+        trained, model_dir, lm = train_chatbot(args, out)
+        tok = lm.tokenizer
     options = dict(do_sample=True, top_k=50, top_p=0.95, max_new_tokens=args.max_new_tokens,
-                   bad_words=[tok.unk_token])
+                   bad_words=[tok.unk_token], seed=args.seed)  # question i is answered with seed + i
     session = ChatSession(lm, history_turns=0, candidates=args.candidates, options=options)
     answers, unk_seen = [], 0
-    for i, q in enumerate(args.questions):
-        session.options["seed"] = args.seed + i  # reproducible, and a fresh draw for every question
+    for q in args.questions:
         cands = session.ask(q)
         unk_seen += sum(tok.unk_token in raw for raw in session.last_raw)
         answers.append({"question": q, "answers": cands, "finished": session.last_finished})
         if not args.quiet:
             print(f"\nQ: {q}")
-            for i, (a, done) in enumerate(zip(cands, session.last_finished), 1):
-                print(f"  A{i}: {a}" + ("" if done else "  [cut at max_new_tokens]"))
+            for j, (a, done) in enumerate(zip(cands, session.last_finished), 1):
+                print(f"  A{j}: {a}" + ("" if done else "  [cut at max_new_tokens]"))
     finished = [f for a in answers for f in a["finished"]]
-    results = {
-        "recipe": "korean_chatbot", "train_dialogues": len(train_texts), "val_dialogues": len(val_texts),
-        "max_len": args.max_len, "vocab_size": tok.vocab_size, "parameters": lm.num_parameters(),
-        "val_perplexity_before": C.ppl(before), "val_perplexity_after": C.ppl(after),
-        "val_accuracy_after": after["accuracy"], "epochs": log.epochs, "steps": result.steps,
-        "answers": answers, "finished_fraction": sum(finished) / len(finished), "unk_in_answers": unk_seen,
-        "model_dir": str(model_dir), "seconds": clock(),
-    }
+    results = {"recipe": "korean_chatbot", **trained, "answers": answers,
+               "finished_fraction": sum(finished) / len(finished), "unk_in_answers": unk_seen,
+               "model_dir": str(model_dir), "seconds": clock()}
     C.save_results(out, results)
     if not args.quiet:
-        print(f"\nvalidation perplexity {results['val_perplexity_before']:.1f} -> {results['val_perplexity_after']:.2f}; "
-              f"{results['finished_fraction']:.0%} of the answers ended at </s>; <unk> generated "
-              f"{unk_seen} times; {results['seconds']} s.")
+        if trained:
+            print(f"\nvalidation perplexity {trained['val_perplexity_before']:.1f} -> "
+                  f"{trained['val_perplexity_after']:.2f}")
+        print(f"{results['finished_fraction']:.0%} of the answers ended at </s>; <unk> generated {unk_seen} times; "
+              f"{results['seconds']} s.")
         print(f"Chat with it: gptgen chat --model {model_dir} --do-sample --top-k 50 --top-p 0.95 "
               f"--candidates {args.candidates} --bad-words '<unk>' --max-new-tokens {args.max_new_tokens}")
     return results

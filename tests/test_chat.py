@@ -203,3 +203,21 @@ def test_text_end_marker_stops_the_answer():
     assert more.startswith("hello there\n") and len(more) > len("hello there\n")
     session.options["max_new_tokens"] = 1
     assert session.ask("hi")[0] != "hello there" and session.last_finished == [False]
+
+
+def test_seeded_session_is_reproducible_and_turns_differ(chat_model):
+    lm, _ = chat_model
+    options = dict(do_sample=True, top_k=50, max_new_tokens=6, seed=5)
+    a, b = ChatSession(lm, history_turns=0, candidates=4, options=options), \
+        ChatSession(lm, history_turns=0, candidates=4, options=options)
+    first = [a.ask("뭐해") for _ in range(3)]
+    assert [b.ask("뭐해") for _ in range(3)] == first  # same seed, same conversation
+    assert a.turns_asked == 3
+    direct = lm.generate("<s>뭐해</s><s>", do_sample=True, top_k=50, max_new_tokens=6, seed=6, num_return_sequences=4,
+                         include_prompt=False, skip_special_tokens=False, add_bos=False,
+                         eos_token_id=[lm.tokenizer.eos_token_id], truncate_prompt=True)
+    assert ChatSession(lm, history_turns=0, candidates=4, options=options).ask("뭐해") == first[0]
+    c = ChatSession(lm, history_turns=0, candidates=4, options=options)
+    c.ask("뭐해")
+    c.ask("뭐해")
+    assert c.last_raw == direct  # the second question is answered with seed + 1

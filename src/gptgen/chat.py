@@ -103,7 +103,8 @@ def _special_marker_id(tokenizer, marker: str) -> int | None:
 class ChatSession:
     """A conversation with a LanguageModel; keeps the last `history_turns` exchanges in the prompt.
 
-    `options` are generate() options (sampler, top_k, top_p, max_new_tokens, bad_words, seed, ...).
+    `options` are generate() options (sampler, top_k, top_p, max_new_tokens, bad_words, seed, ...); with a
+    seed, the n-th question (counting from 0) is answered with seed + n.
     After ask(), `last_finished[i]` tells whether answer i ended by itself, at the template's end marker
     or the model's EOS (False: max_new_tokens or the context cut it), `last_raw[i]` is its generated text with special tokens
     kept (when the end marker is a special token), and `last_prompt` is the prompt that was sent.
@@ -118,6 +119,7 @@ class ChatSession:
     last_finished: list[bool] = field(default_factory=list)
     last_raw: list[str] = field(default_factory=list)
     last_prompt: str = ""
+    turns_asked: int = 0
 
     def __post_init__(self) -> None:
         self.template = get_template(self.template, self.lm.tokenizer)
@@ -162,6 +164,10 @@ class ChatSession:
         self.last_prompt = prompt
         options = dict(self.options)
         options.setdefault("truncate_prompt", True)
+        if options.get("seed") is not None:
+            # Reproducible conversations whose turns still draw different samples.
+            options["seed"] = int(options["seed"]) + self.turns_asked
+        self.turns_asked += 1
         # The template writes BOS itself; a model trained with add_bos must not get a second one.
         if tok.bos_token and prompt.startswith(tok.bos_token):
             options["add_bos"] = False
