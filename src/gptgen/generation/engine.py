@@ -185,7 +185,9 @@ class ModelBackend:
         x = m.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
-        logits = x @ _head_t(m)
+            logits = (x[:, 0] @ _head_t(m))[:, None]  # a 2-D product: the GEMV path
+        else:
+            logits = x @ _head_t(m)
         if m.lm_head.bias is not None:
             logits = logits + m.lm_head.bias
         return logits, x
