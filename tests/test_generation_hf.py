@@ -162,3 +162,24 @@ def test_first_sampled_token_follows_filtered_softmax(pair):
     assert torch.all(counts[~keep] == 0)
     sigma = torch.sqrt(expected * (1 - expected) / n)
     assert torch.all((counts - expected).abs() <= 5 * sigma + 1e-3)
+
+
+@pytest.mark.slow
+def test_gpt2_124m_shape_text_matches_hf(tmp_path, gpt2_tokenizer_dir):
+    """GPT-2 124M shapes with the real GPT-2 tokenizer: text from LanguageModel.generate equals HF's
+    decoded tokens, greedy and beam, single and batched."""
+    from gptgen import LanguageModel, Tokenizer
+
+    tok = Tokenizer.from_gpt2_files(gpt2_tokenizer_dir / "encoder.json", gpt2_tokenizer_dir / "vocab.bpe")
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(initializer_range=0.05)).eval()  # 124M shapes; wider init than 0.02
+    hf.save_pretrained(tmp_path)
+    lm = LanguageModel(load_model(tmp_path).eval(), tok)
+    prompts = ["My trip to Yosemite was", "昨夜雨疏风骤", "Hello"]
+    ids = [tok.encode(p) for p in prompts]
+    ref = _hf(hf, ids, max_new_tokens=8, do_sample=False)
+    assert lm.generate(prompts, max_new_tokens=8, include_prompt=False) == [
+        tok.decode(_cut(r, 50256), skip_special_tokens=True).rstrip("\ufffd") for r in ref]
+    beam = _hf(hf, [ids[0]], max_new_tokens=6, num_beams=4, num_return_sequences=2, do_sample=False)
+    assert lm.generate(prompts[0], max_new_tokens=6, num_beams=4, num_return_sequences=2, include_prompt=False) == [
+        tok.decode(_cut(r, 50256), skip_special_tokens=True).rstrip("\ufffd") for r in beam]
