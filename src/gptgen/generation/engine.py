@@ -178,7 +178,10 @@ class ModelBackend:
         if self.device.type != "cpu":
             return m(idx, input_pos=input_pos, position_ids=position_ids, attention_mask=self.mask,
                      kv_len=kv_len, return_hidden=True, last_token_only=last_only)
-        mask = m._attention_mask(idx.shape[1], idx.device, self.mask, input_pos, kv_len)
+        if idx.shape[1] == 1:  # one new token per row: it may attend every real slot up to its own
+            mask = self.mask[:, None, None, :kv_len].bool()
+        else:
+            mask = m._attention_mask(idx.shape[1], idx.device, self.mask, input_pos, kv_len)
         x = m.embed(idx, position_ids)
         for block in m.blocks:
             x = block(x, mask, input_pos, kv_len)
