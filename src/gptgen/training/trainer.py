@@ -332,6 +332,8 @@ class Trainer:
             self.device = torch.device(f"cuda:{self.dist.local_rank}" if device_type == "cuda" else "cpu")
         else:
             self.device = torch.device(cfg.device)
+            if self.device.type == "cuda" and self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())  # set per rank by torchrun
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         precision = cfg.precision
