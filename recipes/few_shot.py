@@ -67,25 +67,31 @@ def main(argv=None) -> dict:
         for shots in SHOTS:
             examples = task["examples"][:shots]
             prompt = few_shot_prompt(examples, task["query"], template=template, instruction=task["instruction"])
-            answer, finished = complete_few_shot(lm, examples, task["query"], template=template,
-                                                 instruction=task["instruction"], **options)
-            tasks[f"{name} {shots}-shot"] = {"prompt": prompt, "answer": answer, "finished": finished}
+            answer, finished, sent = complete_few_shot(lm, examples, task["query"], template=template,
+                                                       instruction=task["instruction"], **options)
+            kept = next(k for k in range(shots, -1, -1)
+                        if sent == few_shot_prompt(examples[shots - k:], task["query"], template=template,
+                                                   instruction=task["instruction"]))
+            tasks[f"{name} {shots}-shot"] = {"prompt": prompt, "answer": answer, "finished": finished,
+                                             "shots": shots, "shots_kept": kept}
     # Sentiment labelling: k solved examples (one per label for k = 3) before each held-out question.
     rows = sentiment_rows(C.data_root(args.data_dir) / "chatbot-ko" / "ChatbotData.csv")
     rng = random.Random(args.seed)
     rng.shuffle(rows)
     pool, queries = rows[: len(rows) // 2], rows[len(rows) // 2:][: args.queries]
     by_label = {lab: [r for r in pool if r[1] == lab] for lab in LABELS.values()}
-    accuracy = {}
+    accuracy, kept_shots = {}, {}
     for shots in SHOTS:
-        correct = 0
+        correct = kept = 0
         for q, gold in queries:
             examples = [rng.choice(by_label[lab]) for lab in list(LABELS.values())[:shots]]
             rng.shuffle(examples)
-            answer, _ = complete_few_shot(lm, examples, q, template=template,
-                                          **{**options, "max_new_tokens": 4})
+            answer, _, sent = complete_few_shot(lm, examples, q, template=template,
+                                                **{**options, "max_new_tokens": 4})
             correct += answer.strip() == gold
+            kept += sum(template.turn("assistant", lab) in sent for _, lab in examples)
         accuracy[f"{shots}-shot"] = correct / len(queries)
+        kept_shots[f"{shots}-shot"] = kept / len(queries)
     majority = Counter(g for _, g in queries).most_common(1)[0][1] / len(queries)
     # The same mechanism with a text end marker: the answer ends at the newline.
     # (Only where the tokenizer can write it: a Korean-only vocabulary may have no "Q", ":" or newline.)
@@ -94,21 +100,24 @@ def main(argv=None) -> dict:
     plain_result = None
     unk = lm.tokenizer.unk_token_id
     if unk is None or unk not in lm.tokenizer.encode(plain_prompt):
-        plain_answer, plain_finished = complete_few_shot(lm, TASKS["qa"]["examples"], TASKS["qa"]["query"],
+        plain_answer, plain_finished, _ = complete_few_shot(lm, TASKS["qa"]["examples"], TASKS["qa"]["query"],
                                                          template=plain, **options)
         plain_result = {"prompt": plain_prompt, "answer": plain_answer, "finished": plain_finished}
     if not args.quiet:
         for key, r in tasks.items():
-            print(f"[{key}] {r['prompt']!r}\n    -> {r['answer']!r}" + ("" if r["finished"] else " [cut]"))
+            print(f"[{key}] {r['prompt']!r}\n    -> {r['answer']!r}" + ("" if r["finished"] else " [cut]") +
+                  (f" (only {r['shots_kept']} shot(s) fit the context)" if r["shots_kept"] < r["shots"] else ""))
         print(f"\nsentiment labelling accuracy on {len(queries)} held-out questions: " +
-              ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()) + f" (majority label: {majority:.2f})")
+              ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()) + f" (majority label: {majority:.2f}); "
+              "shots that fit the context on average: " + ", ".join(f"{k} {v:.1f}" for k, v in kept_shots.items()))
         if plain_result is None:
             print("plain template: skipped, the tokenizer cannot encode 'Q:', 'A:' or the newline.")
         else:
             print(f"plain template: {plain_result['answer']!r} (ended by itself: {plain_result['finished']})")
     results = {"recipe": "few_shot", "model": args.model, "template": [template.user, template.assistant],
                "end_marker": template.end_marker, "tasks": tasks, "sentiment_accuracy": accuracy,
-               "sentiment_majority_baseline": majority, "sentiment_queries": len(queries),
+               "sentiment_majority_baseline": majority, "sentiment_shots_kept": kept_shots,
+               "context": lm.config.n_positions, "sentiment_queries": len(queries),
                "plain_template": plain_result, "seconds": clock()}
     C.save_results(out, results)
     return results

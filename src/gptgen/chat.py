@@ -234,14 +234,15 @@ def few_shot_prompt(examples: Sequence[tuple[str, str]], query: str, *,
 
 def complete_few_shot(lm, examples: Sequence[tuple[str, str]], query: str, *,
                       template: ChatTemplate | str | None = None, instruction: str = "",
-                      **options) -> tuple[str, bool]:
+                      **options) -> tuple[str, bool, str]:
     """Generate the answer to a few-shot prompt, stopping at the template's end marker.
 
-    The solved examples play the conversation so far (the oldest are dropped if the context is too
-    short). Returns (answer, finished): finished is False when max_new_tokens cut the answer."""
+    The solved examples play the conversation so far; the oldest are dropped when the prompt would not
+    leave room for max_new_tokens in the model's context. Returns (answer, finished, prompt): finished is
+    False when max_new_tokens cut the answer; prompt is the prompt actually sent."""
     base = get_template(template if template is not None else "auto", lm.tokenizer)
     session = ChatSession(lm, template=ChatTemplate(user=base.user, assistant=base.assistant,
                                                     system=instruction + base.system),
                           history_turns=max(1, len(examples)), history=list(examples), options=options)
     answer = session.ask(query)[0]
-    return answer, session.last_finished[0]
+    return answer, session.last_finished[0], session.last_prompt
