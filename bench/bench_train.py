@@ -13,7 +13,6 @@ FLOPs utilisation (nanoGPT's 6N + 12·L·T·C FLOPs per token against the GPU's 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import time

@@ -19,8 +19,8 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -596,10 +596,7 @@ class Trainer:
             raise TrainingError("resume needs an output directory to resume from.")
         self._open_log()
         if self.is_main and self.output_dir is not None and not cfg.resume:
-            for stale in ("best",):
-                import shutil
-
-                shutil.rmtree(self.output_dir / stale, ignore_errors=True)
+            shutil.rmtree(self.output_dir / "best", ignore_errors=True)  # a best model of an earlier run
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
