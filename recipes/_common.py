@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from gptgen import LanguageModel, load
+from gptgen import LanguageModel
 from gptgen.training import Callback, fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,10 +162,6 @@ def save_results(out: Path, results: dict[str, Any]) -> Path:
     path = out / "results.json"
     path.write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str), "utf-8")
     return path
-
-
-def reload(directory: Path) -> LanguageModel:
-    return load(directory)
 
 
 class Timer:
