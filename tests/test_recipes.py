@@ -18,6 +18,15 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = ["--config", "n_layer=1", "--config", "n_embd=64", "--config", "n_head=2", "--quiet"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train many times faster on one thread than on two cores shared with other work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def recipe(name):
     if str(RECIPES) not in sys.path:
         sys.path.insert(0, str(RECIPES))
@@ -25,7 +34,7 @@ def recipe(name):
 
 
 def run(name, data_dir, out, *argv):
-    results = recipe(name).main(["--data-dir", str(data_dir), "--output", str(out), *argv])
+    results = recipe(name).main(["--data-dir", str(data_dir), "--output", str(out), "--threads", "1", *argv])
     assert json.loads((Path(out) / "results.json").read_text("utf-8"))["recipe"] == name
     return results
 
