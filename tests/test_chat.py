@@ -77,6 +77,13 @@ def test_answer_ends_at_the_end_marker(chat_model):
     assert longer.startswith(session.last_raw[0]) and len(longer) > len(session.last_raw[0])
 
 
+def test_long_budget_shortens_the_answer_not_the_question(chat_model):
+    lm, _ = chat_model
+    # 100 new tokens do not fit the 48-token context with the prompt; the question must survive.
+    session = ChatSession(lm, history_turns=0, options=dict(sampler="greedy", max_new_tokens=100))
+    assert session.ask("안녕") == ["반가워요"] and session.ask("뭐해") != ["반가워요"]
+
+
 def test_answer_cut_by_max_new_tokens_is_not_finished(chat_model):
     lm, _ = chat_model
     session = ChatSession(lm, options=dict(sampler="greedy", max_new_tokens=1))

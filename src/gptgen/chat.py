@@ -145,8 +145,8 @@ class ChatSession:
     def prompt_for(self, question: str) -> str:
         """The prompt for the next answer; the oldest turns are dropped until it leaves room to answer."""
         window = self.history[-self.history_turns:] if self.history_turns else []
-        room = self.options.get("max_new_tokens") or 1
-        limit = self.lm.config.n_positions - int(room)
+        ctx = self.lm.config.n_positions
+        limit = ctx - min(self._budget(), ctx // 2)
         while True:
             prompt = self.template.render(window, question)
             if not window or len(self.lm.tokenizer.encode(prompt)) <= limit:
@@ -171,6 +171,11 @@ class ChatSession:
         # The template writes BOS itself; a model trained with add_bos must not get a second one.
         if tok.bos_token and prompt.startswith(tok.bos_token):
             options["add_bos"] = False
+        # Shorten the answer rather than the question: a prompt plus max_new_tokens longer than the
+        # context would otherwise lose the start of the prompt to truncation.
+        if options.get("max_length") is None:
+            used = len(tok.encode(prompt, add_bos=bool(options.get("add_bos", self.lm.config.extra.get("add_bos")))))
+            options["max_new_tokens"] = max(1, min(self._budget(), self.lm.config.n_positions - used))
         n = self.candidates
         marker_id = _special_marker_id(tok, marker)
         if marker_id is not None:
@@ -200,11 +205,14 @@ class ChatSession:
             self.history.append((question, answers[0]))
         return answers
 
-    def _reached_text_marker(self, prompt: str, answer: str, options: dict[str, Any]) -> bool:
-        """Whether a text-marker answer ended at the marker rather than at the token budget."""
+    def _budget(self) -> int:
         from .generation import DEFAULT_MAX_NEW_TOKENS
 
-        budget = options.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
+        return int(self.options.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+
+    def _reached_text_marker(self, prompt: str, answer: str, options: dict[str, Any]) -> bool:
+        """Whether a text-marker answer ended at the marker rather than at the token budget."""
+        budget = options["max_new_tokens"] if options.get("max_new_tokens") else self._budget()
         used = len(self.lm.tokenizer.encode(prompt + answer + self.template.end_marker)) - \
             len(self.lm.tokenizer.encode(prompt))
         return used <= int(budget)
