@@ -130,13 +130,15 @@ def train(lm: LanguageModel, train_data, val_data, args, callbacks=(), **options
     """fit() with the recipe's flags; returns (FitResult, EvalLog)."""
     log = EvalLog(quiet=args.quiet)
     opts = dict(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                seed=args.seed, device=args.device, precision=args.precision, progress=not (args.quiet or args.no_progress))
+                seed=args.seed, device=args.device, precision=args.precision,
+                progress=not (args.quiet or args.no_progress))
     opts.update(options)
     result = fit(lm, train_data, val_data, callbacks=[log, *callbacks], **opts)
     return result, log
 
 
-def generate_table(lm: LanguageModel, prompt: str, samplers: dict[str, dict[str, Any]], **common: Any) -> dict[str, str]:
+def generate_table(lm: LanguageModel, prompt: str, samplers: dict[str, dict[str, Any]],
+                   **common: Any) -> dict[str, str]:
     """One generation of `prompt` per named sampler setting."""
     out = {}
     for name, options in samplers.items():

@@ -149,12 +149,14 @@ def test_session_checks_its_settings(chat_model):
 def test_complete_few_shot_stops_at_the_marker(chat_model):
     lm, _ = chat_model
     # Zero-shot: the tiny model only knows single exchanges.
-    assert complete_few_shot(lm, [], "안녕", sampler="greedy", max_new_tokens=10) == ("반가워요", True, "<s>안녕</s><s>")
+    assert complete_few_shot(lm, [], "안녕", sampler="greedy", max_new_tokens=10) == \
+        ("반가워요", True, "<s>안녕</s><s>")
     assert complete_few_shot(lm, [], "안녕", sampler="greedy", max_new_tokens=1)[:2] == ("반가워요", False)
     # Shots that do not fit the context (48 positions) with room for the answer are dropped, oldest first.
     shots = [(f"뭐해{i}", "좋아요") for i in range(12)]
     _, _, sent = complete_few_shot(lm, shots, "안녕", sampler="greedy", max_new_tokens=10)
-    assert len(lm.tokenizer.encode(sent)) <= 48 - 10 and sent.endswith("<s>뭐해11</s><s>좋아요</s><s>안녕</s><s>")
+    assert len(lm.tokenizer.encode(sent)) <= 48 - 10
+    assert sent.endswith("<s>뭐해11</s><s>좋아요</s><s>안녕</s><s>")
     assert "뭐해0<" not in sent
 
 

@@ -106,8 +106,10 @@ class ChatSession:
     `options` are generate() options (sampler, top_k, top_p, max_new_tokens, bad_words, seed, ...); with a
     seed, the n-th question (counting from 0) is answered with seed + n.
     After ask(), `last_finished[i]` tells whether answer i ended by itself, at the template's end marker
-    or the model's EOS (False: max_new_tokens or the context cut it), `last_raw[i]` is its generated text with special tokens
-    kept (when the end marker is a special token), and `last_prompt` is the prompt that was sent.
+    or the model's EOS (False: max_new_tokens or the context cut it); `last_raw[i]` is its generated text
+    with special tokens kept (when the end marker is a special token); `last_prompt` is the prompt sent.
+    The answer budget shrinks to what the context leaves after the prompt; the prompt is never cut
+    while older turns can be dropped instead.
     """
 
     lm: Any
