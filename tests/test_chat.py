@@ -244,3 +244,52 @@ def test_seeded_session_is_reproducible_and_turns_differ(chat_model):
     c.ask("뭐해")
     c.ask("뭐해")
     assert c.last_raw == direct  # the second question is answered with seed + 1
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_cli_chat_repl_at_a_terminal(chat_model):
+    """At a terminal: a greeting, `you> ` prompts, errors printed without leaving, /quit."""
+    import os
+    import pty
+    import select
+    import time
+
+    _, model_dir = chat_model
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the REPL on the pseudo-terminal
+        os.execv(sys.executable, [sys.executable, "-m", "gptgen", "chat", "--model", str(model_dir),
+                                  "--sampler", "greedy", "--max-new-tokens", "8"])
+    out = b""
+
+    def read_until_prompt(seconds=60):
+        nonlocal out
+        end = time.time() + seconds
+        while time.time() < end:
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    data = os.read(fd, 4096)
+                except OSError:
+                    return
+                out += data
+                if out.endswith(b"you> "):
+                    return
+
+    read_until_prompt()
+    for line in ("안녕", "/candidates x", "/quit"):
+        os.write(fd, (line + "\n").encode())
+        read_until_prompt(10)
+    for _ in range(100):  # the child must leave on /quit; do not hang the suite if it does not
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("gptgen chat did not exit on /quit")
+    os.close(fd)
+    text = out.decode("utf-8", "replace").replace("\r", "")
+    assert os.WEXITSTATUS(status) == 0
+    assert "/help for commands" in text
+    assert "you> 안녕\nbot> 반가워요\nyou> " in text
+    assert "error: /candidates takes a whole number, got 'x'." in text
