@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -123,9 +124,11 @@ class EarlyStopping(Callback):
 class LossCurvePlot(Callback):
     """Write the loss/perplexity curves of metrics.jsonl to a PNG (needs the `plot` extra: matplotlib)."""
 
-    def __init__(self, filename: str = "curves.png") -> None:
+    def __init__(self, filename: str = "curves.png", min_interval: float = 60.0) -> None:
         self.filename = filename
+        self.min_interval = min_interval  # seconds between redraws during training (a redraw costs ~0.3-1 s)
         self._warned = False
+        self._last_write = None
 
     def _write(self, trainer) -> None:
         if not trainer.is_main or trainer.output_dir is None:
@@ -141,7 +144,10 @@ class LossCurvePlot(Callback):
         trainer.curves_path = path
 
     def on_epoch_end(self, trainer, epoch: int, logs: dict[str, Any]) -> None:
-        self._write(trainer)
+        now = time.monotonic()
+        if self._last_write is None or now - self._last_write >= self.min_interval:
+            self._write(trainer)
+            self._last_write = time.monotonic()
 
     def on_train_end(self, trainer, logs: dict[str, Any]) -> None:
         self._write(trainer)

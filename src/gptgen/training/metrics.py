@@ -85,7 +85,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs.div_(total)
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 g = probs.to(compute_dtype)
-                grad_h[start:start + chunk_rows] = (g @ w).to(hidden.dtype)
+                if hidden.dtype == compute_dtype:  # write straight into the gradient: no extra copy
+                    torch.mm(g, w, out=grad_h[start:start + chunk_rows])
+                else:
+                    grad_h[start:start + chunk_rows] = (g @ w).to(hidden.dtype)
                 if compute_dtype == acc:
                     grad_w.addmm_(g.t(), h)
                 else:
