@@ -21,6 +21,18 @@ def gpt2_tokenizer_dir(data_dir) -> Path:
     return data_dir / "gpt2-tokenizer"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run many times faster on one thread, the more so on a shared 2-core machine.
+
+    Use it module-wide with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -143,7 +143,7 @@ def test_finetune_hf_gpt2_directory(data_dir, gpt2_tokenizer_dir, tmp_path):
     assert [round(r["lr"], 8) for r in steps] == [1e-3, 7.5e-4, 5e-4, 2.5e-4]
     # Oracle: transformers computes the same validation loss for the fine-tuned weights.
     from gptgen import load
-    from gptgen.cli.train import pack_texts
+    from gptgen.data.packing import pack_texts
     from gptgen.data import read_paragraphs, split_every_nth
 
     lm = load(out / "last")

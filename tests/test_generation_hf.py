@@ -24,13 +24,7 @@ CONFIGS = {
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3], [20, 21, 22, 23, 24, 25, 26]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, the more so on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

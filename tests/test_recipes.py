@@ -18,13 +18,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = ["--config", "n_layer=1", "--config", "n_embd=64", "--config", "n_head=2", "--quiet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train many times faster on one thread than on two cores shared with other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recipe(name):

@@ -228,23 +228,6 @@ def load_corpus(args) -> tuple[list[str], list[str] | None]:
     return train, val
 
 
-def pack_texts(texts: list[str], tokenizer, seq_len: int, packing: str, add_bos: bool, add_eos: bool):
-    from ..data.packing import chunk_tokens, pack_examples
-
-    ids = tokenizer.encode_batch(texts)
-    if packing == "chunk":
-        eos = tokenizer.eos_token_id
-        return chunk_tokens(ids, seq_len, eos_id=eos)
-    bos = tokenizer.bos_token_id if add_bos else None
-    eos = tokenizer.eos_token_id if add_eos else None
-    if add_bos and bos is None:
-        raise DataError("--add-bos needs a tokenizer with a BOS token.")
-    if add_eos and eos is None:
-        raise DataError("--add-eos needs a tokenizer with an EOS token.")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return pack_examples(ids, seq_len, bos_id=bos, eos_id=eos, pad_id=pad)
-
-
 # Shared run logic ----------------------------------------------------------------------------------
 def _epoch_printer(json_mode: bool):
     """A callback printing one line per epoch on rank 0 (built lazily: the CLI imports torch late)."""
@@ -298,6 +281,8 @@ def _run(args, lm, train_texts, val_texts, output: Path | None, env, timings: di
     if add_bos and args.packing == "pad":
         lm.config.extra["add_bos"] = True
     t0 = time.perf_counter()
+    from ..data.packing import pack_texts
+
     train = pack_texts(train_texts, lm.tokenizer, seq_len, args.packing, add_bos, add_eos)
     val = pack_texts(val_texts, lm.tokenizer, seq_len, args.packing, add_bos, add_eos) if val_texts else None
     timings["tokenize_s"] = time.perf_counter() - t0
@@ -446,6 +431,8 @@ def run_eval(args) -> int:
         )
     seq_len = args.seq_len or lm.config.n_positions
     add_bos = args.add_bos if args.add_bos is not None else bool(lm.config.extra.get("add_bos", False))
+    from ..data.packing import pack_texts
+
     data = pack_texts(texts, lm.tokenizer, seq_len, args.packing, add_bos, bool(args.add_eos))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate(lm, data, batch_size=args.batch_size, device=device, precision=args.precision)
@@ -490,6 +477,8 @@ def run_quickstart(args) -> int:
     lm = LanguageModel.from_preset("mini", tok)
     lm.config.extra["add_bos"] = True
     seq_len = lm.config.n_positions
+    from ..data.packing import pack_texts
+
     train = pack_texts(train_texts, tok, seq_len, "pad", True, False)
     val = pack_texts(val_texts, tok, seq_len, "pad", True, False)
     print(f"Model: the mini preset, {lm.num_parameters():,} parameters; {len(train):,} training examples of "

@@ -140,3 +140,20 @@ def chunk_tokens(token_lists: Sequence[Sequence[int]], seq_len: int, *, eos_id: 
         labels[-1, :k] = rest[1:]
         mask[-1, :k] = True
     return PackedExamples(torch.from_numpy(inputs), torch.from_numpy(labels), torch.from_numpy(mask))
+
+
+def pack_texts(texts: Sequence[str], tokenizer, seq_len: int, packing: str = "pad", add_bos: bool = False,
+               add_eos: bool = False) -> PackedExamples:
+    """Tokenise texts and pack them: "pad" (one example per text) or "chunk" (concatenate and cut)."""
+    ids = tokenizer.encode_batch(texts)
+    if packing == "chunk":
+        eos = tokenizer.eos_token_id
+        return chunk_tokens(ids, seq_len, eos_id=eos)
+    bos = tokenizer.bos_token_id if add_bos else None
+    eos = tokenizer.eos_token_id if add_eos else None
+    if add_bos and bos is None:
+        raise DataError("Adding BOS (--add-bos) needs a tokenizer with a BOS token.")
+    if add_eos and eos is None:
+        raise DataError("Adding EOS (--add-eos) needs a tokenizer with an EOS token.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return pack_examples(ids, seq_len, bos_id=bos, eos_id=eos, pad_id=pad)

@@ -197,21 +197,12 @@ def as_examples(lm: LanguageModel, data, seq_len: int | None = None, add_bos: bo
     if isinstance(data, str):
         raise TrainingError("Pass a list of texts (or packed examples), not a single string.")
     if isinstance(data, (list, tuple)) and data and all(isinstance(t, str) for t in data):
-        from ..data.packing import pack_examples
+        from ..data.packing import pack_texts
 
-        seq_len = seq_len or lm.config.n_positions
         if add_bos is None:
             add_bos = bool(lm.config.extra.get("add_bos", False))
-        tok = lm.tokenizer
-        ids = tok.encode_batch(list(data))
-        bos = tok.bos_token_id if add_bos else None
-        eos = tok.eos_token_id if add_eos else None
-        if add_bos and bos is None:
-            raise TrainingError("add_bos is set but the tokenizer has no BOS token.")
-        if add_eos and eos is None:
-            raise TrainingError("add_eos is set but the tokenizer has no EOS token.")
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        return _Examples(pack_examples(ids, seq_len, bos_id=bos, eos_id=eos, pad_id=pad))
+        return _Examples(pack_texts(list(data), lm.tokenizer, seq_len or lm.config.n_positions, "pad",
+                                    add_bos, add_eos))
     if isinstance(data, (list, tuple)) and not data:
         raise DataError("There are no training examples (the list of texts is empty).")
     return _Examples(data)
