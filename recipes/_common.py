@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from gptgen import LanguageModel
+from gptgen.config import parse_overrides
 from gptgen.training import Callback, fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,19 +71,6 @@ def setup(args) -> Path:
     return out
 
 
-def config_overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--config takes KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
 def limit_split(train: list, val: list, limit: int | None) -> tuple[list, list]:
     if not limit:
         return list(train), list(val)
@@ -91,7 +79,7 @@ def limit_split(train: list, val: list, limit: int | None) -> tuple[list, list]:
 
 def new_model(args, tokenizer, **defaults: Any) -> LanguageModel:
     """A fresh model of --preset sized to the tokenizer, with the recipe's defaults and --config on top."""
-    overrides = {**defaults, **config_overrides(args.config)}
+    overrides = {**defaults, **parse_overrides(args.config)}
     return LanguageModel.from_preset(args.preset, tokenizer, **overrides)
 
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import gptgen
-from gptgen import CheckpointError, GPT, LanguageModel, Tokenizer, TokenizerError, preset
+from gptgen import CheckpointError, LanguageModel, Tokenizer, TokenizerError
 from gptgen.checkpoint import load_model
 
 transformers = pytest.importorskip("transformers")

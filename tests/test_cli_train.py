@@ -96,8 +96,8 @@ def test_torchrun_two_processes_match_one_process(data_dir, tmp_path, tok_dir):
     one = tmp_path / "one"
     gptgen(*train_args(data_dir, one, *common, tokenizer=tok_dir))
     two = tmp_path / "two"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(29500 + os.getpid() % 1000), "-m", "gptgen", *map(str, train_args(data_dir, two, *common, tokenizer=tok_dir))],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "gptgen", *map(str, train_args(data_dir, two, *common, tokenizer=tok_dir))],
                           capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = records(one), records(two)

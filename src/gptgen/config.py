@@ -134,3 +134,17 @@ def preset(name: str, **overrides: Any) -> GPTConfig:
     if bad:
         raise ConfigError(f"Unknown GPTConfig field(s): {', '.join(bad)}.")
     return GPTConfig(**values)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Config overrides from KEY=VALUE strings (values parsed as JSON when they are JSON, else strings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--config takes KEY=VALUE, got {item!r}.")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import parse_overrides
 from ..errors import ConfigError, DataError, TrainingError
 
 # Flag defaults of the named recipes. keras-mini: the KerasHub mini-GPT tutorial (seed 002) on the
@@ -163,19 +164,6 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if getattr(args, "data", None):
         args.dataset = None
     return args
-
-
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--config takes KEY=VALUE, got {item!r}.")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
 
 
 # Data ---------------------------------------------------------------------------------------------
@@ -336,7 +324,6 @@ def _cuda() -> bool:
 def run_train(args) -> int:
     import torch
 
-    from ..config import preset
     from ..lm import LanguageModel
     from ..tokenizer import Tokenizer
     from ..training import distributed as D
@@ -377,7 +364,7 @@ def run_train(args) -> int:
                 D.barrier(env)
                 if not env.is_main:
                     tok = Tokenizer.from_pretrained(tok_dir)
-        overrides = _parse_overrides(args.config)
+        overrides = parse_overrides(args.config)
         torch.manual_seed(args.seed)
         try:
             lm = LanguageModel.from_preset(args.preset, tok, **overrides)
