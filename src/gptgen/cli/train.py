@@ -481,6 +481,10 @@ def run_quickstart(args) -> int:
     val_ppl = result.val["perplexity"] if result.val else math.nan
     print(f"Validation perplexity after {result.steps} steps ({result.elapsed:.0f} s): {val_ppl:.1f}")
     model_dir = result.best_dir or result.last_dir
+    if result.best_dir is not None and (result.best_dir / "metrics.json").is_file():
+        best_metrics = json.loads((result.best_dir / "metrics.json").read_text("utf-8"))
+        print(f"Best validation perplexity: {best_metrics['perplexity']:.1f} (epoch {best_metrics['epoch']}, "
+              f"step {best_metrics['step']}); the samples below come from that model.")
     from ..lm import load
 
     best = load(model_dir)
@@ -493,5 +497,5 @@ def run_quickstart(args) -> int:
         print(f"Loss curves: {result.curves_path}")
     else:
         print("No loss-curve PNG: install matplotlib (pip install 'gptgen[plot]').")
-    print(f"Try: gptgen generate --model {model_dir} --prompt 'the'")
+    print(f"Try: gptgen generate --model {model_dir} 'the' --sampler top_k --top-k 10")
     return 0

@@ -413,7 +413,7 @@ class Trainer:
         def fill(tmp: Path) -> None:
             checkpoint.save_model_files(tmp, self.lm.model)
             self.lm.tokenizer.save(tmp)
-            (tmp / "metrics.json").write_text(json.dumps({"step": self.step, "epoch": self.epoch,
+            (tmp / "metrics.json").write_text(json.dumps({"step": self.step, "epoch": self.epoch + 1,
                                                           **(self.last_val or {})}, indent=2), "utf-8")
 
         checkpoint.write_dir_atomically(self.output_dir / "best", fill)
