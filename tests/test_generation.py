@@ -414,6 +414,14 @@ def test_long_prompt_left_truncated_when_asked(lm):
         lm.model, [lm.tokenizer.encode(text)], max_new_tokens=5, truncate_prompt=True)
 
 
+def test_truncation_keeps_half_the_context_for_the_prompt(lm):
+    ids = lm.tokenizer.encode("word " * 80)
+    ctx = lm.config.n_positions
+    out = generate_ids(lm.model, [ids], max_new_tokens=10 * ctx, truncate_prompt=True, eos_token_id=[])
+    assert len(out[0]) == ctx - ctx // 2  # the prompt kept its last ctx // 2 tokens; the rest was generated
+    assert out == generate_ids(lm.model, [ids[-(ctx // 2):]], max_new_tokens=ctx, eos_token_id=[])
+
+
 # CLI ------------------------------------------------------------------------------------------------
 def test_cli_generate(lm, tmp_path, capsys):
     lm.save(tmp_path / "m")

@@ -413,7 +413,9 @@ def _prepare(model, input_ids, *, max_length=None, max_new_tokens=None, sampler=
                 f"A prompt of {longest} tokens leaves no room in the model's context of {ctx} tokens; "
                 "shorten it or pass truncate_prompt=True to keep its end."
             )
-        room = min(new if new is not None else 1, ctx - 1)
+        # Keep at least half the context for the prompt: a budget of new tokens as large as the context
+        # would otherwise cut the prompt down to one token; the budget shrinks to fit instead.
+        room = max(1, min(new if new is not None else 1, ctx // 2))
         prompts = [p[-(ctx - room):] for p in prompts]
         longest = max(len(p) for p in prompts)
     if new is None:
