@@ -67,6 +67,23 @@ def _data_args(p: argparse.ArgumentParser, with_split: bool = True) -> None:
         g.add_argument("--split", help="validation split of the data: 'every_nth:10' or 'fraction:0.1'")
 
 
+def _packing_for(lm, args) -> tuple[int, bool]:
+    """The example length and BOS choice for this model: --seq-len within its context, BOS as it was trained."""
+    ctx = lm.config.n_positions
+    if args.seq_len and args.seq_len > ctx:
+        raise TrainingError(
+            f"--seq-len {args.seq_len} is longer than the model's context of {ctx} positions; "
+            f"use --seq-len {ctx} or less, or a model with a longer context."
+        )
+    add_bos = args.add_bos if args.add_bos is not None else bool(lm.config.extra.get("add_bos", False))
+    return args.seq_len or ctx, add_bos
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (gptgen or Hugging Face GPT-2)")
+    p.add_argument("--tokenizer", help="tokenizer directory or file, when the model directory has none")
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--recipe", choices=sorted(RECIPES), help="a named set of defaults (see docs/training.md)")
@@ -125,15 +142,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_train)
 
     p = sub.add_parser("finetune", help="fine-tune a gptgen or Hugging Face GPT-2 model directory")
-    p.add_argument("--model", required=True, help="model directory (gptgen or Hugging Face GPT-2)")
-    p.add_argument("--tokenizer", help="tokenizer directory or file, when the model directory has none")
+    _model_args(p)
     _data_args(p)
     _train_args(p)
     p.set_defaults(handler=run_finetune)
 
     p = sub.add_parser("eval", help="loss, perplexity and token accuracy of a model on data")
-    p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--tokenizer", help="tokenizer directory or file, when the model directory has none")
+    _model_args(p)
     _data_args(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
@@ -258,13 +273,7 @@ def _set_threads(args, env) -> None:
 def _run(args, lm, train_texts, val_texts, output: Path | None, env, timings: dict[str, float]) -> int:
     from ..training import SampleText, fit
 
-    if args.seq_len and args.seq_len > lm.config.n_positions:
-        raise TrainingError(
-            f"--seq-len {args.seq_len} is longer than the model's context of {lm.config.n_positions} positions; "
-            f"use --seq-len {lm.config.n_positions} or less, or a model with a longer context."
-        )
-    seq_len = args.seq_len or lm.config.n_positions
-    add_bos = args.add_bos if args.add_bos is not None else bool(lm.config.extra.get("add_bos", False))
+    seq_len, add_bos = _packing_for(lm, args)
     add_eos = bool(args.add_eos)
     if add_bos and args.packing == "pad":
         lm.config.extra["add_bos"] = True
@@ -411,13 +420,7 @@ def run_eval(args) -> int:
     lm = load(args.model, tokenizer=args.tokenizer)
     train_texts, val_texts = load_corpus(args)
     texts = val_texts if val_texts is not None else train_texts
-    if args.seq_len and args.seq_len > lm.config.n_positions:
-        raise TrainingError(
-            f"--seq-len {args.seq_len} is longer than the model's context of {lm.config.n_positions} positions; "
-            f"use --seq-len {lm.config.n_positions} or less."
-        )
-    seq_len = args.seq_len or lm.config.n_positions
-    add_bos = args.add_bos if args.add_bos is not None else bool(lm.config.extra.get("add_bos", False))
+    seq_len, add_bos = _packing_for(lm, args)
     from ..data.packing import pack_texts
 
     data = pack_texts(texts, lm.tokenizer, seq_len, args.packing, add_bos, bool(args.add_eos))

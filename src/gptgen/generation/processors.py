@@ -37,6 +37,15 @@ class RepetitionPenalty(LogitsProcessor):
         return torch.where(present, penalised, scores)
 
 
+def _ban(scores: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
+    """scores with the (row, token) pairs set to -inf (a copy; the input is left as it is)."""
+    if not rows:
+        return scores
+    scores = scores.clone()
+    scores[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = NEG_INF
+    return scores
+
+
 class NoRepeatNGram(LogitsProcessor):
     """Ban every token that would complete an n-gram already present in the row (HF semantics)."""
 
@@ -62,10 +71,7 @@ class NoRepeatNGram(LogitsProcessor):
             for tok in self.banned(seq):
                 rows.append(r)
                 cols.append(tok)
-        if rows:
-            scores = scores.clone()
-            scores[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = NEG_INF
-        return scores
+        return _ban(scores, rows, cols)
 
 
 class BadWords(LogitsProcessor):
@@ -103,9 +109,7 @@ class BadWords(LogitsProcessor):
                     if len(seq) >= k and tuple(seq[len(seq) - k:]) == prefix:
                         rows.append(r)
                         cols.append(last)
-            if rows:
-                scores = scores.clone()
-                scores[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = NEG_INF
+            scores = _ban(scores, rows, cols)
         return scores
 
 
