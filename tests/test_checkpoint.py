@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -236,3 +237,20 @@ def test_bin_with_code_is_refused(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="not a plain weights file"):
         load_model(tmp_path)
     assert "pickle code ran" not in capsys.readouterr().out
+
+
+def test_crash_between_the_two_renames_is_recovered(tmp_path):
+    from gptgen.checkpoint import recover_dir
+
+    lm = LanguageModel.from_preset("mini", small_tokenizer(), vocab_size=300, n_positions=16)
+    target = lm.save(tmp_path / "m")
+    before = (target / "model.safetensors").read_bytes()
+    # What a kill between "old aside" and "new in" leaves behind:
+    aside = tmp_path / ".m.old-abc"
+    aside.mkdir()
+    os.replace(target, aside / "x")
+    (tmp_path / ".m.tmp-def").mkdir()
+    recover_dir(target)
+    assert (target / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    assert gptgen.load(target).config == lm.config

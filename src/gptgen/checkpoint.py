@@ -29,9 +29,29 @@ HF_BIN_FILE = "pytorch_model.bin"
 
 
 # Atomic writes ------------------------------------------------------------------------------------
-def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
-    """Call fill(tmp_dir) and move tmp_dir to target in one rename (replacing an old target)."""
+def recover_dir(target: str | os.PathLike) -> Path:
+    """Undo what a crash between write_dir_atomically's two renames leaves: the old directory moved aside
+    and the new one not yet in place. Puts the old one back and removes stale temporaries."""
     target = Path(target).resolve()
+    if not target.parent.is_dir():
+        return target
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not target.exists():
+        for old in reversed(olds):
+            if (old / "x").is_dir():
+                os.replace(old / "x", target)
+                break
+    for stale in olds + list(target.parent.glob(f".{target.name}.tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+    return target
+
+
+def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Call fill(tmp_dir) and move tmp_dir to target in one rename (replacing an old target).
+
+    Replacing takes two renames (old aside, new in); recover_dir() repairs a crash between them.
+    """
+    target = recover_dir(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

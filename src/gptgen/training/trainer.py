@@ -419,6 +419,7 @@ class Trainer:
         checkpoint.write_dir_atomically(self.output_dir / "best", fill)
 
     def _resume(self) -> None:
+        checkpoint.recover_dir(self.output_dir / "last")  # a kill between the checkpoint's two renames
         path = self.output_dir / "last" / STATE_FILE
         if not path.is_file():
             if self.is_main:
