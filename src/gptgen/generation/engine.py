@@ -63,6 +63,7 @@ class DecodeState:
         self.finished = torch.zeros(self.num_rows, dtype=torch.bool, device=self.device)
         self.gen_count = torch.zeros(self.num_rows, dtype=torch.long, device=self.device)
         self._lists: list[list[int]] | None = None
+        self._counts = None
 
     # Views used by processors and samplers ----------------------------------------------------
     @property
@@ -87,6 +88,23 @@ class DecodeState:
         out.scatter_(1, idx, True)
         return out[:, :vocab_size]
 
+    def generated_counts(self, vocab_size: int) -> torch.Tensor:
+        """(rows, vocab) how often each token was generated in the row (prompt tokens not counted)."""
+        key = (self.cur, vocab_size)
+        if self._counts is not None and self._counts[0] == key:
+            return self._counts[1]
+        gen = self.tokens[:, self.prompt_len:self.cur]
+        steps = torch.arange(gen.shape[1], device=self.device)[None, :]
+        idx = torch.where(steps < self.gen_count[:, None], gen, vocab_size)
+        out = torch.zeros(self.num_rows, vocab_size + 1, dtype=torch.long, device=self.device)
+        out.scatter_add_(1, idx, torch.ones_like(idx))
+        self._counts = (key, out[:, :vocab_size])
+        return self._counts[1]
+
+    def generated_lengths(self) -> torch.Tensor:
+        """(rows,) tokens generated so far in each row (a finished row stops counting)."""
+        return self.gen_count
+
     def process(self, scores: torch.Tensor) -> torch.Tensor:
         for proc in self.processors:
             scores = proc(scores, self)
@@ -104,6 +122,7 @@ class DecodeState:
         self.finished = self.finished.index_select(0, index)
         self.gen_count = self.gen_count.index_select(0, index)
         self._lists = None
+        self._counts = None
 
     def append(self, tokens: torch.Tensor) -> None:
         if self.row_stopping:

@@ -14,19 +14,23 @@ Every sampler is also callable in KerasHub's functional form for custom models:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from ..errors import GenerationError
 
 NEG = -1.0e9
+NEG_INF = float("-inf")
 
 
 def _check_temperature(temperature) -> float:
     if temperature is None:
         return 1.0
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
-        raise GenerationError(f"temperature must be a number of at least 0 (0 means greedy), got {temperature!r}.")
+    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature)
+            or temperature < 0):
+        raise GenerationError(f"temperature must be a finite number of at least 0 (0 means greedy), got {temperature!r}.")
     return float(temperature)
 
 
@@ -36,11 +40,226 @@ def _check_k(k, name: str = "k") -> int:
     return k
 
 
-def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _check_fraction(value, name: str, low_open: bool = True, high_open: bool = True, default=None) -> float:
+    """A finite float in the interval named by the flags (0..1)."""
+    if value is None:
+        return default
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1))
+    if not ok:
+        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+        raise GenerationError(f"{name} must be a number in {interval}, got {value!r}.")
+    return float(value)
+
+
+def _check_min_tokens_to_keep(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise GenerationError(f"min_tokens_to_keep must be a positive integer, got {value!r}.")
+    return value
+
+
+# Per-row functions ----------------------------------------------------------------------------------
+# Every parameter is a Python number (the same for all rows) or a 1-D tensor / sequence with one value
+# per row. Per-row float values are read in float64 and cast to the scores' dtype only where compared,
+# so a row gives exactly the result the same value as a Python number gives.
+def _rows(value, scores: torch.Tensor, integer: bool = False):
+    """A Python number as it is, or per-row values as a (rows, 1) tensor on the scores' device."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    t = torch.as_tensor(value, device=scores.device)
+    t = t.long() if integer else t.double()
+    if t.dim() != 1 or t.shape[0] != scores.shape[0]:
+        raise GenerationError(f"Per-row values must have one value per row ({scores.shape[0]}), got shape {tuple(t.shape)}.")
+    return t[:, None]
+
+
+def _apply_removal(scores, remove, off):
+    if isinstance(off, torch.Tensor):
+        remove = remove & ~off
+    return scores.masked_fill(remove, NEG_INF)
+
+
+def _kth_largest(scores: torch.Tensor, k) -> torch.Tensor:
+    """(rows, 1) the k-th largest score per row (k a Python int >= 1 or a (rows, 1) long tensor >= 1)."""
+    V = scores.shape[-1]
+    if isinstance(k, int):
+        return torch.topk(scores, min(k, V), dim=-1).values[:, -1:]
+    k = k.clamp(1, V)
+    values = torch.topk(scores, int(k.max()), dim=-1).values
+    return values.gather(1, k - 1)
+
+
+def apply_temperature(scores: torch.Tensor, temperature) -> torch.Tensor:
+    """scores / temperature; rows with temperature 0 are returned unchanged (the caller takes their argmax)."""
+    t = _rows(temperature, scores)
+    if not isinstance(t, torch.Tensor):
+        return scores if t in (0, 1) else scores / t
+    t = torch.where(t == 0, torch.ones_like(t), t)
+    return scores / t.to(scores.dtype)
+
+
+def top_k_filter(scores: torch.Tensor, k, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """-inf outside the k highest scores (k <= 0: off). Every token tied with the k-th is kept, as in
+    transformers' TopKLogitsWarper; at least min_tokens_to_keep tokens stay."""
+    k = _rows(k, scores, integer=True)
+    if not isinstance(k, torch.Tensor):
+        if k <= 0:
+            return scores
+        return scores.masked_fill(scores < _kth_largest(scores, max(int(k), min_tokens_to_keep)), NEG_INF)
+    off = k <= 0
+    if bool(off.all()):
+        return scores
+    kth = _kth_largest(scores, torch.where(off, torch.ones_like(k), k.clamp(min=min_tokens_to_keep)))
+    return _apply_removal(scores, scores < kth, off)
+
+
+def top_p_filter(scores: torch.Tensor, p, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """-inf outside the nucleus: the smallest set of most likely tokens whose probability reaches p
+    (p >= 1: off). Computed from the least likely end (a token goes when the mass of it and every less
+    likely token is at most 1 - p), as transformers does, so float32 rounding of the running sum does not
+    keep an extra token: on probabilities [0.3, 0.1, 0.1, 0.5] with p = 0.8 two tokens stay."""
+    p = _rows(p, scores)
+    if not isinstance(p, torch.Tensor) and p >= 1:
+        return scores
+    off = p >= 1
+    if isinstance(off, torch.Tensor) and bool(off.all()):
+        return scores
+    ordered, order = torch.sort(scores, dim=-1)  # ascending
+    tail = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+    limit = 1 - p
+    if isinstance(limit, torch.Tensor):
+        limit = limit.to(scores.dtype)
+    remove_sorted = tail <= limit
+    if min_tokens_to_keep > 0:
+        remove_sorted[:, -min_tokens_to_keep:] = False
+    remove = torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted)
+    return _apply_removal(scores, remove, off)
+
+
+def _keep_top(remove: torch.Tensor, scores: torch.Tensor, min_tokens_to_keep: int) -> torch.Tensor:
+    """remove, with the min_tokens_to_keep highest-scoring tokens of each row kept."""
+    if min_tokens_to_keep <= 0:
+        return remove
+    return remove & (scores < _kth_largest(scores, min_tokens_to_keep))
+
+
+def min_p_filter(scores: torch.Tensor, min_p, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """-inf for tokens less likely than min_p times the most likely token (min_p <= 0: off)."""
+    m = _rows(min_p, scores)
+    if not isinstance(m, torch.Tensor) and m <= 0:
+        return scores
+    off = m <= 0
+    probs = torch.softmax(scores, dim=-1)
+    if isinstance(m, torch.Tensor):
+        m = m.to(scores.dtype)
+    remove = probs < m * probs.amax(dim=-1, keepdim=True)
+    return _apply_removal(scores, _keep_top(remove, scores, min_tokens_to_keep), off)
+
+
+def typical_filter(scores: torch.Tensor, typical_p, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Locally typical sampling (Meister et al., 2022): keep the tokens whose surprisal is closest to the
+    distribution's entropy, until their probability reaches typical_p (typical_p >= 1: off)."""
+    mass = _rows(typical_p, scores)
+    if not isinstance(mass, torch.Tensor) and mass >= 1:
+        return scores
+    off = mass >= 1
+    logp = torch.log_softmax(scores, dim=-1)
+    probs = logp.exp()
+    entropy = -(logp * probs).nansum(dim=-1, keepdim=True)
+    distance = (-logp - entropy).abs()
+    ordered, order = torch.sort(distance, dim=-1)
+    cum = torch.softmax(scores.gather(1, order), dim=-1).cumsum(dim=-1)
+    if isinstance(mass, torch.Tensor):
+        mass = mass.to(scores.dtype)
+    last = (cum < mass).sum(dim=1, keepdim=True).clamp(max=scores.shape[-1] - 1)
+    remove_sorted = ordered > ordered.gather(1, last)
+    if min_tokens_to_keep > 0:
+        remove_sorted[:, :min_tokens_to_keep] = False
+    remove = torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted)
+    return _apply_removal(scores, remove, off)
+
+
+def epsilon_filter(scores: torch.Tensor, epsilon, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Epsilon sampling (Hewitt et al., 2022): -inf for tokens of probability below epsilon (epsilon <= 0: off)."""
+    eps = _rows(epsilon, scores)
+    if not isinstance(eps, torch.Tensor) and eps <= 0:
+        return scores
+    off = eps <= 0
+    if isinstance(eps, torch.Tensor):
+        eps = eps.to(scores.dtype)
+    remove = torch.softmax(scores, dim=-1) < eps
+    return _apply_removal(scores, _keep_top(remove, scores, min_tokens_to_keep), off)
+
+
+def eta_filter(scores: torch.Tensor, eta, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Eta sampling (Hewitt et al., 2022): -inf for tokens of probability below
+    min(eta, sqrt(eta) * exp(-entropy)) (eta <= 0: off)."""
+    e = _rows(eta, scores)
+    if not isinstance(e, torch.Tensor) and e <= 0:
+        return scores
+    off = e <= 0
+    e = torch.as_tensor(e, dtype=scores.dtype, device=scores.device)
+    if e.dim() == 0:
+        e = e.expand(scores.shape[0], 1)
+    logp = torch.log_softmax(scores, dim=-1)
+    probs = logp.exp()
+    entropy = -(probs * logp.masked_fill(probs == 0, 0)).sum(dim=-1, keepdim=True)
+    cutoff = torch.minimum(e, e.sqrt() * torch.exp(-entropy))
+    remove = probs < cutoff
+    return _apply_removal(scores, _keep_top(remove, scores, min_tokens_to_keep), off)
+
+
+def warp(scores: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
+         eta_cutoff=0.0, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Temperature, then the filters in transformers' order: top-k, top-p, min-p, typical, epsilon, eta."""
+    scores = apply_temperature(scores, temperature)
+    scores = top_k_filter(scores, top_k, min_tokens_to_keep)
+    scores = top_p_filter(scores, top_p, min_tokens_to_keep)
+    scores = min_p_filter(scores, min_p, min_tokens_to_keep)
+    scores = typical_filter(scores, typical_p, min_tokens_to_keep)
+    scores = epsilon_filter(scores, epsilon_cutoff, min_tokens_to_keep)
+    return eta_filter(scores, eta_cutoff, min_tokens_to_keep)
+
+
+def draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
     """One draw per row from probs (rows, n): argmax of p / Exp(1), the exponential-race form of
-    multinomial sampling; it needs no host sync."""
-    q = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    multinomial sampling (no host sync). `generator` is None, one torch.Generator for all rows, or a list
+    with a generator (or None) per row: a row with its own generator reads only that generator's numbers,
+    so a seeded row draws the same token whatever other rows share the batch."""
+    if generator is None or isinstance(generator, torch.Generator):
+        q = torch.empty_like(probs).exponential_(1.0, generator=generator)
+        return torch.argmax(probs / q, dim=-1)
+    generators = list(generator)
+    if len(generators) != probs.shape[0]:
+        raise GenerationError(f"draw() needs one generator (or None) per row: {probs.shape[0]} rows, "
+                              f"{len(generators)} generators.")
+    q = torch.empty_like(probs)
+    shared = [r for r, g in enumerate(generators) if g is None]
+    if len(shared) == len(generators):
+        q.exponential_(1.0)
+    else:
+        for r, g in enumerate(generators):
+            if g is not None:
+                q[r].exponential_(1.0, generator=g)
+        if shared:
+            idx = torch.tensor(shared, device=probs.device)
+            q[idx] = torch.empty(len(shared), probs.shape[1], dtype=probs.dtype, device=probs.device).exponential_(1.0)
     return torch.argmax(probs / q, dim=-1)
+
+
+def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, **filters) -> torch.Tensor:
+    """The next token of every row: argmax where temperature is 0, otherwise a draw from
+    softmax(warp(scores, ...)). `filters` are warp()'s keyword arguments."""
+    t = _rows(temperature, scores)
+    if not isinstance(t, torch.Tensor) and t == 0:
+        return torch.argmax(scores, dim=-1)
+    picks = draw(torch.softmax(warp(scores, temperature=t if not isinstance(t, torch.Tensor) else temperature,
+                                    **filters), dim=-1), generator)
+    if isinstance(t, torch.Tensor):
+        greedy = (t == 0)[:, 0]
+        if bool(greedy.any()):
+            picks = torch.where(greedy, torch.argmax(scores, dim=-1), picks)
+    return picks
 
 
 class Sampler:
@@ -114,62 +333,76 @@ class GreedySampler(Sampler):
         return torch.argmax(scores, dim=-1)
 
 
-class RandomSampler(Sampler):
+class _FilteringSampler(Sampler):
+    """A draw from softmax(scores / temperature) after the filters the sampler and its options name:
+    transformers' warpers min_p, typical_p, epsilon_cutoff and eta_cutoff are accepted by every
+    drawing sampler, and min_tokens_to_keep applies to each filter."""
+
+    top_k = 0
+    top_p = 1.0
+
+    def __init__(self, temperature: float = 1.0, *, min_p: float | None = None, typical_p: float | None = None,
+                 epsilon_cutoff: float | None = None, eta_cutoff: float | None = None,
+                 min_tokens_to_keep: int = 1) -> None:
+        super().__init__(temperature)
+        self.min_p = _check_fraction(min_p, "min_p", low_open=False, high_open=False, default=0.0)
+        self.typical_p = _check_fraction(typical_p, "typical_p", high_open=False, default=1.0)
+        self.epsilon_cutoff = _check_fraction(epsilon_cutoff, "epsilon_cutoff", low_open=False, default=0.0)
+        self.eta_cutoff = _check_fraction(eta_cutoff, "eta_cutoff", low_open=False, default=0.0)
+        self.min_tokens_to_keep = _check_min_tokens_to_keep(min_tokens_to_keep)
+
+    def filter(self, scores: torch.Tensor) -> torch.Tensor:
+        """The scores after temperature and every filter (-inf for tokens that cannot be drawn)."""
+        return warp(scores, temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p,
+                    min_p=self.min_p, typical_p=self.typical_p, epsilon_cutoff=self.epsilon_cutoff,
+                    eta_cutoff=self.eta_cutoff, min_tokens_to_keep=self.min_tokens_to_keep)
+
+    def choose(self, scores, generator):
+        if self.temperature == 0:
+            return torch.argmax(scores, dim=-1)
+        return draw(torch.softmax(self.filter(scores), dim=-1), generator)
+
+
+class RandomSampler(_FilteringSampler):
     """A draw from the whole softmax(logits / temperature)."""
 
     name = "random"
 
-    def choose(self, scores, generator):
-        if self.temperature == 0:
-            return torch.argmax(scores, dim=-1)
-        return _sample(torch.softmax(scores / self.temperature, dim=-1), generator)
 
-
-class TopKSampler(Sampler):
-    """A draw among the k most likely tokens, renormalised."""
+class TopKSampler(_FilteringSampler):
+    """A draw among the k most likely tokens (and every token tied with the k-th), renormalised."""
 
     name = "top_k"
 
-    def __init__(self, k: int = 5, temperature: float = 1.0) -> None:
-        super().__init__(temperature)
+    def __init__(self, k: int = 5, temperature: float = 1.0, **options) -> None:
+        super().__init__(temperature, **options)
         self.k = _check_k(k)
 
-    def choose(self, scores, generator):
-        if self.temperature == 0:
-            return torch.argmax(scores, dim=-1)
-        values, ids = torch.topk(scores, min(self.k, scores.shape[-1]), dim=-1)
-        pick = _sample(torch.softmax(values / self.temperature, dim=-1), generator)
-        return ids.gather(-1, pick[:, None])[:, 0]
+    @property
+    def top_k(self):
+        return self.k
 
 
-class TopPSampler(Sampler):
+class TopPSampler(_FilteringSampler):
     """Nucleus sampling: a draw among the smallest set of most likely tokens whose probability reaches p
     (always at least one), optionally within the k most likely first."""
 
     name = "top_p"
 
-    def __init__(self, p: float = 0.1, k: int | None = None, temperature: float = 1.0) -> None:
-        super().__init__(temperature)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+    def __init__(self, p: float = 0.1, k: int | None = None, temperature: float = 1.0, **options) -> None:
+        super().__init__(temperature, **options)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
             raise GenerationError(f"p (top_p) must be in (0, 1], got {p!r}.")
         self.p = float(p)
         self.k = None if k is None else _check_k(k)
 
-    def choose(self, scores, generator):
-        if self.temperature == 0:
-            return torch.argmax(scores, dim=-1)
-        if self.k is not None:
-            values, ids = torch.topk(scores, min(self.k, scores.shape[-1]), dim=-1)
-        else:
-            values, ids = torch.sort(scores, dim=-1, descending=True)
-        values = values / self.temperature
-        probs = torch.softmax(values, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # probability of the more likely tokens
-        keep = before < self.p
-        keep[:, 0] = True
-        probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
-        pick = _sample(probs, generator)
-        return ids.gather(-1, pick[:, None])[:, 0]
+    @property
+    def top_k(self):
+        return self.k or 0
+
+    @property
+    def top_p(self):
+        return self.p
 
 
 class BeamSampler(Sampler):
