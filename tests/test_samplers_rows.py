@@ -302,3 +302,18 @@ def test_decode_state_generated_counts_brute_force():
                 upto = upto[:upto.index(9) + 1]
             assert counts[r].tolist() == [upto.count(t) for t in range(12)], (i, r)
             assert int(state.generated_lengths()[r]) == len(upto)
+
+
+def test_candidate_shortcut_draws_what_the_whole_row_draws():
+    """sample() with top-k on works on the candidates only; a batch mate with top-k off forces the
+    whole-row path, and the seeded row still draws the same tokens."""
+    scores = torch.randn(2, 400, generator=torch.Generator().manual_seed(4)) * 3
+    scores[0, 10:14] = scores[0].max() - 0.5  # ties around the k-th
+    for k, p in ((5, 1.0), (12, 0.7), (40, 0.95)):
+        for seed in range(25):
+            alone = sample(scores[:1], [torch.Generator().manual_seed(seed)], temperature=0.9, top_k=k, top_p=p)
+            mixed = sample(scores, [torch.Generator().manual_seed(seed), None], temperature=0.9,
+                           top_k=torch.tensor([k, 0]), top_p=p)
+            whole = draw(torch.softmax(warp(scores[:1], temperature=0.9, top_k=k, top_p=p), -1),
+                         torch.Generator().manual_seed(seed))
+            assert int(alone[0]) == int(mixed[0]) == int(whole[0]), (k, p, seed)

@@ -124,15 +124,26 @@ def top_p_filter(scores: torch.Tensor, p, min_tokens_to_keep: int = 1) -> torch.
     off = p >= 1
     if isinstance(off, torch.Tensor) and bool(off.all()):
         return scores
-    ordered, order = torch.sort(scores, dim=-1)  # ascending
-    tail = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    V = scores.shape[-1]
+    finite = int(torch.isfinite(scores).sum(dim=-1).max()) if scores.device.type == "cpu" else V
+    if finite < V // 4:
+        # After a top-k filter most tokens are -inf: sort only the finite ones. Tokens of probability 0
+        # add nothing to the running sum, so the result is the same as sorting the whole row.
+        order = torch.topk(scores, finite, dim=-1).indices.flip(-1)
+    else:
+        order = torch.sort(scores, dim=-1).indices  # ascending
+    tail = probs.gather(1, order).cumsum(dim=-1)
     limit = 1 - p
     if isinstance(limit, torch.Tensor):
         limit = limit.to(scores.dtype)
     remove_sorted = tail <= limit
     if min_tokens_to_keep > 0:
         remove_sorted[:, -min_tokens_to_keep:] = False
-    remove = torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted)
+    if order.shape[-1] < V:
+        remove = torch.isinf(scores).scatter(1, order, remove_sorted)
+    else:
+        remove = torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted)
     return _apply_removal(scores, remove, off)
 
 
@@ -221,44 +232,97 @@ def warp(scores: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
     return eta_filter(scores, eta_cutoff, min_tokens_to_keep)
 
 
-def draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
-    """One draw per row from probs (rows, n): argmax of p / Exp(1), the exponential-race form of
-    multinomial sampling (no host sync). `generator` is None, one torch.Generator for all rows, or a list
-    with a generator (or None) per row: a row with its own generator reads only that generator's numbers,
-    so a seeded row draws the same token whatever other rows share the batch."""
+def _uniforms(rows: int, generator, device) -> torch.Tensor:
+    """(rows, 1) float64 uniforms in [0, 1), one per row, from the generator(s) draw() accepts."""
     if generator is None or isinstance(generator, torch.Generator):
-        q = torch.empty_like(probs).exponential_(1.0, generator=generator)
-        return torch.argmax(probs / q, dim=-1)
+        return torch.rand(rows, 1, generator=generator, device=device, dtype=torch.float64)
     generators = list(generator)
-    if len(generators) != probs.shape[0]:
-        raise GenerationError(f"draw() needs one generator (or None) per row: {probs.shape[0]} rows, "
+    if len(generators) != rows:
+        raise GenerationError(f"draw() needs one generator (or None) per row: {rows} rows, "
                               f"{len(generators)} generators.")
-    q = torch.empty_like(probs)
-    shared = [r for r, g in enumerate(generators) if g is None]
-    if len(shared) == len(generators):
-        q.exponential_(1.0)
+    if all(g is None for g in generators):
+        return torch.rand(rows, 1, device=device, dtype=torch.float64)
+    u = torch.empty(rows, 1, device=device, dtype=torch.float64)
+    shared = []
+    for r, g in enumerate(generators):
+        if g is None:
+            shared.append(r)
+        else:
+            u[r] = torch.rand(1, generator=g, device=device, dtype=torch.float64)
+    if shared:
+        u[torch.tensor(shared, device=device)] = torch.rand(len(shared), 1, device=device, dtype=torch.float64)
+    return u
+
+
+def draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """One draw per row from probs (rows, n) (any non-negative weights): the token where a uniform number
+    falls in the row's cumulative distribution (float64), so one random number per row and no host sync.
+    `generator` is None, one torch.Generator for all rows, or a list with a generator (or None) per row:
+    a row with its own generator reads only that generator's numbers, so a seeded row draws the same
+    token whatever other rows share the batch. A token of probability 0 is never drawn."""
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    picks = torch.searchsorted(cdf, _uniforms(probs.shape[0], generator, probs.device) * total, right=True)
+    last = torch.searchsorted(cdf, total)  # the last token of non-zero probability
+    return torch.minimum(picks, last)[:, 0]
+
+
+def _weights(scores: torch.Tensor) -> torch.Tensor:
+    """exp(scores - row max) in float64: unnormalised probabilities that are the same numbers for a token
+    whether a row holds the whole vocabulary or only its candidates (0 for -inf)."""
+    return (scores - scores.amax(dim=-1, keepdim=True)).double().exp()
+
+
+def _candidates(scores: torch.Tensor, k, min_tokens_to_keep: int):
+    """Token ids (rows, n), in increasing id order, that hold every token a top-k filter keeps (ties
+    with the k-th included), or None when that set is not small (or top-k is off for some row)."""
+    V = scores.shape[-1]
+    if scores.device.type != "cpu":  # the size check below needs the host; full rows are cheap there
+        return None
+    if isinstance(k, torch.Tensor):
+        if not bool((k > 0).all()):
+            return None
+        k = k.clamp(min=min_tokens_to_keep)
+        kmax = int(k.max())
     else:
-        for r, g in enumerate(generators):
-            if g is not None:
-                q[r].exponential_(1.0, generator=g)
-        if shared:
-            idx = torch.tensor(shared, device=probs.device)
-            q[idx] = torch.empty(len(shared), probs.shape[1], dtype=probs.dtype, device=probs.device).exponential_(1.0)
-    return torch.argmax(probs / q, dim=-1)
+        if k <= 0:
+            return None
+        k = kmax = max(int(k), min_tokens_to_keep)
+    if 4 * kmax > V:
+        return None
+    values, ids = torch.topk(scores, kmax + 1, dim=-1)
+    kth = values[:, kmax - 1:kmax] if isinstance(k, int) else values.gather(1, k - 1)
+    if bool((values[:, kmax:] >= kth).any()):  # ties with a k-th value beyond the first kmax tokens
+        n = int((scores >= kth).sum(dim=-1).max())
+        if 4 * n > V:
+            return None
+        ids = torch.topk(scores, n, dim=-1).indices
+    else:
+        ids = ids[:, :kmax]
+    return torch.sort(ids, dim=-1).values
 
 
-def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, **filters) -> torch.Tensor:
-    """The next token of every row: argmax where temperature is 0, otherwise a draw from
-    softmax(warp(scores, ...)). `filters` are warp()'s keyword arguments."""
+def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, top_k=0, min_tokens_to_keep: int = 1,
+           **filters) -> torch.Tensor:
+    """The next token of every row: argmax where temperature is 0, otherwise a draw from the scores after
+    warp(scores, temperature, top_k, ..., min_tokens_to_keep) (`filters`: warp's other keyword arguments).
+    With top-k on for every row, only the candidates are warped and drawn from (on CPU), which gives the
+    same token as the whole row would for the same random number."""
     t = _rows(temperature, scores)
     if not isinstance(t, torch.Tensor) and t == 0:
         return torch.argmax(scores, dim=-1)
-    picks = draw(torch.softmax(warp(scores, temperature=t if not isinstance(t, torch.Tensor) else temperature,
-                                    **filters), dim=-1), generator)
+    k = _rows(top_k, scores, integer=True)
+    if isinstance(k, torch.Tensor):
+        k = k[:, 0]
+    ids = _candidates(scores, k[:, None] if isinstance(k, torch.Tensor) else k, min_tokens_to_keep)
+    sub = scores if ids is None else scores.gather(1, ids)
+    warped = warp(sub, temperature=temperature, top_k=k, min_tokens_to_keep=min_tokens_to_keep, **filters)
+    picks = draw(_weights(warped), generator)
+    if ids is not None:
+        picks = ids.gather(1, picks[:, None])[:, 0]
     if isinstance(t, torch.Tensor):
         greedy = (t == 0)[:, 0]
-        if bool(greedy.any()):
-            picks = torch.where(greedy, torch.argmax(scores, dim=-1), picks)
+        picks = torch.where(greedy, torch.argmax(scores, dim=-1), picks)
     return picks
 
 
@@ -358,9 +422,9 @@ class _FilteringSampler(Sampler):
                     eta_cutoff=self.eta_cutoff, min_tokens_to_keep=self.min_tokens_to_keep)
 
     def choose(self, scores, generator):
-        if self.temperature == 0:
-            return torch.argmax(scores, dim=-1)
-        return draw(torch.softmax(self.filter(scores), dim=-1), generator)
+        return sample(scores, generator, temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p,
+                      min_p=self.min_p, typical_p=self.typical_p, epsilon_cutoff=self.epsilon_cutoff,
+                      eta_cutoff=self.eta_cutoff, min_tokens_to_keep=self.min_tokens_to_keep)
 
 
 class RandomSampler(_FilteringSampler):
