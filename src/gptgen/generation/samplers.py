@@ -34,6 +34,13 @@ def _check_temperature(temperature) -> float:
     return float(temperature)
 
 
+def _check_positive_temperature(temperature, sampler: str) -> float:
+    t = _check_temperature(temperature)
+    if t == 0:
+        raise GenerationError(f"The {sampler} sampler needs a temperature above 0, got {temperature!r}.")
+    return t
+
+
 def _check_k(k, name: str = "k") -> int:
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise GenerationError(f"{name} must be a positive integer, got {k!r}.")
@@ -390,8 +397,8 @@ class GreedySampler(Sampler):
     name = "greedy"
     deterministic = True
 
-    def __init__(self) -> None:
-        super().__init__(1.0)
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__(temperature)  # accepted as KerasHub does; it does not change the argmax
 
     def choose(self, scores, generator):
         return torch.argmax(scores, dim=-1)
@@ -477,15 +484,20 @@ class BeamSampler(Sampler):
     row_stopping = False
     deterministic = True
 
-    def __init__(self, num_beams: int = 5, length_penalty: float = 1.0, early_stopping: bool | str = False) -> None:
-        super().__init__(1.0)
+    def __init__(self, num_beams: int = 5, length_penalty: float = 1.0, early_stopping: bool | str = False,
+                 return_all_beams: bool = False, temperature: float = 1.0) -> None:
+        super().__init__(_check_positive_temperature(temperature, "beam"))
         if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
             raise GenerationError(f"num_beams must be a positive integer, got {num_beams!r}.")
         if early_stopping not in (True, False, "never"):
             raise GenerationError(f"early_stopping must be True, False or 'never', got {early_stopping!r}.")
+        if (isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float))
+                or not math.isfinite(length_penalty)):
+            raise GenerationError(f"length_penalty must be a finite number, got {length_penalty!r}.")
         self.num_beams = num_beams
         self.length_penalty = float(length_penalty)
         self.early_stopping = early_stopping
+        self.return_all_beams = bool(return_all_beams)
 
     def rows_per_sequence(self, num_return_sequences):
         return self.num_beams
@@ -503,6 +515,7 @@ class BeamSampler(Sampler):
         s["running"] = torch.zeros(B, nb, device=dev)
         s["running"][:, 1:] = NEG
         s["fin_scores"] = torch.full((B, nb), NEG, device=dev)
+        s["fin_log_probs"] = torch.full((B, nb), NEG, device=dev)  # the same hypotheses' summed log-probs
         s["fin_tokens"] = torch.full((B, nb, max(state.max_new_tokens, 1)), state.pad_id, dtype=torch.long, device=dev)
         s["fin_len"] = torch.zeros(B, nb, dtype=torch.long, device=dev)
         s["finished"] = torch.zeros(B, nb, dtype=torch.bool, device=dev)
@@ -516,7 +529,7 @@ class BeamSampler(Sampler):
         B, nb = state.batch_size, self.num_beams
         V = logits.shape[-1]
         g = state.generated_steps  # tokens generated so far (same for every beam)
-        log_probs = state.process(F.log_softmax(logits.float(), dim=-1))
+        log_probs = state.process(F.log_softmax(apply_temperature(logits.float(), self.temperature), dim=-1))
         log_probs = (log_probs.view(B, nb, V) + s["running"][:, :, None]).view(B, nb * V)
         K = s["keep"]
         top_lp, top_idx = torch.topk(log_probs, K, dim=-1)
@@ -551,11 +564,13 @@ class BeamSampler(Sampler):
             cand[:, :, :g] = gen.gather(1, src[:, :, None].expand(B, K, g))
         cand[:, :, g] = tok
         merged_scores = torch.cat([s["fin_scores"], fin_lp], dim=1)
+        merged_lp = torch.cat([s["fin_log_probs"], top_lp], dim=1)
         merged_tokens = torch.cat([s["fin_tokens"], cand], dim=1)
         merged_len = torch.cat([s["fin_len"], torch.full_like(tok, g + 1)], dim=1)
         merged_fin = torch.cat([s["finished"], just], dim=1)
         best = torch.topk(merged_scores, nb, dim=-1)[1]
         s["fin_scores"] = merged_scores.gather(1, best)
+        s["fin_log_probs"] = merged_lp.gather(1, best)
         s["fin_tokens"] = merged_tokens.gather(1, best[:, :, None].expand(B, nb, merged_tokens.shape[-1]))
         s["fin_len"] = merged_len.gather(1, best)
         s["finished"] = merged_fin.gather(1, best)
@@ -581,12 +596,20 @@ class BeamSampler(Sampler):
         return state.sampler_state.get("done", False)
 
     def finalize(self, state):
+        return self._finished(state, state.num_return_sequences)[0]
+
+    def all_beams(self, state) -> tuple[list[list[list[int]]], torch.Tensor]:
+        """Every finished hypothesis per prompt, best first, and (batch, num_beams) their summed
+        log-probabilities (of the tempered, processed distributions)."""
+        return self._finished(state, self.num_beams)
+
+    def _finished(self, state, n: int):
         s = state.sampler_state
         out = []
         toks, lens = s["fin_tokens"].tolist(), s["fin_len"].tolist()
         for b in range(state.batch_size):
-            out.append([toks[b][j][:lens[b][j]] for j in range(state.num_return_sequences)])
-        return out
+            out.append([toks[b][j][:lens[b][j]] for j in range(n)])
+        return out, s["fin_log_probs"][:, :n]
 
 
 class ContrastiveSampler(Sampler):
@@ -597,10 +620,11 @@ class ContrastiveSampler(Sampler):
     needs_hidden = "all"
     deterministic = True
 
-    def __init__(self, k: int = 5, alpha: float = 0.6) -> None:
-        super().__init__(1.0)
+    def __init__(self, k: int = 5, alpha: float = 0.6, temperature: float = 1.0) -> None:
+        super().__init__(_check_positive_temperature(temperature, "contrastive"))
         self.k = _check_k(k)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        if (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)
+                or not 0 <= alpha <= 1):
             raise GenerationError(f"alpha (penalty_alpha) must be in [0, 1], got {alpha!r}.")
         self.alpha = float(alpha)
 
@@ -609,7 +633,8 @@ class ContrastiveSampler(Sampler):
 
     def start(self, state):
         s = state.sampler_state
-        s["context"] = None  # (rows, L, H) normalised hidden states of the committed tokens
+        s["primed"] = False
+        s["context"] = None  # (rows, L, H) normalised hidden states of the committed tokens (None: none yet)
         s["context_valid"] = None
         s["cand_probs"] = None
         s["cand_ids"] = None
@@ -618,20 +643,29 @@ class ContrastiveSampler(Sampler):
         s = state.sampler_state
         k, rows = self.k, state.num_rows
         B = rows // k
-        if s["context"] is None:  # after the prefill: hidden holds every prompt position
-            s["context"] = F.normalize(hidden.float(), dim=-1)
-            s["context_valid"] = state.valid[:, :state.cur].clone()
+        if not s["primed"]:  # after the prefill: hidden holds every prompt position (none at index 0)
+            s["primed"] = True
+            if hidden is not None and hidden.shape[1] > 0:
+                s["context"] = F.normalize(hidden.float(), dim=-1)
+                s["context_valid"] = state.valid[:, :state.cur].clone()
             return None, None
         h = F.normalize(hidden[:, -1].float(), dim=-1)  # (rows, H): candidate j of a prompt in row j
-        sims = torch.einsum("rlh,rh->rl", s["context"], h).masked_fill(~s["context_valid"], float("-inf"))
-        degeneration = sims.max(dim=-1).values.view(B, k)
+        ones = torch.ones(rows, 1, dtype=torch.bool, device=h.device)
+        if s["context"] is None:  # nothing to be similar to yet
+            degeneration = torch.zeros(B, k, device=h.device)
+        else:
+            sims = torch.einsum("rlh,rh->rl", s["context"], h).masked_fill(~s["context_valid"], float("-inf"))
+            degeneration = sims.max(dim=-1).values.view(B, k)
         score = (1 - self.alpha) * s["cand_probs"] - self.alpha * degeneration
+        score = score.masked_fill(s["cand_probs"] <= 0, float("-inf"))  # a banned token is never a candidate
         best = score.argmax(dim=-1)  # (B,)
         reorder = (best[:, None] + torch.arange(B, device=best.device)[:, None] * k).expand(B, k).reshape(-1)
         tokens = s["cand_ids"].gather(1, best[:, None]).expand(B, k).reshape(-1)
-        s["context"] = torch.cat([s["context"][reorder], h[reorder][:, None]], dim=1)
-        s["context_valid"] = torch.cat([s["context_valid"][reorder],
-                                        torch.ones(rows, 1, dtype=torch.bool, device=best.device)], dim=1)
+        if s["context"] is None:
+            s["context"], s["context_valid"] = h[reorder][:, None], ones
+        else:
+            s["context"] = torch.cat([s["context"][reorder], h[reorder][:, None]], dim=1)
+            s["context_valid"] = torch.cat([s["context_valid"][reorder], ones], dim=1)
         return tokens, reorder
 
     def feed(self, tokens, logits, state):
@@ -640,7 +674,7 @@ class ContrastiveSampler(Sampler):
         B = rows // k
         # Every row of a prompt holds the same context here; the first row speaks for all.
         scores = state.process(logits.float()).view(B, k, -1)[:, 0]
-        probs = torch.softmax(scores, dim=-1)
+        probs = torch.softmax(apply_temperature(scores, self.temperature), dim=-1)
         top_p, top_i = torch.topk(probs, k, dim=-1)
         s["cand_probs"], s["cand_ids"] = top_p, top_i
         return top_i.reshape(-1), state.cur  # candidate j goes to row j, in the next free slot
