@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import GenerationError
+from .loop import run_functional
 
 NEG = -1.0e9
 NEG_INF = float("-inf")
@@ -381,8 +382,6 @@ class Sampler:
                  hidden_states=None, model=None, seed=None):
         """Fill `prompt` (batch, length) from position `index` on, calling next(prompt, cache, index) ->
         (logits, hidden_states, cache) for the distribution of the token at `index`. Returns the filled ids."""
-        from .engine import run_functional
-
         return run_functional(self, next, prompt, cache=cache, index=index, mask=mask,
                               stop_token_ids=stop_token_ids, hidden_states=hidden_states, seed=seed)
 
