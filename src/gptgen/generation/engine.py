@@ -13,7 +13,8 @@ compiles, later calls of the same batch shape replay it.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+import math
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -21,7 +22,7 @@ from ..errors import GenerationError
 from .loop import DecodeState, FunctionBackend, _eos_list, _map_tensors, decode_steps, run_functional  # noqa: F401
 from .processors import build_processors
 from .samplers import (BeamSampler, ContrastiveSampler, GreedySampler, RandomSampler, Sampler, TopKSampler,
-                       TopPSampler, get_sampler)
+                       TopPSampler, _check_fraction, _check_min_tokens_to_keep, _check_temperature, get_sampler)
 from .stopping import StreamEmitter, TextTracker, normalize_stop
 
 DEFAULT_MAX_NEW_TOKENS = 50
@@ -133,11 +134,23 @@ def _compiled_step(model):
 
 # Token-level API -----------------------------------------------------------------------------------
 def resolve_sampler(sampler=None, *, do_sample=None, temperature=None, top_k=None, top_p=None, num_beams=None,
-                    length_penalty=1.0, early_stopping=False, penalty_alpha=None) -> Sampler:
+                    length_penalty=1.0, early_stopping=False, penalty_alpha=None, min_p=None, typical_p=None,
+                    epsilon_cutoff=None, eta_cutoff=None, min_tokens_to_keep=None) -> Sampler:
     """Map KerasHub (`sampler=`) and HF (`do_sample`, `top_k`, ...) options onto one sampler."""
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                                    or temperature < 0):
-        raise GenerationError(f"temperature must be a number of at least 0 (0 means greedy), got {temperature!r}.")
+    temperature = _check_temperature(temperature) if temperature is not None else None
+    if length_penalty is not None and (isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float))
+                                       or not math.isfinite(length_penalty)):
+        raise GenerationError(f"length_penalty must be a finite number, got {length_penalty!r}.")
+    if penalty_alpha is not None:
+        _check_fraction(penalty_alpha, "penalty_alpha", low_open=False, high_open=False)
+    # transformers' warpers: checked whatever the sampler, passed to the drawing samplers.
+    warpers = dict(min_p=_check_fraction(min_p, "min_p", low_open=False, high_open=False),
+                   typical_p=_check_fraction(typical_p, "typical_p", high_open=False),
+                   epsilon_cutoff=_check_fraction(epsilon_cutoff, "epsilon_cutoff", low_open=False),
+                   eta_cutoff=_check_fraction(eta_cutoff, "eta_cutoff", low_open=False),
+                   min_tokens_to_keep=(None if min_tokens_to_keep is None
+                                       else _check_min_tokens_to_keep(min_tokens_to_keep)))
+    warpers = {k: v for k, v in warpers.items() if v is not None}
     if num_beams is not None and (isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1):
         raise GenerationError(f"num_beams must be a positive integer, got {num_beams!r}.")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
@@ -154,16 +167,17 @@ def resolve_sampler(sampler=None, *, do_sample=None, temperature=None, top_k=Non
         if name == "greedy":
             return GreedySampler()
         if name == "random":
-            return RandomSampler(temperature=temp)
+            return RandomSampler(temperature=temp, **warpers)
         if name == "top_k":
-            return TopKSampler(k=5 if top_k is None else top_k, temperature=temp)
+            return TopKSampler(k=5 if top_k is None else top_k, temperature=temp, **warpers)
         if name == "top_p":
-            return TopPSampler(p=0.1 if top_p is None else top_p, k=top_k or None, temperature=temp)
-        if name == "beam":
-            return BeamSampler(num_beams=num_beams or 5, length_penalty=length_penalty, early_stopping=early_stopping)
+            return TopPSampler(p=0.1 if top_p is None else top_p, k=top_k or None, temperature=temp, **warpers)
+        if name == "beam":  # a named sampler takes the temperature, as KerasHub's sampler objects do
+            return BeamSampler(num_beams=num_beams or 5, length_penalty=length_penalty, early_stopping=early_stopping,
+                               temperature=temp)
         if name == "contrastive":
             return ContrastiveSampler(k=5 if top_k is None else top_k,
-                                      alpha=0.6 if penalty_alpha is None else penalty_alpha)
+                                      alpha=0.6 if penalty_alpha is None else penalty_alpha, temperature=temp)
         return get_sampler(sampler)  # raises the unknown-name error
     if num_beams is not None and num_beams > 1:
         if do_sample:
@@ -173,16 +187,17 @@ def resolve_sampler(sampler=None, *, do_sample=None, temperature=None, top_k=Non
         return GreedySampler()
     if penalty_alpha is not None and penalty_alpha > 0 and top_k is not None and top_k > 1 and not do_sample:
         return ContrastiveSampler(k=top_k, alpha=penalty_alpha)
-    sampling = do_sample if do_sample is not None else any(v is not None for v in (temperature, top_k, top_p))
+    sampling = do_sample if do_sample is not None else any(
+        v is not None for v in (temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff))
     if not sampling:
         return GreedySampler()
     k = 50 if top_k is None else (top_k or None)  # HF: top_k defaults to 50, 0 turns it off
     p = 1.0 if top_p is None else float(top_p)
     if p < 1.0:
-        return TopPSampler(p=p, k=k, temperature=temp)
+        return TopPSampler(p=p, k=k, temperature=temp, **warpers)
     if k:
-        return TopKSampler(k=k, temperature=temp)
-    return RandomSampler(temperature=temp)
+        return TopKSampler(k=k, temperature=temp, **warpers)
+    return RandomSampler(temperature=temp, **warpers)
 
 
 class _Run:
@@ -193,7 +208,8 @@ def _prepare(model, input_ids, *, max_length=None, max_new_tokens=None, sampler=
              temperature=None, top_k=None, top_p=None, num_beams=None, length_penalty=1.0, early_stopping=False,
              penalty_alpha=None, no_repeat_ngram_size=0, repetition_penalty=1.0, bad_words_ids=None,
              min_new_tokens=0, eos_token_id=None, num_return_sequences=1, seed=None, truncate_prompt=False,
-             pad_token_id=None, compile=None, stop_fn_factory=None) -> _Run:
+             pad_token_id=None, compile=None, stop_fn_factory=None, min_length=None, min_p=None, typical_p=None,
+             epsilon_cutoff=None, eta_cutoff=None, min_tokens_to_keep=None) -> _Run:
     if not input_ids:
         raise GenerationError("The prompt list is empty; pass at least one prompt.")
     prompts = [[int(t) for t in p] for p in input_ids]
@@ -209,7 +225,9 @@ def _prepare(model, input_ids, *, max_length=None, max_new_tokens=None, sampler=
         raise GenerationError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}.")
     chosen = resolve_sampler(sampler, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                              num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-                             penalty_alpha=penalty_alpha)
+                             penalty_alpha=penalty_alpha, min_p=min_p, typical_p=typical_p,
+                             epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
+                             min_tokens_to_keep=min_tokens_to_keep)
     chosen.check(num_return_sequences)
     ctx = cfg.n_positions
     if max_new_tokens is not None:
@@ -242,6 +260,17 @@ def _prepare(model, input_ids, *, max_length=None, max_new_tokens=None, sampler=
                                                          else (eos[0] if eos else 0))
     if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
         raise GenerationError(f"min_new_tokens must be a non-negative integer, got {min_new_tokens!r}.")
+    bad_eos = [e for e in eos if not 0 <= e < vocab]
+    if bad_eos:
+        raise GenerationError(f"eos_token_id {bad_eos[0]} is outside the model's vocabulary of {vocab}.")
+    if min_length is not None:
+        if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0:
+            raise GenerationError(f"min_length must be a non-negative integer, got {min_length!r}.")
+        # HF counts prompt + generated tokens; per row, so a prompt's padding in a batch does not count.
+        per_prompt = [max(min_new_tokens, min_length - len(p)) for p in prompts]
+        rows_per_min = chosen.rows_per_sequence(num_return_sequences)
+        per_row = tuple(m for m in per_prompt for _ in range(rows_per_min))
+        min_new_tokens = per_row[0] if len(set(per_row)) == 1 else per_row
     procs = build_processors(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                              bad_words_ids=bad_words_ids, min_new_tokens=min_new_tokens, eos_ids=eos,
                              vocab_size=vocab)
@@ -364,12 +393,15 @@ def generate(lm, prompts, *, max_length=None, max_new_tokens=None, sampler=None,
              top_k=None, top_p=None, num_beams=None, length_penalty=1.0, early_stopping=False, penalty_alpha=None,
              no_repeat_ngram_size=0, repetition_penalty=1.0, bad_words_ids=None, bad_words=None, min_new_tokens=0,
              eos_token_id=None, stop=None, num_return_sequences=1, seed=None, add_bos=None, include_prompt=True,
-             skip_special_tokens=True, truncate_prompt=False, callback=None, compile=None):
+             skip_special_tokens=True, truncate_prompt=False, callback=None, compile=None, **options):
     """Generate text for a prompt (-> str, or list[str] with num_return_sequences > 1) or a list of
     prompts (-> list[str], or list[list[str]]). Accepts KerasHub's names (max_length, sampler=) and HF's
     (max_new_tokens, do_sample, top_k (0 = off), top_p, temperature, num_beams, ...).
-    callback(index, text_piece) receives text as it is produced; index numbers the returned sequences."""
+    callback(index, text_piece) receives text as it is produced; index numbers the returned sequences.
+    Further HF options (min_length, min_p, typical_p, epsilon_cutoff, eta_cutoff, min_tokens_to_keep) pass on."""
     single = isinstance(prompts, str)
+    if prompts is None or not (single or isinstance(prompts, Iterable)):
+        raise GenerationError(f"Prompts must be a string or a list of strings, got {type(prompts).__name__}.")
     plist = [prompts] if single else list(prompts)
     if not plist:
         raise GenerationError("The prompt list is empty; pass at least one prompt.")
@@ -380,7 +412,8 @@ def generate(lm, prompts, *, max_length=None, max_new_tokens=None, sampler=None,
         top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
         penalty_alpha=penalty_alpha, no_repeat_ngram_size=no_repeat_ngram_size,
         repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-        num_return_sequences=num_return_sequences, seed=seed, truncate_prompt=truncate_prompt, compile=compile)
+        num_return_sequences=num_return_sequences, seed=seed, truncate_prompt=truncate_prompt, compile=compile,
+        **options)
     n = num_return_sequences
     rows = _stream_rows(run) if callback is not None else None
     emitters = [StreamEmitter() for _ in range(len(plist) * n)]

@@ -149,22 +149,38 @@ class FunctionBackend:
         self.cache = cache
         self.hidden_states = hidden_states
 
+    def _rows(self, x):
+        """next()'s output with one row per sequence: a row per prompt (or one for all) is repeated for
+        the prompt's beams / candidates, as KerasHub broadcasts it."""
+        x = torch.as_tensor(x)
+        rows, n = self.buffer.shape[0], x.shape[0]
+        if n != rows:
+            if n == 0 or rows % n:
+                raise GenerationError(f"next() returned {n} rows for {rows} sequences; return one row per "
+                                      "sequence or one per prompt.")
+            x = x.repeat_interleave(rows // n, 0)
+        return x
+
     def prefill(self, state, need_hidden):
         logits, hidden, self.cache = self.next_fn(self.buffer, self.cache, self.index)
         if need_hidden == "all":
             if self.hidden_states is None:
-                raise GenerationError("The contrastive sampler needs hidden_states of the prompt in the functional form.")
-            hidden = torch.as_tensor(self.hidden_states)[:, :self.index]
-        return torch.as_tensor(logits).float(), hidden
+                if self.index > 0:
+                    raise GenerationError("The contrastive sampler needs hidden_states of the prompt in the "
+                                          "functional form.")
+                hidden = None  # nothing before index 0
+            else:
+                hidden = self._rows(self.hidden_states)[:, :self.index]
+        return self._rows(logits).float(), hidden
 
     def step(self, feed, slot, need_hidden):
         self.buffer[:, slot] = feed.to(self.buffer.dtype)
         logits, hidden, self.cache = self.next_fn(self.buffer, self.cache, slot + 1)
         if hidden is not None:
-            hidden = torch.as_tensor(hidden)
+            hidden = self._rows(hidden)
             if hidden.dim() == 2:
                 hidden = hidden[:, None]
-        return torch.as_tensor(logits).float(), hidden
+        return self._rows(logits).float(), hidden
 
     def reorder(self, index):
         self.buffer = self.buffer.index_select(0, index)
@@ -223,29 +239,61 @@ def _eos_list(eos_token_id) -> list[int]:
 
 
 # KerasHub functional form --------------------------------------------------------------------------
+class _ForcedTokens:
+    """KerasHub's `mask`: where it is True past `index`, the prompt's token is kept instead of a chosen
+    one (scores -inf except that token, which gets 0, so beams add nothing for it)."""
+
+    def __init__(self, prompt: torch.Tensor, mask: torch.Tensor, rows_per: int) -> None:
+        self.prompt = prompt.repeat_interleave(rows_per, 0)
+        self.mask = mask.repeat_interleave(rows_per, 0)
+
+    def __call__(self, scores, state):
+        pos = state.cur
+        if pos >= self.mask.shape[1]:
+            return scores
+        forced = self.mask[:, pos].to(scores.device)
+        if not bool(forced.any()):
+            return scores
+        only = torch.full_like(scores, float("-inf"))
+        only.scatter_(1, self.prompt[:, pos:pos + 1].to(scores.device), 0.0)
+        return torch.where(forced[:, None], only, scores)
+
+
 def run_functional(sampler, next_fn, prompt, *, cache=None, index: int = 0, mask=None,
                    stop_token_ids=None, hidden_states=None, seed=None):
-    """Drive `next_fn` with the same loop; returns `prompt` (batch, length) filled from `index` on."""
+    """Drive `next_fn` with the same loop; returns `prompt` (batch, length) filled from `index` on, or
+    with BeamSampler(return_all_beams=True) (every beam (batch, num_beams, length), best first, and their
+    log-probabilities (batch, num_beams)). Where `mask` is True the prompt's token stays (KerasHub)."""
     prompt = torch.as_tensor(prompt)
     squeeze = prompt.dim() == 1
     if squeeze:
         prompt = prompt[None]
     prompt = prompt.clone().long()
     B, L = prompt.shape
-    if not 0 < index <= L:
-        raise GenerationError(f"index must be in [1, {L}] for a prompt of length {L}, got {index}.")
-    if mask is not None and bool(torch.as_tensor(mask)[:, index:].any()):
-        raise GenerationError("Prompts that continue past `index` (a mask beyond it) are not supported; left-pad instead.")
+    if isinstance(index, torch.Tensor):
+        index = int(index)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= L:
+        raise GenerationError(f"index must be in [0, {L}] for a prompt of length {L}, got {index!r}.")
     sampler.check(1)
     rows_per = sampler.rows_per_sequence(1)
+    processors, stop_fn, eos = [], None, _eos_list(stop_token_ids)
+    if mask is not None:
+        mask = torch.as_tensor(mask).bool().reshape(B, L).cpu()
+        if bool(mask[:, index:].any()):
+            processors.append(_ForcedTokens(prompt.cpu(), mask, rows_per))
+            if eos and sampler.row_stopping:
+                # A stop token the mask keeps is part of the prompt: it does not end the row (KerasHub).
+                stops, kept = set(eos), mask.tolist()
+                stop_fn = lambda r, gen: gen[-1] in stops and not kept[r // rows_per][index + len(gen) - 1]  # noqa: E731
+                eos = []
     prompts = prompt[:, :index].tolist()
     generator = None
     if seed is not None:
         generator = torch.Generator(device=prompt.device)
         generator.manual_seed(int(seed))
     state = DecodeState(prompts=prompts, rows_per_prompt=rows_per, num_return_sequences=1,
-                        max_new_tokens=L - index, eos_ids=_eos_list(stop_token_ids), pad_id=0,
-                        device=prompt.device, generator=generator, processors=[],
+                        max_new_tokens=L - index, eos_ids=eos, pad_id=0,
+                        device=prompt.device, generator=generator, processors=processors, stop_fn=stop_fn,
                         row_stopping=sampler.row_stopping)
     buffer = prompt.repeat_interleave(rows_per, 0)
     if cache is not None and rows_per > 1:
@@ -255,6 +303,14 @@ def run_functional(sampler, next_fn, prompt, *, cache=None, index: int = 0, mask
     backend = FunctionBackend(next_fn, buffer, index, cache, hidden_states)
     for _ in decode_steps(backend, sampler, state):
         pass
+    if getattr(sampler, "return_all_beams", False):
+        beams, log_probs = sampler.all_beams(state)
+        out = prompt[:, None].repeat(1, len(beams[0]), 1)
+        for b, seqs in enumerate(beams):
+            for j, seq in enumerate(seqs):
+                if seq:
+                    out[b, j, index:index + len(seq)] = torch.tensor(seq, dtype=out.dtype)
+        return (out[0], log_probs[0]) if squeeze else (out, log_probs)
     out = prompt.clone()
     for b, seqs in enumerate(sampler.finalize(state)):
         seq = seqs[0]

@@ -217,18 +217,21 @@ class MinNewTokens(LogitsProcessor):
 
 
 def build_processors(*, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                     bad_words_ids=None, min_new_tokens: int = 0, eos_ids: Sequence[int] = (),
+                     bad_words_ids=None, min_new_tokens=0, eos_ids: Sequence[int] = (),
                      vocab_size: int) -> list[LogitsProcessor]:
-    """The processors the options ask for, in HF's order."""
+    """The processors the options ask for, in HF's order. min_new_tokens may be one value per row."""
     procs: list[LogitsProcessor] = []
     if repetition_penalty is not None and repetition_penalty != 1.0:
         procs.append(RepetitionPenalty(repetition_penalty))
     if no_repeat_ngram_size:
         procs.append(NoRepeatNGram(no_repeat_ngram_size))
     if bad_words_ids:
-        procs.append(BadWords(bad_words_ids, vocab_size))
-    if min_new_tokens:
-        if min_new_tokens < 0:
-            raise GenerationError(f"min_new_tokens must be at least 0, got {min_new_tokens}.")
+        # As transformers: a banned single token that is an end-of-sequence token is dropped from the list,
+        # so banning words never stops a sequence from ending.
+        eos = {int(e) for e in eos_ids}
+        bad_words_ids = [seq for seq in bad_words_ids if not (len(seq) == 1 and int(seq[0]) in eos)]
+        if bad_words_ids:
+            procs.append(BadWords(bad_words_ids, vocab_size))
+    if isinstance(min_new_tokens, (tuple, list)) or min_new_tokens:
         procs.append(MinNewTokens(min_new_tokens, eos_ids))
     return procs
