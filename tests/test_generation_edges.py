@@ -252,6 +252,7 @@ NAN, INF = float("nan"), float("inf")
     (dict(no_repeat_ngram_size=NAN), "no_repeat_ngram_size"), (dict(min_length=-1), "min_length"),
     (dict(eos_token_id=10_000), "eos_token_id"), (dict(eos_token_id=[-1]), "eos_token_id"),
     (dict(sampler="beam", temperature=0), "temperature"),
+    (dict(seed=2**64), "seed"), (dict(seed=NAN), "seed"), (dict(pad_token_id=-5), "pad_token_id"),
 ])
 def test_bad_options_one_sentence(tok_lm, kwargs, words):
     with pytest.raises(GenerationError, match=words) as info:

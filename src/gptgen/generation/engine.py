@@ -14,6 +14,7 @@ compiles, later calls of the same batch shape replay it.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -274,6 +275,11 @@ def _prepare(model, input_ids, *, max_length=None, max_new_tokens=None, sampler=
     procs = build_processors(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                              bad_words_ids=bad_words_ids, min_new_tokens=min_new_tokens, eos_ids=eos,
                              vocab_size=vocab)
+    if not 0 <= pad < vocab:
+        raise GenerationError(f"pad_token_id {pad} is outside the model's vocabulary of {vocab}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not -2**63 <= int(seed) < 2**64):
+        raise GenerationError(f"seed must be an integer of at most 64 bits, got {seed!r}.")
     device = model.embed.wte.weight.device
     generator = None
     if seed is not None:
