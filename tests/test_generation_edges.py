@@ -266,6 +266,8 @@ def test_none_prompts_and_bad_decode_ids(tok_lm):
         tok_lm.generate(None)
     with pytest.raises(GenerationError, match="Prompts"):
         generate(tok_lm, 5)
+    with pytest.raises(GenerationError, match="no option 'top_q'"):
+        tok_lm.generate("the", top_q=0.5)
     with pytest.raises(GenerationError, match="prompt"):
         list(tok_lm.stream(None))
     with pytest.raises(GenerationError, match="prompt"):
@@ -286,3 +288,21 @@ def tok_lm():
     cfg = GPTConfig(vocab_size=tok.vocab_size, n_positions=48, n_embd=32, n_layer=2, n_head=2, init_std=0.2,
                     eos_token_id=tok.eos_token_id)
     return LanguageModel(GPT(cfg).eval(), tok)
+
+
+def test_generation_modules_import_no_circle():
+    """loop.py imports neither the engine nor the samplers; samplers and processors never import the engine."""
+    import ast
+    from pathlib import Path
+
+    import gptgen.generation as pkg
+
+    root = Path(pkg.__file__).parent
+
+    def imported(name):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+
+    assert not imported("loop") & {"engine", "samplers", "processors"}
+    assert "engine" not in imported("samplers") and "engine" not in imported("processors")
+    assert "loop" in imported("samplers") and {"loop", "samplers"} <= imported("engine")

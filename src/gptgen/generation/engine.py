@@ -395,6 +395,9 @@ def _texts(run, trackers) -> list[list[str]]:
     return out
 
 
+_MORE_OPTIONS = {"min_length", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_tokens_to_keep", "pad_token_id"}
+
+
 def generate(lm, prompts, *, max_length=None, max_new_tokens=None, sampler=None, do_sample=None, temperature=None,
              top_k=None, top_p=None, num_beams=None, length_penalty=1.0, early_stopping=False, penalty_alpha=None,
              no_repeat_ngram_size=0, repetition_penalty=1.0, bad_words_ids=None, bad_words=None, min_new_tokens=0,
@@ -405,6 +408,9 @@ def generate(lm, prompts, *, max_length=None, max_new_tokens=None, sampler=None,
     (max_new_tokens, do_sample, top_k (0 = off), top_p, temperature, num_beams, ...).
     callback(index, text_piece) receives text as it is produced; index numbers the returned sequences.
     Further HF options (min_length, min_p, typical_p, epsilon_cutoff, eta_cutoff, min_tokens_to_keep) pass on."""
+    unknown = sorted(set(options) - _MORE_OPTIONS)
+    if unknown:
+        raise GenerationError(f"generate() has no option {unknown[0]!r}.")
     single = isinstance(prompts, str)
     if prompts is None or not (single or isinstance(prompts, Iterable)):
         raise GenerationError(f"Prompts must be a string or a list of strings, got {type(prompts).__name__}.")
