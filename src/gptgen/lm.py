@@ -97,9 +97,11 @@ def check_vocab_fits(tokenizer: Tokenizer, config: GPTConfig) -> None:
 
 
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None, tokenizer: str | os.PathLike | Tokenizer | None = None) -> LanguageModel:
-    """Load a native gptgen directory or a Hugging Face GPT-2 directory as a LanguageModel."""
-    directory = Path(directory)
+         dtype: torch.dtype | None = None, tokenizer: str | os.PathLike | Tokenizer | None = None,
+         revision: str | None = None) -> LanguageModel:
+    """Load a model directory (gptgen, Hugging Face GPT-2 or KerasHub preset) or a named pretrained model
+    ("gpt2", "skt/kogpt2-base-v2", "user/repo@REV", "gpt2_base_en") as a LanguageModel; see docs/models.md."""
+    directory = checkpoint.resolve_dir(directory, revision)  # names go through the Hugging Face cache
     model = checkpoint.load_model(directory, device=device, dtype=dtype)
     if isinstance(tokenizer, Tokenizer):
         tok = tokenizer
