@@ -199,6 +199,9 @@ class Tokenizer:
             return cls.from_file(path)
         if not path.is_dir():
             raise TokenizerError(f"Tokenizer path {path} does not exist.")
+        keras = path / "assets" / "tokenizer"  # a KerasHub preset: its tokenizer.json is a Keras layer config
+        if (keras / "vocabulary.json").is_file() and (keras / "merges.txt").is_file():
+            return cls.from_vocab_merges(keras / "vocabulary.json", keras / "merges.txt")
         if (path / TOKENIZER_FILE).is_file():
             return cls.from_file(path / TOKENIZER_FILE)
         if (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file():
@@ -208,9 +211,6 @@ class Tokenizer:
             tok = cls.from_vocab_merges(path / "vocab.json", path / "merges.txt", roles or None)
             tok._register_present(extra)
             return tok
-        keras = path / "assets" / "tokenizer"  # a KerasHub preset: GPT-2 byte-level BPE files in assets/
-        if (keras / "vocabulary.json").is_file() and (keras / "merges.txt").is_file():
-            return cls.from_vocab_merges(keras / "vocabulary.json", keras / "merges.txt")
         models_ = sorted(path.glob("*.model"))
         if models_:
             return cls.from_sentencepiece(models_[0])
