@@ -292,8 +292,8 @@ def test_second_load_is_offline_and_makes_no_request(hub_env, monkeypatch):
     first = gptgen.load("skt/kogpt2-base-v2")
     assert hub_env.gets()
     hub_env.requests.clear()
-    again = gptgen.load("skt/kogpt2-base-v2")  # online: the hub library only revalidates (HEAD), no download
-    assert hub_env.requests and not hub_env.gets()
+    again = gptgen.load("skt/kogpt2-base-v2")  # online: one HEAD revalidates the branch, nothing is downloaded
+    assert [method for method, _ in hub_env.requests] == ["HEAD"] and "config.json" in hub_env.requests[0][1]
 
     hub_env.requests.clear()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -360,22 +360,24 @@ def test_each_error_is_one_sentence(hub_env, monkeypatch):
     assert hub_env.requests == []
 
 
-def test_cli_download_then_generate_offline_with_real_env(hub_env, tmp_path):
-    """The environment variables themselves (read by huggingface_hub at import) in fresh processes."""
+def test_cli_download_then_generate_offline_with_real_env(hub_env, tmp_path, monkeypatch, capsys):
+    from gptgen.cli import main
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "home" / "hub"))  # what HF_HOME=home gives
+    assert main(["download", "skt/kogpt2-base-v2"]) == 0
+    assert str(tmp_path / "home" / "hub" / "models--skt--kogpt2-base-v2" / "snapshots") in capsys.readouterr().out
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["generate", "--model", "gpt2", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "HF_HUB_OFFLINE" in err and "gptgen download gpt2" in err
+
+    # The environment variables themselves, read by huggingface_hub at import, in a fresh process.
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "HF_ENDPOINT": hub_env.endpoint,
-           "HF_HOME": str(tmp_path / "home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+           "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     env.pop("HF_HUB_CACHE", None)
-    env.pop("HF_HUB_OFFLINE", None)
-    run = lambda *args, **extra: subprocess.run([sys.executable, "-m", "gptgen", *args], env={**env, **extra},
-                                                capture_output=True, text=True, timeout=120)
-    done = run("download", "skt/kogpt2-base-v2")
-    assert done.returncode == 0, done.stderr
-    assert str(tmp_path / "home" / "hub" / "models--skt--kogpt2-base-v2" / "snapshots") in done.stdout
     hub_env.requests.clear()
-    out = run("generate", "--model", "skt/kogpt2-base-v2", "안녕하세요", "--max-new-tokens", "3", HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", "gptgen", "generate", "--model", "skt/kogpt2-base-v2", "안녕하세요",
+                          "--max-new-tokens", "3"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("안녕하세요")
     assert hub_env.requests == []
-    missing = run("generate", "--model", "gpt2", "hi", HF_HUB_OFFLINE="1")
-    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
-    assert "HF_HUB_OFFLINE" in missing.stderr and "gptgen download gpt2" in missing.stderr

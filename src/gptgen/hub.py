@@ -87,6 +87,9 @@ def _download(name: str, repo: str, revision: str | None, config_only: bool = Fa
         ) from None
     config_path = _fetch(name, repo, "config.json", revision, required=True)
     directory = Path(config_path).parent
+    # The snapshot directory is named by the commit config.json came from. Asking for the other files at
+    # that commit keeps them consistent and lets the hub library answer from the cache without a request.
+    revision = directory.name
     config = _read_json(config_path, name)
     keras = str(config.get("registered_name", "")).startswith("keras_hub>")
     if not keras:
@@ -148,6 +151,9 @@ def _fetch(name: str, repo: str, filename: str, revision: str | None, required: 
                                         LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
     from huggingface_hub.file_download import _CACHED_NO_EXIST
 
+    if not required and re.fullmatch(r"[0-9a-f]{40}", revision or ""):
+        if try_to_load_from_cache(repo, filename, revision=revision) is _CACHED_NO_EXIST:
+            return None  # known to be absent at this commit: no request
     try:
         return hf_hub_download(repo, filename, revision=revision)
     except GatedRepoError:
@@ -173,7 +179,8 @@ def _fetch(name: str, repo: str, filename: str, revision: str | None, required: 
             if _cached_commit(repo, revision) is not None:
                 return None  # the snapshot was fetched without this optional file
         cache = constants.HF_HUB_CACHE
-        if constants.is_offline_mode():
+        offline = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
+        if offline:
             raise CheckpointError(
                 f"{name} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1 forbids downloading "
                 f"it; run `gptgen download {name}` with network access first, or unset HF_HUB_OFFLINE."
