@@ -381,3 +381,29 @@ def test_cli_download_then_generate_offline_with_real_env(hub_env, tmp_path, mon
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("안녕하세요")
     assert hub_env.requests == []
+
+
+@pytest.mark.parametrize("fields", [
+    dict(activation_function="gelu_python"), dict(activation_function="gelu_pytorch_tanh"),
+    dict(reorder_and_upcast_attn=True, n_ctx=32), dict(tie_word_embeddings=False),
+], ids=["gelu_python", "gelu_pytorch_tanh", "reorder-upcast-n_ctx", "untied"])
+def test_config_fields_transformers_loads(tmp_path, fields):
+    model = tiny_gpt2(97, 6, **fields)
+    model.save_pretrained(tmp_path)
+    ours = gptgen.checkpoint.load_model(tmp_path).eval()
+    ids = ids_for(97)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), model(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fields, sentence", [
+    (dict(scale_attn_weights=False), "scale_attn_weights=false are not supported"),
+    (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx=true are not supported"),
+    (dict(activation_function="quick_gelu"), "activation_function 'quick_gelu' is not supported"),
+    (dict(add_cross_attention=True), "add_cross_attention=true"),
+])
+def test_config_fields_that_change_the_maths_are_refused(tmp_path, fields, sentence):
+    model = tiny_gpt2(97, 6, **fields)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=sentence):
+        gptgen.checkpoint.load_model(tmp_path)

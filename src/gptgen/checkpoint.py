@@ -204,18 +204,23 @@ def _build_with_state(config: GPTConfig, state: dict[str, torch.Tensor], where: 
 
 # Hugging Face GPT-2 --------------------------------------------------------------------------------
 _HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-                   "gelu": "gelu", "relu": "relu"}
+                   "gelu": "gelu", "gelu_python": "gelu", "relu": "relu"}
 
 
 def hf_config_to_gptconfig(data: dict) -> GPTConfig:
+    # What transformers' GPT2 reads from config.json: n_ctx is only a legacy alias of n_positions,
+    # reorder_and_upcast_attn only changes fp16 numerics (same maths in fp32); the fields below that change
+    # the maths are refused.
     act = data.get("activation_function", "gelu_new")
     if act not in _HF_ACTIVATIONS:
-        raise CheckpointError(f"Unsupported GPT-2 activation_function {act!r}.")
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        if data.get(flag):
-            raise CheckpointError(f"GPT-2 checkpoints with {flag}=true are not supported.")
+        raise CheckpointError(f"GPT-2 activation_function {act!r} is not supported; gptgen supports "
+                              f"{', '.join(_HF_ACTIVATIONS)}.")
+    if data.get("scale_attn_by_inverse_layer_idx"):
+        raise CheckpointError("GPT-2 checkpoints with scale_attn_by_inverse_layer_idx=true are not supported.")
     if data.get("scale_attn_weights", True) is False:
         raise CheckpointError("GPT-2 checkpoints with scale_attn_weights=false are not supported.")
+    if data.get("add_cross_attention"):
+        raise CheckpointError("GPT-2 checkpoints with add_cross_attention=true (encoder-decoder) are not supported.")
     try:
         return GPTConfig(
             vocab_size=data["vocab_size"], n_positions=data.get("n_positions", data.get("n_ctx", 1024)),
