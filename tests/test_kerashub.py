@@ -36,7 +36,7 @@ def random_lm(tokenizer, seed, **shape):
     lm = gptgen.LanguageModel(gptgen.GPT(config), tokenizer)
     with torch.no_grad():  # every tensor random, biases and LayerNorms included
         for p in lm.model.parameters():
-            p.normal_(0, 0.1)
+            p.normal_(0, 0.3)
     lm.model.eval()
     return lm
 
@@ -133,7 +133,7 @@ def test_keras_hub_preset_loads_in_gptgen(tmp_path, tokenizer, shape):
         max_sequence_length=shape["n_positions"])
     rng = np.random.default_rng(7)
     for weight in backbone.weights:  # Keras zero-initialises biases; randomise everything
-        weight.assign(rng.normal(0, 0.1, tuple(weight.shape)).astype("float32"))
+        weight.assign(rng.normal(0, 0.3, tuple(weight.shape)).astype("float32"))
     task = keras_hub.models.GPT2CausalLM(
         backbone=backbone, preprocessor=keras_hub.models.GPT2CausalLMPreprocessor(tokenizer=keras_tok,
                                                                                   sequence_length=16))
