@@ -353,6 +353,7 @@ def test_each_error_is_one_sentence(hub_env, monkeypatch):
     assert "has no revision 'nope'" in error_of("openai-community/gpt2@nope")
     assert "has no config.json" in error_of("someone/dataset-like")
     assert "does not exist" in error_of("./no/such/dir")
+    assert "does not exist" in error_of("bad--name")  # the hub library's own repo-id validation
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub_env.requests.clear()
     message = error_of("openai-community/gpt2")
@@ -364,6 +365,10 @@ def test_cli_download_then_generate_offline_with_real_env(hub_env, tmp_path, mon
     from gptgen.cli import main
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "home" / "hub"))  # what HF_HOME=home gives
+    hub_env.requests.clear()
+    assert main(["summary", "--model", "openai-community/gpt2"]) == 0  # a summary needs config.json only
+    assert "Total params" in capsys.readouterr().out
+    assert {path.rsplit("/", 1)[1] for path in hub_env.gets()} == {"config.json"}
     assert main(["download", "skt/kogpt2-base-v2"]) == 0
     assert str(tmp_path / "home" / "hub" / "models--skt--kogpt2-base-v2" / "snapshots") in capsys.readouterr().out
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

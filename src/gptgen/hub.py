@@ -147,7 +147,7 @@ def _read_json(path: str, name: str) -> dict:
 def _fetch(name: str, repo: str, filename: str, revision: str | None, required: bool = False) -> str | None:
     """The cached path of one file of the repo, downloading it if needed; None if the repo lacks it."""
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError,
                                         LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
     from huggingface_hub.file_download import _CACHED_NO_EXIST
 
@@ -156,6 +156,8 @@ def _fetch(name: str, repo: str, filename: str, revision: str | None, required: 
             return None  # known to be absent at this commit: no request
     try:
         return hf_hub_download(repo, filename, revision=revision)
+    except HFValidationError:
+        raise CheckpointError(f"Model directory {name} does not exist (and it is not a valid Hub repo id).") from None
     except GatedRepoError:
         raise CheckpointError(
             f"{_where(repo, revision)} is a gated repo: accept its terms on the Hub, then log in with "
@@ -182,12 +184,13 @@ def _fetch(name: str, repo: str, filename: str, revision: str | None, required: 
         offline = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
         if offline:
             raise CheckpointError(
-                f"{name} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1 forbids downloading "
-                f"it; run `gptgen download {name}` with network access first, or unset HF_HUB_OFFLINE."
+                f"{name} is neither a local directory nor in the Hugging Face cache ({cache}), and HF_HUB_OFFLINE=1 "
+                f"forbids downloading it; run `gptgen download {name}` with network access first, or unset HF_HUB_OFFLINE."
             ) from None
         raise CheckpointError(
-            f"{name} is not in the Hugging Face cache ({cache}) and the Hub at {constants.ENDPOINT} cannot be "
-            f"reached; run `gptgen download {name}` where there is network, with HF_HOME pointing at this cache."
+            f"{name} is neither a local directory nor in the Hugging Face cache ({cache}), and the Hub at "
+            f"{constants.ENDPOINT} cannot be reached; run `gptgen download {name}` where there is network, with "
+            f"HF_HOME pointing at this cache."
         ) from None
     except EntryNotFoundError:
         if required:
