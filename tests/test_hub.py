@@ -353,6 +353,8 @@ def test_each_error_is_one_sentence(hub_env, monkeypatch):
     assert "has no revision 'nope'" in error_of("openai-community/gpt2@nope")
     assert "has no config.json" in error_of("someone/dataset-like")
     assert "does not exist" in error_of("./no/such/dir")
+    Path("runs").mkdir()
+    assert "Model directory runs/typo does not exist." == error_of("runs/typo")  # a local runs/ makes it a path
     assert "does not exist" in error_of("bad--name")  # the hub library's own repo-id validation
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub_env.requests.clear()

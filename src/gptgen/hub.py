@@ -63,7 +63,8 @@ def resolve(name_or_dir: str | os.PathLike, revision: str | None = None, *, conf
             raise CheckpointError(f"{path} is a local directory; revision={revision!r} applies only to Hub names.")
         return path
     name = str(name_or_dir)
-    if isinstance(name_or_dir, Path) or not looks_like_repo_id(name):
+    # "runs/mini" with a local runs/ directory is a mistyped path, not a Hub user's repo.
+    if isinstance(name_or_dir, Path) or not looks_like_repo_id(name) or ("/" in name and path.parent.is_dir()):
         raise CheckpointError(f"Model directory {name} does not exist.")
     repo, rev = split_name(name, revision)
     return _download(name, repo, rev, config_only=config_only)
