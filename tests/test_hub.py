@@ -44,6 +44,7 @@ class FakeHub:
     def __init__(self):
         self.repos = {}  # repo -> {"refs": {rev: commit}, "commits": {commit: {file: bytes}}}
         self.gated = set()
+        self.private = {}  # repo -> the token it needs
         self.requests = []  # (method, path)
 
     def add(self, repo, files, revision="main"):
@@ -53,7 +54,7 @@ class FakeHub:
         entry["commits"][commit] = files
         return commit
 
-    def answer(self, method, raw_path):
+    def answer(self, method, raw_path, authorization=None):
         self.requests.append((method, raw_path))
         m = re.match(r"^/(?P<repo>[^/]+(?:/[^/]+)?)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", urlsplit(raw_path).path)
         if not m:
@@ -62,6 +63,8 @@ class FakeHub:
         if repo in self.gated:
             return 403, {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access restricted"}, b""
         entry = self.repos.get(repo)
+        if repo in self.private and authorization != f"Bearer {self.private[repo]}":
+            entry = None
         if entry is None:  # the real Hub answers 401 for unknown repos to anonymous users
             return 401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, b""
         commit = entry["refs"].get(rev, rev if rev in entry["commits"] else None)
@@ -80,7 +83,7 @@ class FakeHub:
 def serve(fake):
     class Handler(BaseHTTPRequestHandler):
         def _reply(self, body):
-            status, headers, data = fake.answer(self.command, self.path)
+            status, headers, data = fake.answer(self.command, self.path, self.headers.get("Authorization"))
             self.send_response(status)
             for key, value in headers.items():
                 self.send_header(key, value)
@@ -215,6 +218,8 @@ def fake_hub(tmp_path_factory):
     fake.add("someone/gated", {"config.json": b"{}"})
     fake.gated.add("someone/gated")
     fake.add("someone/dataset-like", {"README.md": b"# not a model"})
+    fake.add("someone/private", fake.repos["openai-community/gpt2"]["commits"][models["openai-community/gpt2", "main"][1]])
+    fake.private["someone/private"] = "hf_test_token"
 
     server = serve(fake)
     fake.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
@@ -335,6 +340,13 @@ def test_local_directory_wins(hub_env, tmp_path):
     hub_env.requests.clear()
     assert gptgen.load("openai-community/gpt2").config.n_embd == 16
     assert hub_env.requests == []
+
+
+def test_private_repo_needs_hf_token(hub_env, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert "HF_TOKEN" in error_of("someone/private")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    assert_same_logits(gptgen.load("someone/private"), hub_env.models["openai-community/gpt2", "main"][0])
 
 
 def error_of(name, **kw):
