@@ -103,6 +103,10 @@ def is_hf_gpt2_dir(directory: Path) -> bool:
     return config.get("format") != "gptgen" and config.get("model_type") == "gpt2"
 
 
+def _is_kerashub(config: dict) -> bool:
+    return str(config.get("registered_name", "")).startswith("keras_hub>")
+
+
 def _read_config(directory: Path) -> dict:
     path = Path(directory) / CONFIG_FILE
     if not Path(directory).is_dir():
@@ -127,10 +131,21 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is truncated or corrupt ({exc}).") from None
 
 
-def read_config(directory: str | os.PathLike) -> GPTConfig:
-    """The GPTConfig of a native or HF GPT-2 directory."""
-    directory = Path(directory)
+def resolve_dir(name_or_dir: str | os.PathLike, revision: str | None = None, *, config_only: bool = False) -> Path:
+    """A local model directory for a directory, a Hub repo id ("user/repo@rev") or a KerasHub preset name."""
+    from . import hub
+
+    return hub.resolve(name_or_dir, revision, config_only=config_only)
+
+
+def read_config(directory: str | os.PathLike, revision: str | None = None) -> GPTConfig:
+    """The GPTConfig of a native, HF GPT-2 or KerasHub directory (or of a named Hub model)."""
+    directory = resolve_dir(directory, revision, config_only=True)
     data = _read_config(directory)
+    if _is_kerashub(data):
+        from . import kerashub
+
+        return kerashub.read_config(directory)
     if data.get("format") == "gptgen":
         try:
             return GPTConfig.from_dict(data)
@@ -145,11 +160,15 @@ def read_config(directory: str | os.PathLike) -> GPTConfig:
 
 
 def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> GPT:
-    """Load a GPT from a native or HF GPT-2 directory."""
-    directory = Path(directory)
+               dtype: torch.dtype | None = None, revision: str | None = None) -> GPT:
+    """Load a GPT from a native, HF GPT-2 or KerasHub directory, or a named Hub model."""
+    directory = resolve_dir(directory, revision)
     config = read_config(directory)
-    if is_hf_gpt2_dir(directory):
+    if _is_kerashub(_read_config(directory)):
+        from . import kerashub
+
+        state = kerashub.read_state(directory, config)
+    elif is_hf_gpt2_dir(directory):
         state = hf_state_to_native(_load_hf_weights(directory), config)
     else:
         state = _load_safetensors(directory / WEIGHTS_FILE)
@@ -185,18 +204,23 @@ def _build_with_state(config: GPTConfig, state: dict[str, torch.Tensor], where: 
 
 # Hugging Face GPT-2 --------------------------------------------------------------------------------
 _HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-                   "gelu": "gelu", "relu": "relu"}
+                   "gelu": "gelu", "gelu_python": "gelu", "relu": "relu"}
 
 
 def hf_config_to_gptconfig(data: dict) -> GPTConfig:
+    # What transformers' GPT2 reads from config.json: n_ctx is only a legacy alias of n_positions,
+    # reorder_and_upcast_attn only changes fp16 numerics (same maths in fp32); the fields below that change
+    # the maths are refused.
     act = data.get("activation_function", "gelu_new")
     if act not in _HF_ACTIVATIONS:
-        raise CheckpointError(f"Unsupported GPT-2 activation_function {act!r}.")
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        if data.get(flag):
-            raise CheckpointError(f"GPT-2 checkpoints with {flag}=true are not supported.")
+        raise CheckpointError(f"GPT-2 activation_function {act!r} is not supported; gptgen supports "
+                              f"{', '.join(_HF_ACTIVATIONS)}.")
+    if data.get("scale_attn_by_inverse_layer_idx"):
+        raise CheckpointError("GPT-2 checkpoints with scale_attn_by_inverse_layer_idx=true are not supported.")
     if data.get("scale_attn_weights", True) is False:
         raise CheckpointError("GPT-2 checkpoints with scale_attn_weights=false are not supported.")
+    if data.get("add_cross_attention"):
+        raise CheckpointError("GPT-2 checkpoints with add_cross_attention=true (encoder-decoder) are not supported.")
     try:
         return GPTConfig(
             vocab_size=data["vocab_size"], n_positions=data.get("n_positions", data.get("n_ctx", 1024)),

@@ -45,9 +45,16 @@ class LanguageModel:
         return self.model.num_parameters()
 
     def save(self, directory: str | os.PathLike, format: str = "gptgen") -> Path:
-        """Write the model directory atomically; format "gptgen" (native) or "hf" (transformers GPT-2)."""
+        """Write the model directory atomically; format "gptgen" (native), "hf" (transformers GPT-2) or
+        "kerashub" (a preset keras_hub.models.GPT2CausalLM.from_preset loads)."""
+        if format == "kerashub":
+            from . import kerashub
+
+            kerashub.check_exportable(self.config, self.tokenizer)  # fail before writing anything
+            return checkpoint.write_dir_atomically(
+                directory, lambda tmp: kerashub.save_preset_files(tmp, self.model, self.tokenizer))
         if format not in ("gptgen", "hf"):
-            raise CheckpointError(f"Unknown checkpoint format {format!r}; choose 'gptgen' or 'hf'.")
+            raise CheckpointError(f"Unknown checkpoint format {format!r}; choose 'gptgen', 'hf' or 'kerashub'.")
         writer = checkpoint.save_model_files if format == "gptgen" else checkpoint.save_hf_model_files
         if format == "hf":
             checkpoint.gptconfig_to_hf(self.config)  # fail before writing anything
@@ -97,9 +104,11 @@ def check_vocab_fits(tokenizer: Tokenizer, config: GPTConfig) -> None:
 
 
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None, tokenizer: str | os.PathLike | Tokenizer | None = None) -> LanguageModel:
-    """Load a native gptgen directory or a Hugging Face GPT-2 directory as a LanguageModel."""
-    directory = Path(directory)
+         dtype: torch.dtype | None = None, tokenizer: str | os.PathLike | Tokenizer | None = None,
+         revision: str | None = None) -> LanguageModel:
+    """Load a model directory (gptgen, Hugging Face GPT-2 or KerasHub preset) or a named pretrained model
+    ("gpt2", "skt/kogpt2-base-v2", "user/repo@REV", "gpt2_base_en") as a LanguageModel; see docs/models.md."""
+    directory = checkpoint.resolve_dir(directory, revision)  # names go through the Hugging Face cache
     model = checkpoint.load_model(directory, device=device, dtype=dtype)
     if isinstance(tokenizer, Tokenizer):
         tok = tokenizer

@@ -19,7 +19,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 from .errors import TokenizerError
 
 KINDS = ("wordpiece", "bpe", "byte-bpe", "unigram")
-ROLES = ("pad", "unk", "bos", "eos")
+ROLES = ("pad", "unk", "bos", "eos", "mask")
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
@@ -126,17 +126,15 @@ class Tokenizer:
             backend = HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises plain Exceptions
             raise TokenizerError(f"{path} is not a valid tokenizer.json ({exc}).") from None
-        roles, kind = special_tokens, None
-        cfg_path = path.parent / TOKENIZER_CONFIG_FILE
-        if roles is None and cfg_path.is_file():
-            cfg = _read_json(cfg_path)
-            roles = cfg.get("special_tokens") or {
-                r: cfg[f"{r}_token"] for r in ROLES if isinstance(cfg.get(f"{r}_token"), str)
-            }
-            kind = cfg.get("gptgen_kind")
-        if roles is None:
-            roles = _guess_roles(backend.get_vocab())
-        return cls(backend, roles, kind)
+        kind = None
+        if (path.parent / TOKENIZER_CONFIG_FILE).is_file():
+            kind = _read_json(path.parent / TOKENIZER_CONFIG_FILE).get("gptgen_kind")
+        declared, extra = _declared_specials(path.parent)
+        vocab = backend.get_vocab()
+        roles = special_tokens if special_tokens is not None else (declared or _guess_roles(vocab))
+        tok = cls(backend, roles, kind)
+        tok._register_present(extra)
+        return tok
 
     @classmethod
     def from_sentencepiece(cls, model_file: str | os.PathLike,
@@ -201,17 +199,18 @@ class Tokenizer:
             return cls.from_file(path)
         if not path.is_dir():
             raise TokenizerError(f"Tokenizer path {path} does not exist.")
+        keras = path / "assets" / "tokenizer"  # a KerasHub preset: its tokenizer.json is a Keras layer config
+        if (keras / "vocabulary.json").is_file() and (keras / "merges.txt").is_file():
+            return cls.from_vocab_merges(keras / "vocabulary.json", keras / "merges.txt")
         if (path / TOKENIZER_FILE).is_file():
             return cls.from_file(path / TOKENIZER_FILE)
         if (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file():
             return cls.from_gpt2_files(path / "encoder.json", path / "vocab.bpe")
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            roles = None
-            cfg_path = path / TOKENIZER_CONFIG_FILE
-            if cfg_path.is_file():
-                cfg = _read_json(cfg_path)
-                roles = {r: cfg[f"{r}_token"] for r in ROLES if isinstance(cfg.get(f"{r}_token"), str)} or None
-            return cls.from_vocab_merges(path / "vocab.json", path / "merges.txt", roles)
+            roles, extra = _declared_specials(path)
+            tok = cls.from_vocab_merges(path / "vocab.json", path / "merges.txt", roles or None)
+            tok._register_present(extra)
+            return tok
         models_ = sorted(path.glob("*.model"))
         if models_:
             return cls.from_sentencepiece(models_[0])
@@ -230,6 +229,12 @@ class Tokenizer:
         tokens = sorted(set(self.special_tokens.values()))
         if tokens:
             self.backend.add_special_tokens(tokens)
+
+    def _register_present(self, tokens: Sequence[str]) -> None:
+        """Mark declared special tokens that the vocabulary holds as special (never split, skippable)."""
+        present = [t for t in tokens if self.backend.token_to_id(t) is not None]
+        if present:
+            self.backend.add_special_tokens(present)
 
     def add_special_tokens(self, tokens: dict[str, str] | Sequence[str]) -> int:
         """Add special tokens (a role -> token dict, or a list); return how many were new."""
@@ -424,6 +429,37 @@ def _read_merges(path):
             raise TokenizerError(f"{path} has a malformed merge line: {line!r}.")
         merges.append((parts[0], parts[1]))
     return merges
+
+
+def _declared_specials(directory: Path) -> tuple[dict[str, str], list[str]]:
+    """Roles and other special tokens declared in transformers' tokenizer_config.json and
+    special_tokens_map.json (plain strings or {"content": ...} objects); gptgen's own "special_tokens" first."""
+    roles: dict[str, str] = {}
+    extra: list[str] = []
+    for name in (TOKENIZER_CONFIG_FILE, "special_tokens_map.json"):
+        if not (directory / name).is_file():
+            continue
+        cfg = _read_json(directory / name)
+        if not isinstance(cfg, dict):
+            continue
+        for role, token in (cfg.get("special_tokens") or {}).items():
+            if role in ROLES and isinstance(token, str):
+                roles.setdefault(role, token)
+        for role in ROLES:
+            token = _token_text(cfg.get(f"{role}_token"))
+            if token is not None:
+                roles.setdefault(role, token)
+        for token in cfg.get("additional_special_tokens") or []:
+            token = _token_text(token)
+            if token is not None and token not in extra:
+                extra.append(token)
+    return roles, list(roles.values()) + [t for t in extra if t not in roles.values()]
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
 
 
 def _present(vocab, token):

@@ -1,4 +1,4 @@
-"""`gptgen summary` and `gptgen convert`."""
+"""`gptgen summary`, `gptgen convert` and `gptgen download`."""
 
 from __future__ import annotations
 
@@ -16,18 +16,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("summary", help="print a per-layer table of a preset or a model directory")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help=f"one of {', '.join(PRESETS)}")
-    src.add_argument("--model", help="a gptgen or Hugging Face GPT-2 model directory")
+    src.add_argument("--model", help="a model directory or a Hub name (gpt2, user/repo@REV, gpt2_base_en)")
     p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary size")
     p.add_argument("--seq-len", type=int, dest="n_positions", help="override the preset's context length")
     p.set_defaults(handler=run_summary)
 
-    p = sub.add_parser("convert", help="convert between gptgen and Hugging Face GPT-2 directories")
-    p.add_argument("source", help="a gptgen or Hugging Face GPT-2 model directory")
+    p = sub.add_parser("convert", help="convert between gptgen, Hugging Face GPT-2 and KerasHub preset directories")
+    p.add_argument("source", help="a model directory (gptgen, Hugging Face GPT-2, KerasHub) or a Hub name")
     p.add_argument("target", help="the directory to write")
-    p.add_argument("--to", choices=["gptgen", "hf"], default=None,
-                   help="target format (default: the other one)")
+    p.add_argument("--to", choices=["gptgen", "hf", "kerashub"], default=None,
+                   help="target format (default: gptgen for HF/KerasHub sources, hf for gptgen ones)")
     p.add_argument("--tokenizer", help="tokenizer directory or file, when the source has none beside it")
     p.set_defaults(handler=run_convert)
+
+    p = sub.add_parser("download", help="fetch a pretrained model by name into the Hugging Face cache, for offline use")
+    p.add_argument("name", help="a Hub repo id (gpt2, skt/kogpt2-base-v2, user/repo@REV) or a KerasHub preset "
+                                "name (gpt2_base_en, gpt2_medium_en, gpt2_large_en, gpt2_extra_large_en)")
+    p.add_argument("--revision", help="branch, tag or commit (same as NAME@REV)")
+    p.set_defaults(handler=run_download)
 
 
 def run_summary(args) -> int:
@@ -48,8 +54,21 @@ def run_summary(args) -> int:
 
 
 def run_convert(args) -> int:
-    to = args.to or ("gptgen" if checkpoint.is_hf_gpt2_dir(__import__("pathlib").Path(args.source)) else "hf")
-    lm = load(args.source, tokenizer=args.tokenizer)
+    source = checkpoint.resolve_dir(args.source)
+    if args.to:
+        to = args.to
+    else:
+        from ..kerashub import is_kerashub_dir
+
+        to = "gptgen" if checkpoint.is_hf_gpt2_dir(source) or is_kerashub_dir(source) else "hf"
+    lm = load(source, tokenizer=args.tokenizer)
     path = lm.save(args.target, format=to)
     print(f"Wrote {to} model directory {path} ({lm.num_parameters():,} parameters).")
+    return 0
+
+
+def run_download(args) -> int:
+    from ..hub import download
+
+    print(download(args.name, args.revision))
     return 0
