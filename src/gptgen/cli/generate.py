@@ -42,6 +42,12 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL repetition penalty (default 1.0)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="ban repeated n-grams of this size")
     p.add_argument("--min-new-tokens", type=int, default=0, help="no end-of-sequence before this many tokens")
+    p.add_argument("--min-length", type=int, help="no end-of-sequence before prompt plus generated reach this")
+    p.add_argument("--min-p", type=float, help="drop tokens below min_p times the top token's probability")
+    p.add_argument("--typical-p", type=float, help="locally typical sampling mass, in (0, 1)")
+    p.add_argument("--epsilon-cutoff", type=float, help="drop tokens with probability below this")
+    p.add_argument("--eta-cutoff", type=float, help="eta sampling cutoff")
+    p.add_argument("--min-tokens-to-keep", type=int, help="the filters keep at least this many tokens (default 1)")
     p.add_argument("--bad-words", action="append", metavar="TEXT", help="text never to generate (repeatable)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="end a sequence at this text (repeatable)")
     p.add_argument("--num-return-sequences", type=int, default=1, help="sequences per prompt")
@@ -60,7 +66,12 @@ def generation_options(args) -> dict:
         no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
         bad_words=args.bad_words, stop=args.stop, num_return_sequences=args.num_return_sequences, seed=args.seed,
         truncate_prompt=args.truncate_prompt,
+        **{name: getattr(args, name) for name in _WARPERS if getattr(args, name) is not None},
     )
+
+
+# transformers' warper options, passed only when given (generate() keeps its own defaults)
+_WARPERS = ("min_length", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_tokens_to_keep")
 
 
 def run_generate(args) -> int:
