@@ -44,8 +44,13 @@ class LanguageModel:
     def num_parameters(self) -> int:
         return self.model.num_parameters()
 
-    def save(self, directory: str | os.PathLike, format: str = "gptgen") -> Path:
-        """Write the model directory atomically; format "gptgen" (native) or "hf" (transformers GPT-2)."""
+    def save(self, directory: str | os.PathLike, format: str = "gptgen", overwrite: bool = False) -> Path:
+        """Write the model directory atomically; format "gptgen" (native) or "hf" (transformers GPT-2).
+
+        The directory must be new or empty; overwrite=True replaces a model directory gptgen wrote (files
+        gptgen did not write are never deleted: such a directory is refused even then).
+        """
+        _check_path_argument(directory, "save()")
         if format not in ("gptgen", "hf"):
             raise CheckpointError(f"Unknown checkpoint format {format!r}; choose 'gptgen' or 'hf'.")
         writer = checkpoint.save_model_files if format == "gptgen" else checkpoint.save_hf_model_files
@@ -56,7 +61,8 @@ class LanguageModel:
             writer(tmp, self.model)
             self.tokenizer.save(tmp)
 
-        return checkpoint.write_dir_atomically(directory, fill)
+        checkpoint.check_write_target(directory, overwrite)  # refuse before any work
+        return checkpoint.write_dir_atomically(directory, fill, overwrite=overwrite)
 
     # Generation lives in gptgen.generation, training in gptgen.training; these are the entry points.
     def generate(self, prompts, **options):
@@ -87,6 +93,11 @@ class LanguageModel:
         return f"LanguageModel({self.num_parameters():,} parameters, {self.tokenizer!r})"
 
 
+def _check_path_argument(directory, what: str) -> None:
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+        raise CheckpointError(f"{what} needs a model directory (a str or Path), got {directory!r}.")
+
+
 def check_vocab_fits(tokenizer: Tokenizer, config: GPTConfig) -> None:
     if tokenizer.vocab_size > config.vocab_size:
         raise TokenizerError(
@@ -99,6 +110,7 @@ def check_vocab_fits(tokenizer: Tokenizer, config: GPTConfig) -> None:
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None, tokenizer: str | os.PathLike | Tokenizer | None = None) -> LanguageModel:
     """Load a native gptgen directory or a Hugging Face GPT-2 directory as a LanguageModel."""
+    _check_path_argument(directory, "load()")
     directory = Path(directory)
     model = checkpoint.load_model(directory, device=device, dtype=dtype)
     if isinstance(tokenizer, Tokenizer):

@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=["gptgen", "hf"], default=None,
                    help="target format (default: the other one)")
     p.add_argument("--tokenizer", help="tokenizer directory or file, when the source has none beside it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a model directory gptgen wrote at the target (other directories are never replaced)")
     p.set_defaults(handler=run_convert)
 
 
@@ -48,8 +50,9 @@ def run_summary(args) -> int:
 
 
 def run_convert(args) -> int:
+    checkpoint.check_write_target(args.target, args.overwrite)  # refuse before loading anything
     to = args.to or ("gptgen" if checkpoint.is_hf_gpt2_dir(__import__("pathlib").Path(args.source)) else "hf")
     lm = load(args.source, tokenizer=args.tokenizer)
-    path = lm.save(args.target, format=to)
+    path = lm.save(args.target, format=to, overwrite=args.overwrite)
     print(f"Wrote {to} model directory {path} ({lm.num_parameters():,} parameters).")
     return 0
