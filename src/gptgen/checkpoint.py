@@ -152,8 +152,11 @@ def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None]
     except OSError as exc:
         raise _os_error(exc, target) from None
     try:
-        _honour_umask(tmp, directory=True)
         fill(tmp)
+        # mkdtemp makes 0700 and some writers (safetensors) 0600 files: give what we wrote plain modes.
+        for path in [tmp, *tmp.rglob("*")]:
+            if not path.is_symlink():
+                _honour_umask(path, directory=path.is_dir())
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "x")

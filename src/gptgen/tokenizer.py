@@ -55,7 +55,13 @@ class Tokenizer:
               vocab_size: int, *, special_tokens: dict[str, str] | None = None,
               reserved_tokens: Sequence[str] | None = None, lowercase: bool = False,
               min_frequency: int = 2, show_progress: bool = False) -> "Tokenizer":
-        """Train a tokenizer of `kind` on files (paths) or an iterable of strings.
+        """Train a tokenizer of `kind` on files or on texts.
+
+        Files: a path (str or Path), or a list of paths (Path objects, or strings that name existing
+        files, e.g. ["corpus.txt"]). Texts: a list or any iterable of strings that are not file names (an
+        iterator or generator of strings is always read as texts). A list of strings that look like file
+        names (no spaces, a .txt/.json/... suffix) of which none exists is refused, and so is a list mixing
+        existing files and texts.
 
         reserved_tokens are placed first, in order (ids 0, 1, ...); role tokens not among them follow.
         """
@@ -375,11 +381,45 @@ def _trainer(kind, vocab_size, reserved, roles, min_frequency, show_progress):
                                    show_progress=show_progress)
 
 
+_FILE_SUFFIXES = (".txt", ".text", ".json", ".jsonl", ".csv", ".tsv", ".md", ".raw", ".tokens")
+
+
+def _source_kind(item: str) -> str:
+    """"file" for a string naming an existing file, "path" for one that looks like a file name (no
+    whitespace, a text-file suffix) but names nothing, "text" otherwise."""
+    if "\n" in item or len(item) > 4096 or not item.strip():
+        return "text"
+    try:
+        if Path(item).is_file():
+            return "file"
+    except (OSError, ValueError):
+        return "text"
+    if not any(c.isspace() for c in item) and item.lower().endswith(_FILE_SUFFIXES):
+        return "path"
+    return "text"
+
+
 def _split_sources(data):
+    """(files, None) or (None, texts). A str or PathLike is a file; a list or tuple is a list of files when
+    every item is a PathLike or a string naming an existing file, else a list of texts. A list of only
+    file-like names with missing files, or one mixing existing files and texts, is refused."""
     if isinstance(data, (str, os.PathLike)):
         return [data], None
-    if isinstance(data, (list, tuple)) and data and all(isinstance(d, os.PathLike) for d in data):
-        return list(data), None
+    if isinstance(data, (list, tuple)) and data:
+        if all(isinstance(d, os.PathLike) for d in data):
+            return list(data), None
+        if all(isinstance(d, (str, os.PathLike)) for d in data):
+            kinds = [("file" if isinstance(d, os.PathLike) else _source_kind(d)) for d in data]
+            if all(k == "file" for k in kinds):
+                return list(data), None
+            if any(k == "path" for k in kinds) and all(k != "text" for k in kinds):
+                missing = data[kinds.index("path")]
+                raise TokenizerError(f"Training file {missing} does not exist (a list of file names trains on "
+                                     "the files; pass texts as strings that are not file names).")
+            if "file" in kinds and "text" in kinds:
+                name = data[kinds.index("file")]
+                raise TokenizerError(f"The training data mixes file names ({name}) and texts; pass either a list "
+                                     "of files or a list of texts.")
 
     def texts() -> Iterator[str]:
         for item in data:

@@ -86,6 +86,32 @@ def _prepare_dir(directory: Path) -> None:
         raise TrainingError(f"Cannot create the output directory {directory} ({exc.strerror or exc}).") from None
 
 
+def _in_use(directory: Path, handle) -> TrainingError:
+    handle.seek(0)
+    holder = handle.read().strip()
+    handle.close()
+    who = f"pid {holder}" if holder.isdigit() else "another process"
+    return TrainingError(f"{directory} is in use by another training run ({who}); wait for it to end or choose "
+                         "another output directory.")
+
+
+def _check_not_in_use(directory: Path) -> None:
+    """TrainingError naming the holder when another process holds the directory's lock (nothing kept)."""
+    import fcntl
+
+    if Path(os.path.abspath(directory)).resolve() in _held:
+        return
+    try:
+        handle = open(directory / RUN_LOCK, "r", encoding="utf-8")
+    except OSError:
+        return  # no lock file: no run has ever locked it
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        raise _in_use(directory, handle) from None
+    handle.close()
+
+
 def _lock(directory: Path):
     import fcntl
 
@@ -97,12 +123,7 @@ def _lock(directory: Path):
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        handle.seek(0)
-        holder = handle.read().strip()
-        handle.close()
-        who = f"pid {holder}" if holder.isdigit() else "another process"
-        raise TrainingError(f"{directory} is in use by another training run ({who}); wait for it to end or "
-                            "choose another output directory.") from None
+        raise _in_use(directory, handle) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
@@ -127,15 +148,21 @@ def _remove_run(directory: Path) -> None:
         (directory / name).unlink(missing_ok=True)
 
 
-def check_run_dir(directory: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> None:
-    """Raise TrainingError when a run may not start in directory (no lock taken, nothing changed)."""
+def check_run_dir(directory: str | os.PathLike, resume: bool = False, overwrite: bool = False,
+                  _locked: bool = False) -> None:
+    """Raise TrainingError when a run may not start in directory (no lock kept, nothing changed): another
+    run holds it, or it holds an earlier run and neither resume nor overwrite was asked for."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise TrainingError(f"The output directory {directory} is a file; choose a directory for the run.")
     if resume and overwrite:
         raise TrainingError("resume=True (--resume) continues a run and overwrite=True (--overwrite) replaces "
                             "it; pass only one of them.")
-    if not directory.is_dir() or overwrite or not holds_run(directory):
+    if not directory.is_dir():
+        return
+    if not _locked:
+        _check_not_in_use(directory)
+    if overwrite or not holds_run(directory):
         return
     if not resume:
         raise TrainingError(f"{directory} already holds a training run; pass resume=True (--resume) to continue "
@@ -157,7 +184,7 @@ def claim_run_dir(directory: str | os.PathLike, resume: bool = False, overwrite:
     handle = _lock(directory)
     try:
         checkpoint.recover_dir(directory / "last")  # a kill between a checkpoint's two renames (we hold the lock)
-        check_run_dir(directory, resume, overwrite)
+        check_run_dir(directory, resume, overwrite, _locked=True)
         if overwrite:
             _remove_run(directory)
     except BaseException:

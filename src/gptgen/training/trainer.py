@@ -144,7 +144,7 @@ class TrainConfig:
 
 
 def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):  # NaN fails the range checks
         raise TrainingError(f"{name} must be a number, got {value!r}.")
     return value
 
@@ -518,8 +518,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self._apply_new_lr(state.get("train_config") or {})
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self._apply_new_lr(state.get("train_config") or {})
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.best_val = float(state["best_val"])
         self.log_records = int(state["log_records"])
