@@ -58,10 +58,9 @@ class Tokenizer:
         """Train a tokenizer of `kind` on files or on texts.
 
         Files: a path (str or Path), or a list of paths (Path objects, or strings that name existing
-        files, e.g. ["corpus.txt"]). Texts: a list or any iterable of strings that are not file names (an
-        iterator or generator of strings is always read as texts). A list of strings that look like file
-        names (no spaces, a .txt/.json/... suffix) of which none exists is refused, and so is a list mixing
-        existing files and texts.
+        files, e.g. ["corpus.txt"]). Texts: a list whose first item is not a file name, or any iterator of
+        strings. A list of file names (existing files, or strings without spaces ending in .txt/.json/...)
+        of which one does not exist is refused, and so is a list mixing existing files and texts.
 
         reserved_tokens are placed first, in order (ids 0, 1, ...); role tokens not among them follow.
         """
@@ -400,16 +399,20 @@ def _source_kind(item: str) -> str:
 
 
 def _split_sources(data):
-    """(files, None) or (None, texts). A str or PathLike is a file; a list or tuple is a list of files when
-    every item is a PathLike or a string naming an existing file, else a list of texts. A list of only
-    file-like names with missing files, or one mixing existing files and texts, is refused."""
+    """(files, None) or (None, texts). A str or PathLike is a file; a list or tuple whose first item is a
+    PathLike or a file name (an existing file, or a string that looks like one) is a list of files when every
+    item names an existing file, and is refused when one is missing or when existing files and texts mix;
+    any other list is texts."""
     if isinstance(data, (str, os.PathLike)):
         return [data], None
     if isinstance(data, (list, tuple)) and data:
         if all(isinstance(d, os.PathLike) for d in data):
             return list(data), None
-        if all(isinstance(d, (str, os.PathLike)) for d in data):
-            kinds = [("file" if isinstance(d, os.PathLike) else _source_kind(d)) for d in data]
+        kind = lambda d: "file" if isinstance(d, os.PathLike) else _source_kind(d)  # noqa: E731
+        # Only a list that starts with a file name is looked at item by item (a stat per text is slow).
+        if isinstance(data[0], (str, os.PathLike)) and kind(data[0]) != "text" and all(
+                isinstance(d, (str, os.PathLike)) for d in data):
+            kinds = [kind(d) for d in data]
             if all(k == "file" for k in kinds):
                 return list(data), None
             if any(k == "path" for k in kinds) and all(k != "text" for k in kinds):
