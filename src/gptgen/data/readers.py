@@ -7,8 +7,8 @@ Conventions shared by every reader:
 - Files are decoded as UTF-8 (a leading BOM is dropped). Invalid UTF-8 does not stop reading: each bad
   byte sequence becomes U+FFFD and an ``InvalidUTF8Warning`` names the file, the number of replacements
   and the first line that holds one. Nothing else is dropped silently. A file in which more than 1% of the
-  characters are undecodable bytes or NUL bytes is not text (a binary file, a model's .safetensors, UTF-16):
-  it is refused with a ``DataError`` naming it.
+  characters are undecodable bytes or NUL bytes (and at least 16 of them) is not text (a binary file, a
+  model's .safetensors, UTF-16): it is refused with a ``DataError`` naming it.
 - Line ends are normalised: CRLF and lone CR count as LF.
 - ``min_length`` drops examples of ``<= min_length`` characters (the seed's ``MIN_STRING_LEN`` filter,
   "drop lines of <= 512 characters").
@@ -34,6 +34,7 @@ PathsLike = str | os.PathLike | Sequence[str | os.PathLike]
 MODES = ("lines", "paragraphs", "documents", "json", "jsonl", "csv")
 _REPLACEMENT = "\ufffd"
 MAX_BAD_FRACTION = 0.01  # undecodable + NUL characters a text file may hold; more means it is not text
+MIN_BAD = 16  # ... once there are this many (a short note with a few stray bytes is still text)
 _SNIFF_BYTES = 1 << 16  # streaming readers judge a file after this much of it (and again at its end)
 
 
@@ -84,7 +85,7 @@ def _warn_invalid(path: Path, count: int, line: int) -> None:
 
 def _refuse_binary(path: Path, bad: int, chars: int, whole: bool = True) -> None:
     """DataError when more than MAX_BAD_FRACTION of a file's characters are undecodable bytes or NULs."""
-    if bad > MAX_BAD_FRACTION * max(chars, 1):
+    if bad >= MIN_BAD and bad > MAX_BAD_FRACTION * chars:
         raise DataError(f"{path} does not look like a text file: {bad:,} of its {'' if whole else 'first '}"
                         f"{chars:,} characters are "
                         f"undecodable bytes or NUL bytes (more than {MAX_BAD_FRACTION:.0%}); give text files in "
