@@ -313,6 +313,21 @@ def test_bad_training_options_are_one_sentence_before_any_work(tok, tmp_path, op
         TrainConfig(**options).validate()
 
 
+def test_cli_training_options_are_one_line(tok, tmp_path, capsys):
+    model = tiny_lm(tok).save(tmp_path / "model")
+    (tmp_path / "corpus.txt").write_text("\n".join(TEXTS) + "\n")
+    base = ["--model", model, "--data", tmp_path / "corpus.txt", "--threads", "1"]
+    for flags, needle in [(["--beta1", "1.5"], "beta1 (--beta1) must be in [0, 1), got 1.5."),
+                          (["--adam-eps", "-1"], "--adam-eps"), (["--grad-clip", "-1"], "grad_clip"),
+                          (["--weight-decay", "-1"], "weight_decay"), (["--lr", "nan"], "learning rate"),
+                          (["--device", "tpu"], "Unknown device 'tpu'")]:
+        out = tmp_path / "run"
+        proc = main_cli(capsys, "finetune", *base, "--no-progress", "--no-samples", "--output", out, *flags)
+        assert_one_line_error(proc, needle)
+        assert not out.exists()
+    assert_one_line_error(main_cli(capsys, "eval", *base, "--batch-size", "0"), "batch_size must be at least 1")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_a_gpu_is_one_sentence(tok):
     with pytest.raises(TrainingError, match="no usable CUDA GPU"):
