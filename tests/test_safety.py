@@ -356,17 +356,20 @@ def test_resume_from_truncated_weights_is_one_checkpoint_error(tok, tmp_path):
 
 
 # Resume with changed options, divergence ----------------------------------------------------------------
-class _Crash(Callback):
+class _Poison(Callback):
+    """Makes step 6's loss NaN, as a too-high learning rate would."""
+
     def on_step_end(self, trainer, logs):
         if trainer.step == 5:
-            raise KeyboardInterrupt
+            with torch.no_grad():
+                trainer.lm.model.lm_head.bias.fill_(float("nan"))
 
 
-def test_resume_applies_a_new_learning_rate_and_says_so(tok, tmp_path, caplog):
+def test_resume_after_a_nan_stop_applies_a_new_learning_rate_and_says_so(tok, tmp_path, caplog):
     data = packed(16)
     opts = dict(batch_size=2, epochs=1, save_every=2, schedule="linear", output_dir=str(tmp_path), progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        fit(tiny_lm(tok), data, lr=1e-2, callbacks=[_Crash()], **opts)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 6.*checkpoint \(step 4\).*--resume --lr"):
+        fit(tiny_lm(tok), data, lr=1e-2, callbacks=[_Poison()], **opts)
     with caplog.at_level(logging.WARNING, logger="gptgen.training"):
         fit(tiny_lm(tok), data, lr=1e-3, resume=True, **opts)
     said = [r.getMessage() for r in caplog.records if "Resuming with learning rate" in r.getMessage()]

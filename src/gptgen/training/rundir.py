@@ -97,7 +97,10 @@ def _in_use(directory: Path, handle) -> TrainingError:
 
 def _check_not_in_use(directory: Path) -> None:
     """TrainingError naming the holder when another process holds the directory's lock (nothing kept)."""
-    import fcntl
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        return
 
     if Path(os.path.abspath(directory)).resolve() in _held:
         return
@@ -113,15 +116,18 @@ def _check_not_in_use(directory: Path) -> None:
 
 
 def _lock(directory: Path):
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        fcntl = None
     path = directory / RUN_LOCK
     try:
         handle = open(path, "a+", encoding="utf-8")
     except OSError as exc:
         raise TrainingError(f"Cannot write in the output directory {directory} ({exc.strerror or exc}).") from None
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         raise _in_use(directory, handle) from None
     handle.seek(0)

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import random
 import time
 from contextlib import nullcontext
@@ -87,9 +88,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise TrainingError (one sentence naming the option) for any value training cannot use."""
-        _int_option("epochs", self.epochs, 0)
-        if self.epochs < 1 and not self.max_steps:
-            raise TrainingError(f"epochs must be at least 1, got {self.epochs}.")
+        _int_option("epochs", self.epochs, 0 if self.max_steps else 1)  # max_steps alone may bound the run
         for name in ("max_steps", "eval_batch_size", "num_threads", "seq_len"):
             if getattr(self, name) is not None:
                 _int_option(name, getattr(self, name), 1)
@@ -144,13 +143,13 @@ class TrainConfig:
 
 
 def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):  # NaN fails the range checks
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # NaN fails the range checks
         raise TrainingError(f"{name} must be a number, got {value!r}.")
     return value
 
 
 def _int_option(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TrainingError(f"{name} must be a whole number, got {value!r}.")
     if value < minimum:
         raise TrainingError(f"{name} must be at least {minimum}, got {value}.")
