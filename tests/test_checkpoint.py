@@ -123,7 +123,7 @@ def test_save_is_atomic_and_replaces(tmp_path, monkeypatch):
     monkeypatch.setattr(lm.tokenizer, "save", boom)
     torch.nn.init.zeros_(lm.model.lm_head.bias.data)
     with pytest.raises(RuntimeError):
-        lm.save(target)
+        lm.save(target, overwrite=True)
     assert (target / "model.safetensors").read_bytes() == before  # the old model is intact
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary left behind
 

@@ -3,7 +3,8 @@
 Native directory: config.json ({"format": "gptgen", ...GPTConfig}) + model.safetensors + tokenizer files.
 HF GPT-2 directory: config.json (model_type "gpt2") + model.safetensors or pytorch_model.bin, as written
 by GPT2LMHeadModel.save_pretrained. Every write goes to a temporary sibling directory that replaces the
-target in one rename, so a crash never leaves a half-written model.
+target in one rename, so a crash never leaves a half-written model. A write never replaces what gptgen did
+not write: the target must be new, empty, or (with overwrite) a model directory (see MODEL_DIR_FILES).
 """
 
 from __future__ import annotations
@@ -29,11 +30,101 @@ HF_BIN_FILE = "pytorch_model.bin"
 
 
 # Atomic writes ------------------------------------------------------------------------------------
+# The files gptgen writes into a model directory (save, convert, the Trainer's last/ and best/). A directory
+# counts as "a model directory gptgen wrote" when its config.json is a gptgen or Hugging Face GPT-2 config and
+# every entry in it is a regular file named here; only such a directory may be replaced (overwrite=True).
+MODEL_DIR_FILES = frozenset({
+    "config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "training_state.pt", "training_state.json", "metrics.json",
+})
+# What lm.save(format="kerashub") writes: files at the top, the tokenizer's two files under assets/tokenizer/.
+KERASHUB_DIR_FILES = frozenset({
+    "config.json", "model.weights.h5", "tokenizer.json", "preprocessor.json", "task.json", "metadata.json",
+    "assets/tokenizer/vocabulary.json", "assets/tokenizer/merges.txt",
+})
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only swap it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(path: Path, directory: bool) -> None:
+    """mkdtemp/mkstemp create 0700/0600 entries; give them the mode a plain mkdir/open would have."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def is_model_dir(directory: str | os.PathLike) -> bool:
+    """True for a model directory gptgen could have written (see MODEL_DIR_FILES); False for anything else."""
+    directory = Path(directory)
+    if directory.is_symlink() or not directory.is_dir():
+        return False
+    try:
+        entries = list(directory.iterdir())
+        config = json.loads((directory / CONFIG_FILE).read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    if isinstance(config, dict) and _is_kerashub(config):
+        files = [p for p in directory.rglob("*") if not p.is_dir() or p.is_symlink()]
+        return all(p.relative_to(directory).as_posix() in KERASHUB_DIR_FILES and p.is_file() and not p.is_symlink()
+                   for p in files)
+    if not isinstance(config, dict) or not (config.get("format") == "gptgen" or config.get("model_type") == "gpt2"):
+        return False
+    return all(e.name in MODEL_DIR_FILES and e.is_file() and not e.is_symlink() for e in entries)
+
+
+def _foreign_entries(directory: Path) -> list[str]:
+    return sorted(e.name for e in directory.iterdir()
+                  if e.name not in MODEL_DIR_FILES or e.is_symlink() or not e.is_file())
+
+
+def check_write_target(target: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The absolute target of a model-directory write, or CheckpointError when writing there could destroy
+    something: a file, a non-empty directory gptgen did not write, a model directory without overwrite, or
+    the current directory (or one holding it)."""
+    target = Path(os.path.abspath(os.fspath(target)))
+    if target.parent == target:
+        raise CheckpointError(f"Cannot write a model directory to {target}; name a new directory, e.g. {target / 'model'}.")
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise CheckpointError(f"{target} is a file (or a link), not a directory; gptgen writes a model only to a new "
+                              "or empty directory, or replaces one it wrote with overwrite=True (--overwrite), so "
+                              "choose another name.")
+    if target.is_dir():
+        try:
+            entries = list(target.iterdir())
+        except OSError as exc:
+            raise CheckpointError(f"Cannot read the directory {target} ({exc.strerror or exc}).") from None
+        if entries and not is_model_dir(target):
+            foreign = _foreign_entries(target) or [CONFIG_FILE]
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise CheckpointError(
+                f"{target} is not empty and is not a model directory gptgen wrote (it holds {foreign[0]}{more}); "
+                "gptgen never deletes such files, not even with overwrite=True (--overwrite), so choose a new "
+                "directory.")
+        cwd = Path(os.path.abspath(os.getcwd()))
+        if cwd == target or target in cwd.parents:
+            raise CheckpointError(f"{target} is the current directory (or holds it), which gptgen does not replace "
+                                  f"even with overwrite=True (--overwrite); write to a new directory such as "
+                                  f"{target / 'model'}.")
+        if entries and not overwrite:
+            raise CheckpointError(f"{target} already holds a model; pass overwrite=True (--overwrite on the "
+                                  "command line) to replace it, or choose another directory.")
+    return target
+
+
 def recover_dir(target: str | os.PathLike) -> Path:
     """Undo what a crash between write_dir_atomically's two renames leaves: the old directory moved aside
     and the new one not yet in place. Puts the old one back and removes stale temporaries."""
-    target = Path(target).resolve()
-    if not target.parent.is_dir():
+    target = Path(os.path.abspath(os.fspath(target)))
+    if target.parent == target or not target.parent.is_dir():
         return target
     olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
     if not target.exists():
@@ -46,16 +137,35 @@ def recover_dir(target: str | os.PathLike) -> Path:
     return target
 
 
-def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
-    """Call fill(tmp_dir) and move tmp_dir to target in one rename (replacing an old target).
+def _os_error(exc: OSError, target: Path) -> CheckpointError:
+    parent = target.parent
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        return CheckpointError(f"Cannot write {target}: {parent} is a file, not a directory.")
+    return CheckpointError(f"Cannot write {target} ({exc.strerror or exc}); check that {target.parent} is a "
+                           "writable directory.")
 
-    Replacing takes two renames (old aside, new in); recover_dir() repairs a crash between them.
+
+def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Call fill(tmp_dir) and move tmp_dir to target in one rename.
+
+    The target must be new, an empty directory, or (with overwrite=True) a model directory gptgen wrote
+    (see check_write_target); anything else is refused before anything is written. Replacing takes two
+    renames (old aside, new in); recover_dir() repairs a crash between them.
     """
-    target = recover_dir(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    target = check_write_target(recover_dir(target), overwrite)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise _os_error(exc, target) from None
     try:
         fill(tmp)
+        # mkdtemp makes 0700 and some writers (safetensors) 0600 files: give what we wrote plain modes.
+        for path in [tmp, *tmp.rglob("*")]:
+            if not path.is_symlink():
+                _honour_umask(path, directory=path.is_dir())
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "x")
@@ -70,11 +180,16 @@ def write_dir_atomically(target: str | os.PathLike, fill: Callable[[Path], None]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file through a temporary sibling and one rename (mode as a plain open() would give it)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as exc:
+        raise _os_error(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -44,15 +44,21 @@ class LanguageModel:
     def num_parameters(self) -> int:
         return self.model.num_parameters()
 
-    def save(self, directory: str | os.PathLike, format: str = "gptgen") -> Path:
+    def save(self, directory: str | os.PathLike, format: str = "gptgen", overwrite: bool = False) -> Path:
         """Write the model directory atomically; format "gptgen" (native), "hf" (transformers GPT-2) or
-        "kerashub" (a preset keras_hub.models.GPT2CausalLM.from_preset loads)."""
+        "kerashub" (a preset keras_hub.models.GPT2CausalLM.from_preset loads).
+
+        The directory must be new or empty; overwrite=True replaces a model directory gptgen wrote (files
+        gptgen did not write are never deleted: such a directory is refused even then).
+        """
+        _check_path_argument(directory, "save()")
+        checkpoint.check_write_target(directory, overwrite)  # refuse before any work
         if format == "kerashub":
             from . import kerashub
 
             kerashub.check_exportable(self.config, self.tokenizer)  # fail before writing anything
             return checkpoint.write_dir_atomically(
-                directory, lambda tmp: kerashub.save_preset_files(tmp, self.model, self.tokenizer))
+                directory, lambda tmp: kerashub.save_preset_files(tmp, self.model, self.tokenizer), overwrite=overwrite)
         if format not in ("gptgen", "hf"):
             raise CheckpointError(f"Unknown checkpoint format {format!r}; choose 'gptgen', 'hf' or 'kerashub'.")
         writer = checkpoint.save_model_files if format == "gptgen" else checkpoint.save_hf_model_files
@@ -63,7 +69,7 @@ class LanguageModel:
             writer(tmp, self.model)
             self.tokenizer.save(tmp)
 
-        return checkpoint.write_dir_atomically(directory, fill)
+        return checkpoint.write_dir_atomically(directory, fill, overwrite=overwrite)
 
     # Generation lives in gptgen.generation, training in gptgen.training; these are the entry points.
     def generate(self, prompts, **options):
@@ -94,6 +100,11 @@ class LanguageModel:
         return f"LanguageModel({self.num_parameters():,} parameters, {self.tokenizer!r})"
 
 
+def _check_path_argument(directory, what: str) -> None:
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+        raise CheckpointError(f"{what} needs a model directory (a str or Path), got {directory!r}.")
+
+
 def check_vocab_fits(tokenizer: Tokenizer, config: GPTConfig) -> None:
     if tokenizer.vocab_size > config.vocab_size:
         raise TokenizerError(
@@ -108,6 +119,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
          revision: str | None = None) -> LanguageModel:
     """Load a model directory (gptgen, Hugging Face GPT-2 or KerasHub preset) or a named pretrained model
     ("gpt2", "skt/kogpt2-base-v2", "user/repo@REV", "gpt2_base_en") as a LanguageModel; see docs/models.md."""
+    _check_path_argument(directory, "load()")
     directory = checkpoint.resolve_dir(directory, revision)  # names go through the Hugging Face cache
     model = checkpoint.load_model(directory, device=device, dtype=dtype)
     if isinstance(tokenizer, Tokenizer):

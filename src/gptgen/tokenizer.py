@@ -55,7 +55,12 @@ class Tokenizer:
               vocab_size: int, *, special_tokens: dict[str, str] | None = None,
               reserved_tokens: Sequence[str] | None = None, lowercase: bool = False,
               min_frequency: int = 2, show_progress: bool = False) -> "Tokenizer":
-        """Train a tokenizer of `kind` on files (paths) or an iterable of strings.
+        """Train a tokenizer of `kind` on files or on texts.
+
+        Files: a path (str or Path), or a list of paths (Path objects, or strings that name existing
+        files, e.g. ["corpus.txt"]). Texts: a list whose first item is not a file name, or any iterator of
+        strings. A list of file names (existing files, or strings without spaces ending in .txt/.json/...)
+        of which one does not exist is refused, and so is a list mixing existing files and texts.
 
         reserved_tokens are placed first, in order (ids 0, 1, ...); role tokens not among them follow.
         """
@@ -387,11 +392,49 @@ def _trainer(kind, vocab_size, reserved, roles, min_frequency, show_progress):
                                    show_progress=show_progress)
 
 
+_FILE_SUFFIXES = (".txt", ".text", ".json", ".jsonl", ".csv", ".tsv", ".md", ".raw", ".tokens")
+
+
+def _source_kind(item: str) -> str:
+    """"file" for a string naming an existing file, "path" for one that looks like a file name (no
+    whitespace, a text-file suffix) but names nothing, "text" otherwise."""
+    if "\n" in item or len(item) > 4096 or not item.strip():
+        return "text"
+    try:
+        if Path(item).is_file():
+            return "file"
+    except (OSError, ValueError):
+        return "text"
+    if not any(c.isspace() for c in item) and item.lower().endswith(_FILE_SUFFIXES):
+        return "path"
+    return "text"
+
+
 def _split_sources(data):
+    """(files, None) or (None, texts). A str or PathLike is a file; a list or tuple whose first item is a
+    PathLike or a file name (an existing file, or a string that looks like one) is a list of files when every
+    item names an existing file, and is refused when one is missing or when existing files and texts mix;
+    any other list is texts."""
     if isinstance(data, (str, os.PathLike)):
         return [data], None
-    if isinstance(data, (list, tuple)) and data and all(isinstance(d, os.PathLike) for d in data):
-        return list(data), None
+    if isinstance(data, (list, tuple)) and data:
+        if all(isinstance(d, os.PathLike) for d in data):
+            return list(data), None
+        kind = lambda d: "file" if isinstance(d, os.PathLike) else _source_kind(d)  # noqa: E731
+        # Only a list that starts with a file name is looked at item by item (a stat per text is slow).
+        if isinstance(data[0], (str, os.PathLike)) and kind(data[0]) != "text" and all(
+                isinstance(d, (str, os.PathLike)) for d in data):
+            kinds = [kind(d) for d in data]
+            if all(k == "file" for k in kinds):
+                return list(data), None
+            if any(k == "path" for k in kinds) and all(k != "text" for k in kinds):
+                missing = data[kinds.index("path")]
+                raise TokenizerError(f"Training file {missing} does not exist (a list of file names trains on "
+                                     "the files; pass texts as strings that are not file names).")
+            if "file" in kinds and "text" in kinds:
+                name = data[kinds.index("file")]
+                raise TokenizerError(f"The training data mixes file names ({name}) and texts; pass either a list "
+                                     "of files or a list of texts.")
 
     def texts() -> Iterator[str]:
         for item in data:

@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=["gptgen", "hf", "kerashub"], default=None,
                    help="target format (default: gptgen for HF/KerasHub sources, hf for gptgen ones)")
     p.add_argument("--tokenizer", help="tokenizer directory or file, when the source has none beside it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a model directory gptgen wrote at the target (other directories are never replaced)")
     p.set_defaults(handler=run_convert)
 
     p = sub.add_parser("download", help="fetch a pretrained model by name into the Hugging Face cache, for offline use")
@@ -54,6 +56,7 @@ def run_summary(args) -> int:
 
 
 def run_convert(args) -> int:
+    checkpoint.check_write_target(args.target, args.overwrite)  # refuse before loading anything
     source = checkpoint.resolve_dir(args.source)
     if args.to:
         to = args.to
@@ -62,7 +65,7 @@ def run_convert(args) -> int:
 
         to = "gptgen" if checkpoint.is_hf_gpt2_dir(source) or is_kerashub_dir(source) else "hf"
     lm = load(source, tokenizer=args.tokenizer)
-    path = lm.save(args.target, format=to)
+    path = lm.save(args.target, format=to, overwrite=args.overwrite)
     print(f"Wrote {to} model directory {path} ({lm.num_parameters():,} parameters).")
     return 0
 

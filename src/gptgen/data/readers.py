@@ -6,7 +6,9 @@ Conventions shared by every reader:
   argument expands in sorted order and the arguments keep the order they were given in.
 - Files are decoded as UTF-8 (a leading BOM is dropped). Invalid UTF-8 does not stop reading: each bad
   byte sequence becomes U+FFFD and an ``InvalidUTF8Warning`` names the file, the number of replacements
-  and the first line that holds one. Nothing else is dropped silently.
+  and the first line that holds one. Nothing else is dropped silently. A file in which more than 1% of the
+  characters are undecodable bytes or NUL bytes (and at least 16 of them) is not text (a binary file, a
+  model's .safetensors, UTF-16): it is refused with a ``DataError`` naming it.
 - Line ends are normalised: CRLF and lone CR count as LF.
 - ``min_length`` drops examples of ``<= min_length`` characters (the seed's ``MIN_STRING_LEN`` filter,
   "drop lines of <= 512 characters").
@@ -31,6 +33,9 @@ from ..errors import DataError
 PathsLike = str | os.PathLike | Sequence[str | os.PathLike]
 MODES = ("lines", "paragraphs", "documents", "json", "jsonl", "csv")
 _REPLACEMENT = "\ufffd"
+MAX_BAD_FRACTION = 0.01  # undecodable + NUL characters a text file may hold; more means it is not text
+MIN_BAD = 16  # ... once there are this many (a short note with a few stray bytes is still text)
+_SNIFF_BYTES = 1 << 16  # streaming readers judge a file after this much of it (and again at its end)
 
 
 class InvalidUTF8Warning(UserWarning):
@@ -78,6 +83,15 @@ def _warn_invalid(path: Path, count: int, line: int) -> None:
         f"the first on line {line}."), stacklevel=4)
 
 
+def _refuse_binary(path: Path, bad: int, chars: int, whole: bool = True) -> None:
+    """DataError when more than MAX_BAD_FRACTION of a file's characters are undecodable bytes or NULs."""
+    if bad >= MIN_BAD and bad > MAX_BAD_FRACTION * chars:
+        raise DataError(f"{path} does not look like a text file: {bad:,} of its {'' if whole else 'first '}"
+                        f"{chars:,} characters are "
+                        f"undecodable bytes or NUL bytes (more than {MAX_BAD_FRACTION:.0%}); give text files in "
+                        "UTF-8, not binary or model files.")
+
+
 def _decode(raw: bytes) -> tuple[str, int, int]:
     """(text, replacements made, byte offset of the first) of UTF-8 bytes; invalid sequences become U+FFFD."""
     try:
@@ -103,6 +117,7 @@ def read_text_file(path: str | os.PathLike) -> str:
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     text, count, offset = _decode(raw)
+    _refuse_binary(path, count + raw.count(b"\0"), len(text))
     if count:
         _warn_invalid(path, count, raw[:offset].count(b"\n") + 1)
     if "\r" in text:
@@ -117,22 +132,29 @@ def iter_file_lines(path: str | os.PathLike) -> Iterator[str]:
     an LF or CR byte inside a character, so cutting the bytes at line ends first is safe.
     """
     path = Path(path)
-    total, first = 0, 0
+    total, first, nuls, chars, read, judged = 0, 0, 0, 0, 0, False
     with _open(path) as handle:
         for number, raw in enumerate(handle, 1):
+            read += len(raw)
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             raw = raw.rstrip(b"\n")
             if raw.endswith(b"\r"):
                 raw = raw[:-1]
             text, count, _ = _decode(raw)
+            nuls += raw.count(b"\0")
+            chars += len(text) + 1
             if count:
                 total += count
                 first = first or number
+            if not judged and read >= _SNIFF_BYTES:  # refuse a binary file before streaming all of it
+                judged = True
+                _refuse_binary(path, total + nuls, chars, whole=False)
             if "\r" in text:  # lone CR line ends inside this LF line
                 yield from text.split("\r")
             else:
                 yield text
+    _refuse_binary(path, total + nuls, chars)
     if total:
         _warn_invalid(path, total, first)
 

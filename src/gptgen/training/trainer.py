@@ -19,8 +19,8 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ from ..lm import LanguageModel, check_vocab_fits
 from . import distributed as D
 from .callbacks import Callback, EarlyStopping, LossCurvePlot
 from .metrics import TokenMetrics, linear_cross_entropy
+from .rundir import check_run_dir, claim_run_dir
 from .schedules import SCHEDULES, make_scheduler
 
 logger = logging.getLogger("gptgen.training")
@@ -45,6 +46,7 @@ STATE_FILE = "training_state.pt"
 STATE_JSON = "training_state.json"
 METRICS_FILE = "metrics.jsonl"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_SEED = (2**64 - 1) // 1_000_003 - 1_000_000  # the epoch order seeds a generator with seed * 1_000_003 + epoch
 
 
 @dataclass
@@ -85,18 +87,47 @@ class TrainConfig:
     chunk_rows: int | None = None  # rows per chunk of the fused head + cross-entropy
 
     def validate(self) -> None:
-        if self.epochs < 1 and not self.max_steps:
-            raise TrainingError(f"epochs must be at least 1, got {self.epochs}.")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise TrainingError("batch_size and grad_accum must be positive integers.")
+        """Raise TrainingError (one sentence naming the option) for any value training cannot use."""
+        _int_option("epochs", self.epochs, 0 if self.max_steps else 1)  # max_steps alone may bound the run
+        for name in ("max_steps", "eval_batch_size", "num_threads", "seq_len"):
+            if getattr(self, name) is not None:
+                _int_option(name, getattr(self, name), 1)
+        _int_option("batch_size", self.batch_size, 1)
+        _int_option("grad_accum", self.grad_accum, 1)
+        for name in ("eval_every", "save_every", "early_stopping", "chunk_rows"):  # 0 or None: off
+            if getattr(self, name) is not None:
+                _int_option(name, getattr(self, name), 0)
+        _int_option("warmup_steps", self.warmup_steps, 0)
+        _int_option("seed", self.seed, 0)
+        if self.seed > MAX_SEED:
+            raise TrainingError(f"seed must be at most {MAX_SEED:,}, got {self.seed}.")
         if self.schedule not in SCHEDULES:
             raise TrainingError(f"Unknown learning-rate schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
         if self.precision not in PRECISIONS:
             raise TrainingError(f"Unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if not (_number("lr", self.lr) > 0 and math.isfinite(self.lr)):
             raise TrainingError(f"The learning rate must be a positive number, got {self.lr}.")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise TrainingError(f"max_steps must be positive, got {self.max_steps}.")
+        if not (_number("eps", self.eps) > 0 and math.isfinite(self.eps)):
+            raise TrainingError(f"The Adam epsilon (eps, --adam-eps) must be a positive number, got {self.eps}.")
+        if not (0 <= _number("weight_decay", self.weight_decay) and math.isfinite(self.weight_decay)):
+            raise TrainingError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}.")
+        if not 0 <= _number("min_lr_ratio", self.min_lr_ratio) <= 1:
+            raise TrainingError(f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}.")
+        if self.grad_clip is not None and not (0 <= _number("grad_clip", self.grad_clip) and math.isfinite(self.grad_clip)):
+            raise TrainingError(f"grad_clip must be a positive number (or 0/None for no clipping), got {self.grad_clip}.")
+        if self.max_time is not None and not (_number("max_time", self.max_time) > 0):
+            raise TrainingError(f"The time budget (max_time, --minutes) must be positive, got {self.max_time}.")
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise TrainingError(f"betas must be a pair (beta1, beta2), got {self.betas!r}.")
+        for i, beta in enumerate(self.betas, 1):
+            if not 0 <= _number(f"beta{i}", beta) < 1:
+                raise TrainingError(f"beta{i} (--beta{i}) must be in [0, 1), got {beta}.")
+        check_device(self.device)
+        if self.resume and not self.output_dir:
+            raise TrainingError("resume needs an output directory to resume from (output_dir, --output).")
+        if self.resume and self.overwrite:
+            raise TrainingError("resume=True (--resume) continues a run and overwrite=True (--overwrite) replaces "
+                                "it; pass only one of them.")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "TrainConfig":
@@ -109,6 +140,41 @@ class TrainConfig:
             cfg.betas = tuple(cfg.betas)
         cfg.validate()
         return cfg
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # NaN fails the range checks
+        raise TrainingError(f"{name} must be a number, got {value!r}.")
+    return value
+
+
+def _int_option(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TrainingError(f"{name} must be a whole number, got {value!r}.")
+    if value < minimum:
+        raise TrainingError(f"{name} must be at least {minimum}, got {value}.")
+
+
+def check_device(device) -> None:
+    """TrainingError for a device string torch cannot parse or a device this machine does not have."""
+    if device in (None, "auto") or isinstance(device, torch.device) and device.type == "cpu":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise TrainingError(f"Unknown device {device!r}; use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise TrainingError(f"Device {device!r} was asked for but this machine has no usable CUDA GPU; use "
+                                "--device cpu (device='cpu').")
+        if dev.index is not None and dev.index >= count:
+            raise TrainingError(f"Device {device!r} does not exist: this machine has {count} CUDA GPU(s).")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise TrainingError(f"Device {device!r} was asked for but MPS is not available here; use cpu.")
+    elif dev.type != "cpu":
+        raise TrainingError(f"Device type {dev.type!r} is not supported; use auto, cpu, cuda or cuda:N.")
 
 
 @dataclass
@@ -190,7 +256,7 @@ class _Examples:
 
 
 def as_examples(lm: LanguageModel, data, seq_len: int | None = None, add_bos: bool | None = None,
-                add_eos: bool = False) -> _Examples:
+                add_eos: bool = False, what: str = "training") -> _Examples:
     """Texts (a list of str) are tokenised and packed; other forms are used as they are."""
     if isinstance(data, _Examples):
         return data
@@ -204,7 +270,10 @@ def as_examples(lm: LanguageModel, data, seq_len: int | None = None, add_bos: bo
         return _Examples(pack_texts(list(data), lm.tokenizer, seq_len or lm.config.n_positions, "pad",
                                     add_bos, add_eos))
     if isinstance(data, (list, tuple)) and not data:
-        raise DataError("There are no training examples (the list of texts is empty).")
+        if what == "validation":
+            raise DataError("The validation data is empty (an empty list); pass val_data=None to train without "
+                            "validation.")
+        raise DataError(f"There are no {what} examples (the list of texts is empty).")
     return _Examples(data)
 
 
@@ -247,6 +316,9 @@ class Trainer:
         if config is not None and options:
             self.config = TrainConfig.from_options({**dataclasses.asdict(config), **options})
         cfg = self.config
+        cfg.validate()
+        if cfg.output_dir:  # read-only; every rank sees the same answer before any work
+            check_run_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
         check_vocab_fits(lm.tokenizer, lm.config)
         self.callbacks = list(callbacks)
         if cfg.early_stopping:
@@ -255,7 +327,7 @@ class Trainer:
         if self.output_dir is not None and not any(isinstance(c, LossCurvePlot) for c in self.callbacks):
             self.callbacks.append(LossCurvePlot())
         self.train_data = as_examples(lm, train_data, cfg.seq_len, cfg.add_bos, cfg.add_eos)
-        self.val_data = (as_examples(lm, val_data, cfg.seq_len, cfg.add_bos, cfg.add_eos)
+        self.val_data = (as_examples(lm, val_data, cfg.seq_len, cfg.add_bos, cfg.add_eos, what="validation")
                          if val_data is not None else None)
         self._check_data(self.train_data, "training")
         if self.val_data is not None:
@@ -277,6 +349,8 @@ class Trainer:
         self.last_val: dict[str, float] | None = None
         self._last_eval_step = -1
         self._metrics_file = None
+        self._first_loss: float | None = None  # of this process's first step, for the divergence warning
+        self._warned_divergence = False
 
     # Checks ------------------------------------------------------------------------------------
     def _check_data(self, data: _Examples, what: str) -> None:
@@ -404,7 +478,7 @@ class Trainer:
             torch.save(state, tmp / STATE_FILE)
             (tmp / STATE_JSON).write_text(json.dumps(summary, indent=2), "utf-8")
 
-        return checkpoint.write_dir_atomically(self.output_dir / "last", fill)
+        return checkpoint.write_dir_atomically(self.output_dir / "last", fill, overwrite=True)
 
     def _save_best(self) -> None:
         if not self.is_main or self.output_dir is None:
@@ -416,7 +490,7 @@ class Trainer:
             (tmp / "metrics.json").write_text(json.dumps({"step": self.step, "epoch": self.epoch + 1,
                                                           **(self.last_val or {})}, indent=2), "utf-8")
 
-        checkpoint.write_dir_atomically(self.output_dir / "best", fill)
+        checkpoint.write_dir_atomically(self.output_dir / "best", fill, overwrite=True)
 
     def _resume(self) -> None:
         checkpoint.recover_dir(self.output_dir / "last")  # a kill between the checkpoint's two renames
@@ -433,9 +507,8 @@ class Trainer:
         if state["model_config"] != self.lm.config.to_dict():
             raise TrainingError(f"The checkpoint in {path.parent} was made with a different model configuration; "
                                 "resume with the same command that started the run.")
-        from safetensors.torch import load_file
-
-        weights = load_file(str(path.parent / checkpoint.WEIGHTS_FILE), device=str(self.device))
+        self._check_resume_options(state.get("train_config") or {}, path.parent)
+        weights = checkpoint._load_safetensors(path.parent / checkpoint.WEIGHTS_FILE)  # CheckpointError if cut
         model = self.lm.model
         missing, unexpected = model.load_state_dict(weights, strict=False)
         allowed = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
@@ -445,6 +518,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self._apply_new_lr(state.get("train_config") or {})
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.best_val = float(state["best_val"])
         self.log_records = int(state["log_records"])
@@ -462,6 +536,31 @@ class Trainer:
         if self.is_main:
             logger.info("Resumed from %s at step %d (epoch %d, batch %d).", path.parent, self.step,
                         self.epoch + 1, self.batch_in_epoch)
+
+    def _check_resume_options(self, saved: dict[str, Any], where: Path) -> None:
+        """Options a resume cannot change: the batch size fixes which examples each step of an epoch takes."""
+        old = saved.get("batch_size")
+        if old is not None and old != self.config.batch_size:
+            raise TrainingError(
+                f"The run in {where.parent} was trained with batch_size {old} and cannot resume with "
+                f"{self.config.batch_size} (the position in the epoch counts batches); resume with batch_size "
+                f"{old} (--batch-size {old}) or start a new run.")
+
+    def _apply_new_lr(self, saved: dict[str, Any]) -> None:
+        """A resume with a different lr (say after a NaN stop) continues the schedule from the new base rate."""
+        old, new = saved.get("lr"), self.config.lr
+        if old is None or old == new:
+            return
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = new
+        self.scheduler.base_lrs = [new for _ in self.optimizer.param_groups]
+        factors = [f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas]
+        for group, factor in zip(self.optimizer.param_groups, factors):
+            group["lr"] = new * factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if self.is_main:
+            msg = f"Resuming with learning rate {new:g} instead of the run's {old:g} (from step {self.step + 1} on)."
+            logger.warning(msg)
 
     def _open_log(self) -> None:
         if not self.is_main or self.output_dir is None:
@@ -578,17 +677,24 @@ class Trainer:
     def fit(self) -> FitResult:
         cfg = self.config
         self._setup()
-        if self.output_dir is not None and self.is_main:
-            if (self.output_dir / "last").exists() and not cfg.resume and not cfg.overwrite:
-                raise TrainingError(f"{self.output_dir} already holds a training run; resume it with --resume "
-                                    "(resume=True), or choose another output directory, or pass --overwrite.")
+        # Rank 0 locks the run directory for the whole run; an earlier run there needs resume or overwrite.
+        try:
+            claim = (claim_run_dir(self.output_dir, cfg.resume, cfg.overwrite)
+                     if self.output_dir is not None and self.is_main else None)
+        except BaseException:
+            D.shutdown(self.dist)
+            raise
+        try:
+            return self._fit()
+        finally:
+            if claim is not None:
+                claim.release()
+
+    def _fit(self) -> FitResult:
+        cfg = self.config
         if cfg.resume and self.output_dir is not None:
             self._resume()
-        elif cfg.resume:
-            raise TrainingError("resume needs an output directory to resume from.")
         self._open_log()
-        if self.is_main and self.output_dir is not None and not cfg.resume:
-            shutil.rmtree(self.output_dir / "best", ignore_errors=True)  # a best model of an earlier run
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
@@ -614,6 +720,7 @@ class Trainer:
                     record = {"event": "step", "step": self.step, "epoch": self.epoch + 1, **logs,
                               "tokens_per_s": logs["input_tokens"] / dt if dt > 0 else None}
                     self.log(record)
+                    self._watch_divergence(logs["loss"])
                     bar.update(1)
                     bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                     refresh=False)
@@ -673,6 +780,23 @@ class Trainer:
         self.batch_in_epoch = 0
         self.epoch_metrics.reset()
 
+    def _watch_divergence(self, loss: float) -> None:
+        """Warn once when a finite loss has exploded: above twice the larger of the first loss and ln(vocab)
+        (a model predicting uniformly scores ln(vocab); diverging runs climb far past both)."""
+        if self._first_loss is None:
+            self._first_loss = loss
+            return
+        limit = 2.0 * max(self._first_loss, math.log(self.lm.config.vocab_size))
+        if self._warned_divergence or not loss > limit:
+            return
+        self._warned_divergence = True
+        if self.is_main:
+            logger.warning(
+                "The training loss has exploded to %.4g at step %d (it started at %.4g; a uniform guess scores "
+                "%.3g): the run is diverging, so stop it and resume with a lower learning rate (resume=True, "
+                "--resume --lr ...) or enable gradient clipping (grad_clip, --grad-clip).",
+                loss, self.step, self._first_loss, math.log(self.lm.config.vocab_size))
+
     def _nan_error(self, value: float) -> TrainingError:
         where = ""
         if self.output_dir is not None and (self.output_dir / "last" / STATE_JSON).is_file():
@@ -682,7 +806,8 @@ class Trainer:
             where = "; no checkpoint had been written yet"
         return TrainingError(
             f"The training loss became {value} at step {self.step + 1}, so training stopped without applying "
-            f"that update{where}; lower the learning rate or enable gradient clipping."
+            f"that update{where}; resume it with a lower learning rate (resume=True with a smaller lr, "
+            f"--resume --lr ...; the new rate applies from the checkpoint on) or enable gradient clipping."
         )
 
 
@@ -714,7 +839,13 @@ def evaluate(lm: LanguageModel, data, *, batch_size: int = 32, seq_len: int | No
              add_bos: bool | None = None, add_eos: bool = False, device: str | None = None,
              precision: str = "fp32") -> dict[str, float]:
     """Loss, perplexity (exp of the token-weighted mean loss) and token accuracy of lm on data."""
-    examples = as_examples(lm, data, seq_len, add_bos, add_eos)
+    _int_option("batch_size", batch_size, 1)
+    if seq_len is not None:
+        _int_option("seq_len", seq_len, 1)
+    if precision not in PRECISIONS:
+        raise TrainingError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    check_device(device)
+    examples = as_examples(lm, data, seq_len, add_bos, add_eos, what="evaluation")
     trainer = Trainer.__new__(Trainer)
     trainer.lm = lm
     trainer.config = TrainConfig(batch_size=batch_size, precision=precision, device=device or "auto")
