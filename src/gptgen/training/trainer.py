@@ -25,19 +25,22 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .. import checkpoint
+from ..config import check_vocab_fits
 from ..errors import DataError, TrainingError
-from ..lm import LanguageModel, check_vocab_fits
 from . import distributed as D
 from .callbacks import Callback, EarlyStopping, LossCurvePlot
 from .metrics import TokenMetrics, linear_cross_entropy
 from .schedules import SCHEDULES, make_scheduler
+
+if TYPE_CHECKING:  # the training package does not import lm.py, which imports it
+    from ..lm import LanguageModel
 
 logger = logging.getLogger("gptgen.training")
 
