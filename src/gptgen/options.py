@@ -12,7 +12,9 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-MAX_SEED = 2**32 - 1  # numpy and the trainer's per-epoch generators take seeds of this range
+# The trainer seeds each epoch's generator with seed * 1_000_003 + epoch, which must stay below 2**64.
+MAX_SEED = (2**64 - 1) // 1_000_003 - 1_000_000
+MAX_THREADS = 4096
 
 
 def check_output_dir(path: str | os.PathLike | None, what: str = "the output directory") -> Path | None:
@@ -43,11 +45,13 @@ def check_positive_int(value, name: str, allow_none: bool = True) -> None:
 
 def check_threads(threads) -> None:
     check_positive_int(threads, "threads (--threads)")
+    if threads is not None and threads > MAX_THREADS:
+        raise ConfigError(f"threads (--threads) must be at most {MAX_THREADS}, got {threads}.")
 
 
 def check_seed(seed) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"seed (--seed) must be an integer from 0 to {MAX_SEED}, got {seed!r}.")
+        raise ConfigError(f"seed (--seed) must be a whole number from 0 to {MAX_SEED:,}, got {seed!r}.")
 
 
 def check_minutes(seconds, name: str = "max_time (--minutes)") -> None:

@@ -95,6 +95,9 @@ def _check(s: dict[str, Any]) -> None:
     if s["min_length"] is not None and (isinstance(s["min_length"], bool) or not isinstance(s["min_length"], int)
                                         or s["min_length"] < 0):
         raise ConfigError(f"min_length (--min-length) must be 0 or more characters, got {s['min_length']!r}.")
+    if s["grad_accum"] > s["batch_size"]:
+        raise ConfigError(f"grad_accum (--grad-accum) {s['grad_accum']} is more than batch_size (--batch-size) "
+                          f"{s['batch_size']}; each micro-batch needs at least one example.")
     check_threads(s["threads"])
     check_seed(s["seed"])
     check_minutes(s["max_time"])

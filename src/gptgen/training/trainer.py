@@ -39,10 +39,10 @@ from .callbacks import Callback, EarlyStopping, LossCurvePlot
 from .metrics import TokenMetrics, linear_cross_entropy
 from .schedules import SCHEDULES, make_scheduler
 
-if TYPE_CHECKING:  # the training package does not import lm.py, which imports it
-    from ..lm import LanguageModel
-
 logger = logging.getLogger("gptgen.training")
+
+if TYPE_CHECKING:  # the training package does not import lm.py (lm.py imports it)
+    from ..lm import LanguageModel
 
 STATE_FILE = "training_state.pt"
 STATE_JSON = "training_state.json"
