@@ -88,3 +88,12 @@ def check_device(device: str | None) -> str | None:
             raise ConfigError(f"Device {device!r} asked for, but MPS is not available here; use --device cpu.")
         return device
     raise ConfigError(f"Device {device!r} is not supported; use auto, cpu, cuda or cuda:N.")
+
+
+def resolve_device(device: str | None) -> str:
+    """'auto' (or None): 'cuda' when a GPU is there, else 'cpu'; any other device checked and returned."""
+    if device in (None, "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return check_device(device)

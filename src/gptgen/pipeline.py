@@ -179,25 +179,6 @@ class Run:
                 "curves": str(r.curves_path) if r.curves_path else None}
 
 
-def _epoch_printer(print_fn: Callable[[str], None]):
-    from .training.callbacks import Callback
-
-    class EpochPrinter(Callback):
-        """One line per epoch: training and validation loss, perplexity, accuracy and the time so far."""
-
-        def on_epoch_end(self, trainer, epoch, logs):
-            if not trainer.is_main:
-                return
-            line = (f"epoch {epoch + 1}/{trainer.num_epochs}: train loss {logs['train_loss']:.4f} "
-                    f"ppl {logs['train_perplexity']:.1f} acc {logs['train_accuracy']:.4f}")
-            if "val_loss" in logs:
-                line += (f" | val loss {logs['val_loss']:.4f} ppl {logs['val_perplexity']:.1f} "
-                         f"acc {logs['val_accuracy']:.4f}")
-            print_fn(line + f" | {logs['elapsed']:.0f} s")
-
-    return EpochPrinter()
-
-
 def _tokenizer(s, corpus, output_dir: Path | None, env, say, timings):
     """The given tokenizer, the one of the run being resumed, or one trained here (rank 0, shared by file)."""
     from .tokenizer import Tokenizer
@@ -293,7 +274,7 @@ def train(recipe: str | None = None, *, data=None, val_data=None, dataset: str |
     import torch
 
     from .data.corpus import read_corpus
-    from .training import SampleText, fit
+    from .training import PrintEpochs, SampleText, fit
     from .training import distributed as D
 
     device = s["device"]
@@ -320,7 +301,7 @@ def train(recipe: str | None = None, *, data=None, val_data=None, dataset: str |
         what = f"the {s['preset']} preset" if s["model"] is None else str(s["model"])
         say(f"Model: {what}, {lm.num_parameters():,} parameters; {len(packed.train):,} training and "
             f"{len(packed.val) if packed.val is not None else 0:,} validation examples of {seq_len} tokens.")
-        cbs = [] if print_fn is None else [_epoch_printer(print_fn)]
+        cbs = [] if print_fn is None else [PrintEpochs(print_fn)]
         if s["samples"]:
             cbs.append(SampleText(prompt=s["sample_prompt"], max_new_tokens=s["sample_tokens"], sampler=s["sampler"],
                                   top_k=s["top_k"], seed=s["seed"], print_fn=print_fn))
