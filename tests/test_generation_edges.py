@@ -306,3 +306,17 @@ def test_generation_modules_import_no_circle():
     assert not imported("loop") & {"engine", "samplers", "processors"}
     assert "engine" not in imported("samplers") and "engine" not in imported("processors")
     assert "loop" in imported("samplers") and {"loop", "samplers"} <= imported("engine")
+
+
+def test_model_ids_beyond_the_tokenizer_decode_to_nothing(tok_lm):
+    """A model with more ids than its tokenizer (a padded vocabulary) still generates text: the ids the
+    tokenizer lacks decode to nothing, while Tokenizer.decode itself refuses them."""
+    tok = tok_lm.tokenizer
+    torch.manual_seed(5)
+    cfg = GPTConfig(vocab_size=2 * tok.vocab_size, n_positions=48, n_embd=32, n_layer=1, n_head=2, init_std=0.5)
+    lm = LanguageModel(GPT(cfg).eval(), tok)
+    kw = dict(max_new_tokens=30, do_sample=True, top_k=0, temperature=2.0, seed=3, eos_token_id=[])
+    ids = generate_ids(lm.model, [tok.encode("the")], **kw)[0]
+    assert any(t >= tok.vocab_size for t in ids) and any(t < tok.vocab_size for t in ids)
+    text = lm.generate("the", include_prompt=False, **kw)
+    assert text == tok.decode([t for t in ids if t < tok.vocab_size], skip_special_tokens=True)
