@@ -8,15 +8,17 @@ prefix can end inside a character: the generated text is always valid UTF-8 (an 
 held back, never printed as U+FFFD); the recipe counts replacement characters in what it generated.
 
 No pretrained GPT-2 weights are reachable offline: without --base the recipe starts from a small
-GPT-2-shaped model with random weights (--base DIR fine-tunes e.g. GPT-2 124M saved by transformers).
+GPT-2-shaped model with random weights (`--base gpt2` fine-tunes GPT-2 124M from the Hugging Face Hub, or
+--base DIR a GPT-2 directory saved by transformers).
 
-    python recipes/chinese_poems.py --base gpt2-dir --max-steps 500   # the tutorial (GPU)
+    python recipes/chinese_poems.py --base gpt2 --max-steps 500       # the tutorial (GPU)
     python recipes/chinese_poems.py --limit 3000 --max-steps 300      # CPU demo
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,8 +27,11 @@ import _common as C  # noqa: E402
 
 import torch  # noqa: E402
 
-from gptgen import Tokenizer, load  # noqa: E402
-from gptgen.data import expand_paths, pack_examples, read_json, split_every_nth  # noqa: E402
+from gptgen import LanguageModel, Tokenizer, load  # noqa: E402
+from gptgen.config import parse_overrides  # noqa: E402
+from gptgen.data import Corpus, data_dir, expand_paths, pack_examples, read_json, split_every_nth  # noqa: E402
+from gptgen.options import resolve_device  # noqa: E402
+from gptgen.training import PrintEpochs  # noqa: E402
 from gptgen.generation import Sampler, get_sampler  # noqa: E402
 
 PROMPT = "昨夜雨疏风骤"
@@ -172,26 +177,34 @@ def read_poems(root: Path, limit: int | None) -> list[str]:
 def build_parser():
     p = C.parser("chinese_poems", __doc__.split("\n\n")[0], preset="gpt2", epochs=1, batch_size=16, lr=5e-4,
                  seq_len=128, max_new_tokens=None)
-    p.add_argument("--base", help="a GPT-2 directory (Hugging Face or gptgen) to fine-tune; default: a new "
-                                  "small GPT-2-shaped model with GPT-2's tokenizer")
+    p.add_argument("--base", help="a GPT-2 to fine-tune: a directory (Hugging Face or gptgen) or a Hub name such "
+                                  "as gpt2; default: a new small GPT-2-shaped model with GPT-2's tokenizer")
     p.add_argument("--max-length", type=int, default=200, help="prompt plus generated tokens (tutorial: 200)")
     p.add_argument("--prompt", default=PROMPT)
     return p
 
 
+def generate_table(lm, prompt: str, samplers: dict[str, dict], **common) -> dict[str, str]:
+    """One continuation of `prompt` per named sampler setting."""
+    return {name: lm.generate(prompt, include_prompt=False, **{**common, **options}) for name, options in samplers.items()}
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    out = C.setup(args)
-    clock = C.Timer()
-    root = C.data_root(args.data_dir)
+    out = Path(args.output)
+    start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(args.data_dir or data_dir())
     poems = read_poems(root, args.limit)
-    train_texts, val_texts = split_every_nth(poems, 10)
-    train_texts, val_texts = C.limit_split(train_texts, val_texts, args.limit)
+    train_texts, val_texts = Corpus(*split_every_nth(poems, 10)).limit(args.limit)
+    torch.manual_seed(args.seed)
     if args.base:
-        lm = load(args.base).to(C.resolve_device(args.device))
+        lm = load(args.base).to(resolve_device(args.device))
     else:
         tok = Tokenizer.from_gpt2_files(root / "gpt2-tokenizer" / "encoder.json", root / "gpt2-tokenizer" / "vocab.bpe")
-        lm = C.new_model(args, tok, n_positions=max(args.seq_len, 256), **MODEL)
+        lm = LanguageModel.from_preset(args.preset, tok, **{**MODEL, "n_positions": max(args.seq_len, 256),
+                                                             **parse_overrides(args.config)})
     tok = lm.tokenizer
     seq_len = min(args.seq_len, lm.config.n_positions)
 
@@ -206,25 +219,28 @@ def main(argv=None) -> dict:
     before = lm.evaluate(val_data)
     gen_options = dict(max_length=args.max_length, seed=args.seed, truncate_prompt=True)
     table = samplers(tok)
-    samples_before = C.generate_table(lm, args.prompt, table, **gen_options)
-    result, log = C.train(lm, train_data, val_data, args, schedule="linear")
+    samples_before = generate_table(lm, args.prompt, table, **gen_options)
+    result = lm.fit(train_data, val_data=val_data, schedule="linear", callbacks=[] if args.quiet else [PrintEpochs()],
+                    **C.fit_options(args))
     model_dir = lm.save(out / "model")
-    samples_after = C.generate_table(lm, args.prompt, table, **gen_options)
+    samples_after = generate_table(lm, args.prompt, table, **gen_options)
     texts = list(samples_before.values()) + list(samples_after.values())
     replacement = sum(t.count("\ufffd") for t in texts)
     if not args.quiet:
-        C.print_table(f"{args.prompt} before fine-tuning:", samples_before)
-        C.print_table(f"{args.prompt} after fine-tuning:", samples_after)
-        print(f"\nvalidation perplexity {C.ppl(before):.1f} -> {C.ppl(result.val):.1f}; "
+        for title, table in (("before", samples_before), ("after", samples_after)):
+            print(f"\n{args.prompt} {title} fine-tuning:")
+            for name, text in table.items():
+                print(f"  {name:<12} | {text!r}")
+        print(f"\nvalidation perplexity {before['perplexity']:.1f} -> {result.val['perplexity']:.1f}; "
               f"U+FFFD in the generated text: {replacement}.")
     results = {"recipe": "chinese_poems", "train_poems": len(train_texts), "val_poems": len(val_texts),
                "parameters": lm.num_parameters(), "steps": result.steps,
-               "val_perplexity_before": C.ppl(before), "val_perplexity_after": C.ppl(result.val),
-               "epochs": log.epochs, "samples_before": samples_before, "samples_after": samples_after,
-               "replacement_chars": replacement, "model_dir": str(model_dir), "seconds": clock()}
+               "val_perplexity_before": before["perplexity"], "val_perplexity_after": result.val["perplexity"],
+               "epochs": [r for r in result.history if r["event"] == "epoch"], "samples_before": samples_before, "samples_after": samples_after,
+               "replacement_chars": replacement, "model_dir": str(model_dir), "seconds": round(time.perf_counter() - start, 1)}
     C.save_results(out, results)
     return results
 
 
 if __name__ == "__main__":
-    C.run_main(main)
+    main()

@@ -12,12 +12,14 @@ recipes/korean_chatbot.py writes (runs/korean_chatbot/model). A plain-text templ
 shows the same with a text end marker.
 
     python recipes/korean_chatbot.py && python recipes/few_shot.py --model runs/korean_chatbot/model
+    python recipes/few_shot.py --model skt/kogpt2-base-v2        # the practice's pretrained KoGPT-2
 """
 
 from __future__ import annotations
 
 import random
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -25,9 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
+import torch  # noqa: E402
+
 from gptgen import load  # noqa: E402
 from gptgen.chat import ChatTemplate, complete_few_shot, few_shot_prompt, get_template  # noqa: E402
-from gptgen.data import read_csv_pairs  # noqa: E402
+from gptgen.data import data_dir, read_csv_pairs  # noqa: E402
+from gptgen.options import resolve_device  # noqa: E402
 
 LABELS = {"0": "일상", "1": "부정", "2": "긍정"}
 TASKS = {
@@ -44,7 +49,7 @@ SHOTS = (0, 1, 3)
 
 def build_parser():
     p = C.parser("few_shot", __doc__.split("\n\n")[0], max_new_tokens=24)
-    p.add_argument("--model", default="runs/korean_chatbot/model", help="model directory")
+    p.add_argument("--model", default="runs/korean_chatbot/model", help="model directory or Hub name")
     p.add_argument("--template", default="auto", help="auto (the tokenizer's <s>…</s>), kogpt2 or plain")
     p.add_argument("--queries", type=int, default=60, help="held-out questions for the sentiment accuracy")
     return p
@@ -57,9 +62,11 @@ def sentiment_rows(csv_path: Path) -> list[tuple[str, str]]:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    out = C.setup(args)
-    clock = C.Timer()
-    lm = load(args.model).to(C.resolve_device(args.device))
+    out = Path(args.output)
+    start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load(args.model).to(resolve_device(args.device))
     template = get_template(args.template, lm.tokenizer)
     options = dict(sampler="greedy", max_new_tokens=args.max_new_tokens, bad_words=_unk(lm.tokenizer))
     tasks = {}
@@ -75,7 +82,7 @@ def main(argv=None) -> dict:
             tasks[f"{name} {shots}-shot"] = {"prompt": prompt, "answer": answer, "finished": finished,
                                              "shots": shots, "shots_kept": kept}
     # Sentiment labelling: k solved examples (one per label for k = 3) before each held-out question.
-    rows = sentiment_rows(C.data_root(args.data_dir) / "chatbot-ko" / "ChatbotData.csv")
+    rows = sentiment_rows(Path(args.data_dir or data_dir()) / "chatbot-ko" / "ChatbotData.csv")
     rng = random.Random(args.seed)
     rng.shuffle(rows)
     pool, queries = rows[: len(rows) // 2], rows[len(rows) // 2:][: args.queries]
@@ -118,7 +125,7 @@ def main(argv=None) -> dict:
                "end_marker": template.end_marker, "tasks": tasks, "sentiment_accuracy": accuracy,
                "sentiment_majority_baseline": majority, "sentiment_shots_kept": kept_shots,
                "context": lm.config.n_positions, "sentiment_queries": len(queries),
-               "plain_template": plain_result, "seconds": clock()}
+               "plain_template": plain_result, "seconds": round(time.perf_counter() - start, 1)}
     C.save_results(out, results)
     return results
 
@@ -128,4 +135,4 @@ def _unk(tok) -> list[str] | None:
 
 
 if __name__ == "__main__":
-    C.run_main(main)
+    main()

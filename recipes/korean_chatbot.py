@@ -7,21 +7,27 @@ on it with AdamW, then answers questions with 5 candidates sampled with top-k 50
 at `</s>`, with `<unk>` banned. The model is saved for `gptgen chat --model OUTPUT/model`.
 
     python recipes/korean_chatbot.py --output runs/korean_chatbot              # full size (GPU)
+    python recipes/korean_chatbot.py --base skt/kogpt2-base-v2                 # from KoGPT-2, as the seeds
     python recipes/korean_chatbot.py --limit 300 --epochs 1 --max-len 32 ...   # toy size (tests)
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
+import torch  # noqa: E402
 
-from gptgen import Tokenizer, load  # noqa: E402
+from gptgen import LanguageModel, Tokenizer, load  # noqa: E402
 from gptgen.chat import ChatSession  # noqa: E402
-from gptgen.data import pack_examples, read_csv_pairs, split_fraction  # noqa: E402
+from gptgen.config import parse_overrides  # noqa: E402
+from gptgen.data import Corpus, data_dir, pack_examples, read_csv_pairs, split_fraction  # noqa: E402
+from gptgen.options import resolve_device  # noqa: E402
+from gptgen.training import PrintEpochs  # noqa: E402
 
 SPECIALS = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
 TEMPLATE = "<s>{Q}</s><s>{A}</s>"
@@ -44,8 +50,8 @@ def pack(tok, texts: list[str], max_len: int):
 def build_parser():
     p = C.parser("korean_chatbot", __doc__.split("\n\n")[0], preset="gpt2", epochs=3, batch_size=32, lr=5e-4,
                  max_new_tokens=40)
-    p.add_argument("--base", help="start from this model directory (e.g. a Korean GPT-2 in HF format with "
-                                  "<s> </s> <pad> <unk> tokens) instead of a new model and tokenizer")
+    p.add_argument("--base", help="start from this model (a directory or Hub name with <s> </s> <pad> <unk> "
+                                  "tokens, e.g. skt/kogpt2-base-v2) instead of a new model and tokenizer")
     p.add_argument("--max-len", type=int, default=128, help="tokens per padded example (seeds: 128)")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--tokenizer-kind", choices=["bpe", "byte-bpe"], default="bpe",
@@ -60,10 +66,10 @@ def build_parser():
 
 def train_chatbot(args, out: Path):
     """Tokenizer (or --base), packing, training; returns (numbers, model directory, reloaded model)."""
-    csv_path = C.data_root(args.data_dir) / "chatbot-ko" / "ChatbotData.csv"
+    csv_path = Path(args.data_dir or data_dir()) / "chatbot-ko" / "ChatbotData.csv"
     dialogues = read_csv_pairs(csv_path, template=TEMPLATE)
-    train_texts, val_texts = split_fraction(dialogues, args.val_fraction, seed=args.seed)
-    train_texts, val_texts = C.limit_split(train_texts, val_texts, args.limit)
+    train_texts, val_texts = Corpus(*split_fraction(dialogues, args.val_fraction, seed=args.seed)).limit(args.limit)
+    torch.manual_seed(args.seed)
     if args.base:
         lm = load(args.base)
         tok = lm.tokenizer
@@ -74,29 +80,34 @@ def train_chatbot(args, out: Path):
         sentences = [t for d in train_texts for t in turns(d)]
         tok = Tokenizer.train(args.tokenizer_kind, sentences, args.vocab_size, special_tokens=dict(SPECIALS),
                               reserved_tokens=list(SPECIALS.values()))
-        lm = C.new_model(args, tok, n_positions=args.max_len, **MODEL)
+        lm = LanguageModel.from_preset(args.preset, tok, **{**MODEL, "n_positions": args.max_len,
+                                                             **parse_overrides(args.config)})
     train_data, val_data = pack(tok, train_texts, args.max_len), pack(tok, val_texts, args.max_len)
     if not args.quiet:
         print(f"{len(train_texts):,} training / {len(val_texts):,} validation dialogues as {args.max_len}-token "
               f"rows; tokenizer {tok.vocab_size:,} tokens; model {lm.num_parameters():,} parameters.")
         print("example:", train_texts[0], "->", tok.encode(train_texts[0])[:16], "...")
     before = lm.evaluate(val_data)
-    result, log = C.train(lm, train_data, val_data, args, weight_decay=0.01, schedule="constant")
+    result = lm.fit(train_data, val_data=val_data, weight_decay=0.01, schedule="constant",
+                    callbacks=[] if args.quiet else [PrintEpochs()], **C.fit_options(args))
     model_dir = lm.save(out / "model")
     trained = {"train_dialogues": len(train_texts), "val_dialogues": len(val_texts), "max_len": args.max_len,
                "vocab_size": tok.vocab_size, "parameters": lm.num_parameters(),
-               "val_perplexity_before": C.ppl(before), "val_perplexity_after": C.ppl(result.val),
-               "val_accuracy_after": result.val["accuracy"], "epochs": log.epochs, "steps": result.steps}
-    return trained, model_dir, load(model_dir).to(C.resolve_device(args.device))
+               "val_perplexity_before": before["perplexity"], "val_perplexity_after": result.val["perplexity"],
+               "val_accuracy_after": result.val["accuracy"], "steps": result.steps,
+               "epochs": [r for r in result.history if r["event"] == "epoch"]}
+    return trained, model_dir, load(model_dir).to(resolve_device(args.device))
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    out = C.setup(args)
-    clock = C.Timer()
+    out = Path(args.output)
+    start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.answer_with:
         trained, model_dir = {}, Path(args.answer_with)
-        lm = load(model_dir).to(C.resolve_device(args.device))
+        lm = load(model_dir).to(resolve_device(args.device))
         tok = lm.tokenizer
     else:
         trained, model_dir, lm = train_chatbot(args, out)
@@ -116,7 +127,7 @@ def main(argv=None) -> dict:
     finished = [f for a in answers for f in a["finished"]]
     results = {"recipe": "korean_chatbot", **trained, "answers": answers,
                "finished_fraction": sum(finished) / len(finished), "unk_in_answers": unk_seen,
-               "model_dir": str(model_dir), "seconds": clock()}
+               "model_dir": str(model_dir), "seconds": round(time.perf_counter() - start, 1)}
     C.save_results(out, results)
     if not args.quiet:
         if trained:
@@ -130,4 +141,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    C.run_main(main)
+    main()

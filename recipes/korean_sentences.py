@@ -11,21 +11,26 @@ Without --base (a Korean GPT-2 directory with its SentencePiece tokenizer, as th
 trains a SentencePiece-style BPE with <s> </s> <pad> <unk> on the training sentences and starts from a
 small GPT-2-shaped model with random weights.
 
-    python recipes/korean_sentences.py --base kogpt2-dir --epochs 10 --lr 1e-4 --batch-size 16   # the blog
+    python recipes/korean_sentences.py --base skt/kogpt2-base-v2 --epochs 10 --lr 1e-4 --batch-size 16   # the blog
     python recipes/korean_sentences.py --epochs 3                                                 # CPU demo
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
+import torch  # noqa: E402
 
-from gptgen import Tokenizer, load  # noqa: E402
-from gptgen.data import pack_examples, read_csv_pairs, split_fraction  # noqa: E402
+from gptgen import LanguageModel, Tokenizer, load  # noqa: E402
+from gptgen.config import parse_overrides  # noqa: E402
+from gptgen.data import Corpus, data_dir, pack_examples, read_csv_pairs, split_fraction  # noqa: E402
+from gptgen.options import resolve_device  # noqa: E402
+from gptgen.training import PrintEpochs  # noqa: E402
 
 SPECIALS = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
 PROMPTS = ["오늘", "사랑", "친구가"]
@@ -46,7 +51,8 @@ def read_sentences(csv_path: Path) -> list[str]:
 def build_parser():
     p = C.parser("korean_sentences", __doc__.split("\n\n")[0], preset="gpt2", epochs=10, batch_size=16, lr=1e-3,
                  max_new_tokens=30)
-    p.add_argument("--base", help="a Korean GPT-2 directory to fine-tune (with <s> </s> <pad> <unk> tokens)")
+    p.add_argument("--base", help="a Korean GPT-2 to fine-tune, a directory or Hub name with <s> </s> <pad> <unk> "
+                                  "tokens (e.g. skt/kogpt2-base-v2)")
     p.add_argument("--max-len", type=int, default=30, help="MAX_LEN: tokens per padded sentence (blog: 30)")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--val-fraction", type=float, default=0.1)
@@ -56,27 +62,36 @@ def build_parser():
 
 
 def generations(lm, prompts, args) -> dict[str, dict[str, str]]:
-    common = dict(max_new_tokens=args.max_new_tokens, seed=args.seed)
-    return {p: C.generate_table(lm, p, {"greedy": dict(sampler="greedy"),
-                                        f"top-p ({args.top_p:g})": dict(sampler="top_p", top_p=args.top_p)},
-                                **common) for p in prompts}
+    """Greedy and top-p continuations of each prompt."""
+    samplers = {"greedy": dict(sampler="greedy"), f"top-p ({args.top_p:g})": dict(sampler="top_p", top_p=args.top_p)}
+    return {p: {name: lm.generate(p, max_new_tokens=args.max_new_tokens, seed=args.seed, include_prompt=False, **opts)
+                for name, opts in samplers.items()} for p in prompts}
+
+
+def show(title: str, table: dict[str, str]) -> None:
+    print(f"\n{title}")
+    for name, text in table.items():
+        print(f"  {name:<12} | {text!r}")
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    out = C.setup(args)
-    clock = C.Timer()
-    sentences = read_sentences(C.data_root(args.data_dir) / "chatbot-ko" / "ChatbotData.csv")
-    train_texts, val_texts = split_fraction(sentences, args.val_fraction, seed=args.seed)
-    train_texts, val_texts = C.limit_split(train_texts, val_texts, args.limit)
+    out = Path(args.output)
+    start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sentences = read_sentences(Path(args.data_dir or data_dir()) / "chatbot-ko" / "ChatbotData.csv")
+    train_texts, val_texts = Corpus(*split_fraction(sentences, args.val_fraction, seed=args.seed)).limit(args.limit)
+    torch.manual_seed(args.seed)
     if args.base:
-        lm = load(args.base).to(C.resolve_device(args.device))
+        lm = load(args.base).to(resolve_device(args.device))
         tok = lm.tokenizer
     else:
         tok = Tokenizer.train("bpe", train_texts, args.vocab_size, special_tokens=dict(SPECIALS),
                               reserved_tokens=list(SPECIALS.values()))
         # Room to generate past MAX_LEN (the blog generates up to 100 steps).
-        lm = C.new_model(args, tok, n_positions=max(64, args.max_len), **MODEL)
+        lm = LanguageModel.from_preset(args.preset, tok, **{**MODEL, "n_positions": max(64, args.max_len),
+                                                             **parse_overrides(args.config)})
     lm.config.extra["add_bos"] = True  # prompts start with <s>, as the training sentences do
 
     def pack(texts):
@@ -92,33 +107,35 @@ def main(argv=None) -> dict:
         print(f"example row: {row}")
     before_metrics = lm.evaluate(val_data)
     before = generations(lm, args.prompts, args)
-    result, log = C.train(lm, train_data, val_data, args, schedule="constant")
+    result = lm.fit(train_data, val_data=val_data, schedule="constant",
+                    callbacks=[] if args.quiet else [PrintEpochs()], **C.fit_options(args))
+    epochs = [r for r in result.history if r["event"] == "epoch"]
     after = generations(lm, args.prompts, args)
     model_dir = lm.save(out / "model")
     reloaded = load(model_dir).to(lm.device)
     reloaded_gens = generations(reloaded, args.prompts, args)
     identical = reloaded_gens == after
     reloaded_metrics = reloaded.evaluate(val_data)
-    val_losses = [e["val_loss"] for e in log.epochs]
+    val_losses = [e["val_loss"] for e in epochs]
     best_epoch = 1 + min(range(len(val_losses)), key=val_losses.__getitem__) if val_losses else None
     if not args.quiet:
         for p in args.prompts:
-            C.print_table(f"{p!r} before fine-tuning:", before[p])
-            C.print_table(f"{p!r} after fine-tuning:", after[p])
+            show(f"{p!r} before fine-tuning:", before[p])
+            show(f"{p!r} after fine-tuning:", after[p])
         print(f"\nvalidation loss {before_metrics['loss']:.3f} -> " + " -> ".join(f"{v:.3f}" for v in val_losses) +
               f" (lowest after epoch {best_epoch}); masked accuracy {result.val['accuracy']:.3f}.")
         print(f"Reloaded from {model_dir}: generations identical: {identical}; validation loss "
               f"{reloaded_metrics['loss']:.6f} (before saving {result.val['loss']:.6f}).")
     results = {"recipe": "korean_sentences", "train_sentences": len(train_texts), "val_sentences": len(val_texts),
                "max_len": args.max_len, "vocab_size": tok.vocab_size, "parameters": lm.num_parameters(),
-               "steps": result.steps, "val_loss_before": before_metrics["loss"], "epochs": log.epochs,
+               "steps": result.steps, "val_loss_before": before_metrics["loss"], "epochs": epochs,
                "val_loss_by_epoch": val_losses, "best_epoch": best_epoch, "val_accuracy": result.val["accuracy"],
                "before": before, "after": after, "reloaded": reloaded_gens, "reload_identical": identical,
                "reloaded_val_loss": reloaded_metrics["loss"], "val_loss": result.val["loss"],
-               "model_dir": str(model_dir), "seconds": clock()}
+               "model_dir": str(model_dir), "seconds": round(time.perf_counter() - start, 1)}
     C.save_results(out, results)
     return results
 
 
 if __name__ == "__main__":
-    C.run_main(main)
+    main()

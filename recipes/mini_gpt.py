@@ -9,6 +9,9 @@ parameters at 5,000 tokens) is trained with Adam 1e-3 for 5 epochs, the validati
 after each; then greedy, beam (10), random, top-k (10) and top-p (0.5) continue the [BOS]-only prompt for
 80 tokens side by side.
 
+All of that is the package's `keras-mini` recipe: `gptgen.train(recipe="keras-mini")` is the whole
+training, the same run as `gptgen train --recipe keras-mini`.
+
     python recipes/mini_gpt.py                                 # the tutorial's settings
     python recipes/mini_gpt.py --limit 200 --epochs 2 ...      # toy size (tests)
 """
@@ -16,16 +19,18 @@ after each; then greedy, beam (10), random, top-k (10) and top-p (0.5) continue 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-from gptgen import Tokenizer, load  # noqa: E402
-from gptgen.data import pack_examples, resolve_dataset  # noqa: E402
-from gptgen.training import SampleText  # noqa: E402
+import gptgen  # noqa: E402
+from gptgen.config import parse_overrides  # noqa: E402
+from gptgen.training import Callback  # noqa: E402
 
+# The five ways of choosing the next token the tutorial compares.
 SAMPLERS = {
     "greedy": dict(sampler="greedy"),
     "beam (10)": dict(sampler="beam", num_beams=10),
@@ -33,6 +38,13 @@ SAMPLERS = {
     "top-k (10)": dict(sampler="top_k", top_k=10),
     "top-p (0.5)": dict(sampler="top_p", top_p=0.5),
 }
+
+
+class UntrainedPerplexity(Callback):
+    """The validation perplexity before the first step: the 'epoch 0' point of the tutorial's curve."""
+
+    def on_train_begin(self, trainer):
+        self.metrics = trainer.evaluate()
 
 
 def build_parser():
@@ -47,43 +59,44 @@ def build_parser():
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    out = C.setup(args)
-    clock = C.Timer()
-    train_texts, val_texts = resolve_dataset("books", root=C.data_root(args.data_dir), min_length=args.min_length)
-    train_texts, val_texts = C.limit_split(train_texts, val_texts, args.limit)
-    tok = Tokenizer.train("wordpiece", train_texts, args.vocab_size, lowercase=True,
-                          reserved_tokens=["[PAD]", "[UNK]", "[BOS]"])
-    lm = C.new_model(args, tok, n_positions=args.seq_len)
-    lm.config.extra["add_bos"] = True  # generation starts from [BOS], as the model was trained
+    out = Path(args.output)
+    start = time.perf_counter()
 
-    def pack(texts):
-        return pack_examples(tok.encode_batch(texts), args.seq_len, bos_id=tok.bos_token_id, pad_id=tok.pad_token_id)
-
-    train_data, val_data = pack(train_texts), pack(val_texts)
-    if not args.quiet:
-        print(f"{len(train_texts):,} training / {len(val_texts):,} validation paragraphs; WordPiece "
-              f"{tok.vocab_size:,} tokens; model {lm.num_parameters():,} parameters.")
-    before = lm.evaluate(val_data)
-    if not args.quiet:
-        print(f"epoch 0: val ppl {before['perplexity']:.1f} (untrained)")
-    callbacks = [] if args.no_epoch_samples else [
-        SampleText(prompt=args.prompt, max_new_tokens=args.max_new_tokens, sampler="top_k", top_k=10,
-                   seed=args.seed, print_fn=None if args.quiet else print)]
-    result, log = C.train(lm, train_data, val_data, args, callbacks=callbacks, eps=1e-7, schedule="constant")
+    # 1. Train: the keras-mini recipe, sized by the flags (the recipe's own values are the defaults).
+    untrained = UntrainedPerplexity()
+    run = gptgen.train(
+        "keras-mini", data_root=args.data_dir, limit=args.limit, vocab_size=args.vocab_size,
+        min_length=args.min_length, preset=args.preset, seq_len=args.seq_len,
+        config={"n_positions": args.seq_len, **parse_overrides(args.config)},
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+        samples=not args.no_epoch_samples, sample_prompt=args.prompt, sample_tokens=args.max_new_tokens,
+        seed=args.seed, device=args.device, precision=args.precision, threads=args.threads,
+        progress=not (args.quiet or args.no_progress), callbacks=[untrained], print_fn=None if args.quiet else print,
+    )
+    lm = run.lm
     model_dir = lm.save(out / "model")
-    table = C.generate_table(lm, args.prompt, SAMPLERS, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    C.print_table(f"Samples after training ({args.max_new_tokens} tokens from {args.prompt or '[BOS]'!r}):",
-                  table, args.quiet)
-    reloaded = load(model_dir).to(lm.device)
-    same = reloaded.generate(args.prompt, sampler="greedy", max_new_tokens=args.max_new_tokens) == \
-        lm.generate(args.prompt, sampler="greedy", max_new_tokens=args.max_new_tokens)
-    curve = [C.ppl(before)] + [e["val_perplexity"] for e in log.epochs]
+
+    # 2. Generate: the same [BOS]-only prompt with each sampler.
+    samples = {name: lm.generate(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                 include_prompt=False, **options) for name, options in SAMPLERS.items()}
+    if not args.quiet:
+        print(f"\nSamples after training ({args.max_new_tokens} tokens from {args.prompt or '[BOS]'!r}):")
+        for name, text in samples.items():
+            print(f"  {name:<11} | {text!r}")
+
+    # 3. Reload: the saved directory generates exactly what the model in memory does.
+    reloaded = gptgen.load(model_dir).to(lm.device)
+    greedy = dict(sampler="greedy", max_new_tokens=args.max_new_tokens)
+    same = reloaded.generate(args.prompt, **greedy) == lm.generate(args.prompt, **greedy)
+
+    epochs = [r for r in run.history if r["event"] == "epoch"]
+    curve = [untrained.metrics["perplexity"]] + [e["val_perplexity"] for e in epochs]
     results = {
-        "recipe": "mini_gpt", "train_paragraphs": len(train_texts), "val_paragraphs": len(val_texts),
-        "vocab_size": tok.vocab_size, "parameters": lm.num_parameters(), "steps": result.steps,
-        "val_perplexity_by_epoch": curve, "val_perplexity": C.ppl(result.val), "val_accuracy": result.val["accuracy"],
-        "epochs": log.epochs, "samples": table, "reload_greedy_identical": same, "model_dir": str(model_dir),
-        "seconds": clock(),
+        "recipe": "mini_gpt", "train_paragraphs": run.train_examples, "val_paragraphs": run.val_examples,
+        "vocab_size": lm.tokenizer.vocab_size, "parameters": lm.num_parameters(), "steps": run.steps,
+        "val_perplexity_by_epoch": curve, "val_perplexity": run.val["perplexity"], "val_accuracy": run.val["accuracy"],
+        "epochs": epochs, "samples": samples, "reload_greedy_identical": same, "model_dir": str(model_dir),
+        "seconds": round(time.perf_counter() - start, 1),
     }
     C.save_results(out, results)
     if not args.quiet:
@@ -93,4 +106,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    C.run_main(main)
+    main()

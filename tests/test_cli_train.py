@@ -168,10 +168,10 @@ def test_finetune_hf_gpt2_directory(data_dir, gpt2_tokenizer_dir, tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_leaves_a_model_and_curves(tmp_path):
-    from gptgen.cli.train import quickstart_corpus
+    from gptgen.data.registry import dataset_files
 
     try:
-        quickstart_corpus()
+        dataset_files("quickstart")
     except Exception as exc:  # the packaged corpus belongs to the data area
         pytest.skip(str(exc))
     out = tmp_path / "qs"

@@ -325,7 +325,7 @@ def test_cli_training_options_are_one_line(tok, tmp_path, capsys):
         proc = main_cli(capsys, "finetune", *base, "--no-progress", "--no-samples", "--output", out, *flags)
         assert_one_line_error(proc, needle)
         assert not out.exists()
-    assert_one_line_error(main_cli(capsys, "eval", *base, "--batch-size", "0"), "batch_size must be at least 1")
+    assert_one_line_error(main_cli(capsys, "eval", *base, "--batch-size", "0"), "batch_size (--batch-size)")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -5,12 +5,13 @@ from .errors import (CheckpointError, ConfigError, DataError, GenerationError, G
                      TrainingError)
 from .lm import LanguageModel, load
 from .model import GPT
+from .pipeline import Run, train
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT", "GPTConfig", "PRESETS", "preset", "Tokenizer", "LanguageModel", "load",
+    "GPT", "GPTConfig", "PRESETS", "preset", "Tokenizer", "LanguageModel", "load", "train", "Run",
     "GptgenError", "ConfigError", "CheckpointError", "TokenizerError", "DataError", "GenerationError",
     "TrainingError", "__version__",
 ]

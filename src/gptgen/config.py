@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, TokenizerError
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 NORM_POSITIONS = ("pre", "post")
@@ -148,3 +148,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.strip()] = value
     return out
+
+
+def check_vocab_fits(tokenizer, config: GPTConfig) -> None:
+    """TokenizerError unless every token id of the tokenizer has a row in the model's embedding."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise TokenizerError(
+            f"The tokenizer has {tokenizer.vocab_size:,} tokens but the model's embedding holds only "
+            f"{config.vocab_size:,}; train a smaller vocabulary or build the model with vocab_size="
+            f"{tokenizer.vocab_size}."
+        )

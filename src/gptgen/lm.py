@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .config import GPTConfig, preset
+from .config import GPTConfig, check_vocab_fits, preset
 from .errors import CheckpointError, TokenizerError
 from .model import GPT
 from .tokenizer import Tokenizer
@@ -103,15 +103,6 @@ class LanguageModel:
 def _check_path_argument(directory, what: str) -> None:
     if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
         raise CheckpointError(f"{what} needs a model directory (a str or Path), got {directory!r}.")
-
-
-def check_vocab_fits(tokenizer: Tokenizer, config: GPTConfig) -> None:
-    if tokenizer.vocab_size > config.vocab_size:
-        raise TokenizerError(
-            f"The tokenizer has {tokenizer.vocab_size:,} tokens but the model's embedding holds only "
-            f"{config.vocab_size:,}; train a smaller vocabulary or build the model with vocab_size="
-            f"{tokenizer.vocab_size}."
-        )
 
 
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu",

@@ -74,8 +74,10 @@ def run_prepare(args) -> int:
 
 
 def _prepare(args) -> int:
+    from ..options import check_output_dir
     from ..tokenizer import Tokenizer
 
+    check_output_dir(args.output, "the output directory (-o)")
     if bool(args.inputs) == bool(args.dataset):
         raise DataError("Give either input files or --dataset NAME, not both and not neither.")
     if args.val and args.split:

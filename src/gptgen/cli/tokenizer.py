@@ -65,6 +65,9 @@ def parse_roles(items: list[str]) -> dict[str, str] | None:
 
 
 def run_train(args) -> int:
+    from ..options import check_output_dir
+
+    check_output_dir(args.output, "the output directory (-o)")
     files = expand_paths(args.files)
     roles = parse_roles(args.special)
     if roles is None and args.reserved:

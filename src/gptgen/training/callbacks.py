@@ -199,3 +199,20 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     png_path = Path(png_path)
     atomic_write_bytes(png_path, buf.getvalue())
     return png_path
+
+
+class PrintEpochs(Callback):
+    """One line per epoch: training and validation loss, perplexity and accuracy, and the time so far."""
+
+    def __init__(self, print_fn=print) -> None:
+        self.print_fn = print_fn
+
+    def on_epoch_end(self, trainer, epoch: int, logs: dict[str, Any]) -> None:
+        if not trainer.is_main:
+            return
+        line = (f"epoch {epoch + 1}/{trainer.num_epochs}: train loss {logs['train_loss']:.4f} "
+                f"ppl {logs['train_perplexity']:.1f} acc {logs['train_accuracy']:.4f}")
+        if "val_loss" in logs:
+            line += (f" | val loss {logs['val_loss']:.4f} ppl {logs['val_perplexity']:.1f} "
+                     f"acc {logs['val_accuracy']:.4f}")
+        self.print_fn(line + f" | {logs['elapsed']:.0f} s")

@@ -25,15 +25,15 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .. import checkpoint
+from ..config import check_vocab_fits
 from ..errors import DataError, TrainingError
-from ..lm import LanguageModel, check_vocab_fits
 from . import distributed as D
 from .callbacks import Callback, EarlyStopping, LossCurvePlot
 from .metrics import TokenMetrics, linear_cross_entropy
@@ -41,6 +41,9 @@ from .rundir import check_run_dir, claim_run_dir
 from .schedules import SCHEDULES, make_scheduler
 
 logger = logging.getLogger("gptgen.training")
+
+if TYPE_CHECKING:  # the training package does not import lm.py (lm.py imports it)
+    from ..lm import LanguageModel
 
 STATE_FILE = "training_state.pt"
 STATE_JSON = "training_state.json"

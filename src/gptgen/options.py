@@ -1,0 +1,99 @@
+"""Checks of run options a user gives (output directories, device, threads, seed), made before any work.
+
+Each raises ConfigError with one sentence; the pipeline and the CLI verbs call them first, so a bad option
+is reported before a corpus is read or a tokenizer trained.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from .errors import ConfigError
+
+# The trainer seeds each epoch's generator with seed * 1_000_003 + epoch, which must stay below 2**64.
+MAX_SEED = (2**64 - 1) // 1_000_003 - 1_000_000
+MAX_THREADS = 4096
+
+
+def check_output_dir(path: str | os.PathLike | None, what: str = "the output directory") -> Path | None:
+    """A directory gptgen may create or write into: not a file, under no file, and writable."""
+    if path is None:
+        return None
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{what} {target} is a file, not a directory; choose a directory path.")
+    parent = target
+    while not parent.exists():  # the nearest ancestor that exists decides
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"Cannot create {what} {target}: {parent} is a file.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"Cannot write {what} {target}: {parent} is not writable.")
+    return target
+
+
+def check_positive_int(value, name: str, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def check_threads(threads) -> None:
+    check_positive_int(threads, "threads (--threads)")
+    if threads is not None and threads > MAX_THREADS:
+        raise ConfigError(f"threads (--threads) must be at most {MAX_THREADS}, got {threads}.")
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed (--seed) must be a whole number from 0 to {MAX_SEED:,}, got {seed!r}.")
+
+
+def check_minutes(seconds, name: str = "max_time (--minutes)") -> None:
+    """A time budget: None (no limit) or a positive, finite number."""
+    if seconds is None:
+        return
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (math.isfinite(seconds)
+                                                                                 and seconds > 0):
+        raise ConfigError(f"{name} must be a positive, finite time, got {seconds!r}.")
+
+
+def check_device(device: str | None) -> str | None:
+    """'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' that this machine has; ConfigError otherwise."""
+    if device in (None, "auto"):
+        return device
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"Unknown device {device!r}; use auto, cpu, cuda or cuda:N.") from None
+    if parsed.type == "cpu":
+        return device
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"Device {device!r} asked for, but this machine has no CUDA GPU; use --device cpu "
+                              "(or auto).")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(f"Device {device!r} asked for, but this machine has {torch.cuda.device_count()} "
+                              "CUDA GPU(s).")
+        return device
+    if parsed.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"Device {device!r} asked for, but MPS is not available here; use --device cpu.")
+        return device
+    raise ConfigError(f"Device {device!r} is not supported; use auto, cpu, cuda or cuda:N.")
+
+
+def resolve_device(device: str | None) -> str:
+    """'auto' (or None): 'cuda' when a GPU is there, else 'cpu'; any other device checked and returned."""
+    if device in (None, "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return check_device(device)
