@@ -15,6 +15,7 @@ def parser(name: str, description: str, **defaults: Any) -> argparse.ArgumentPar
     p.add_argument("--data-dir", help="folder holding books/, tinyshakespeare/, chatbot-ko/, ... "
                                       "(default $GPTGEN_DATA_DIR, else ~/.cache/gptgen/data)")
     p.add_argument("--output", default=f"runs/{name}", help=f"run directory (default runs/{name})")
+    p.add_argument("--overwrite", action="store_true", help="replace the models an earlier run of this recipe saved")
     p.add_argument("--epochs", type=int, default=defaults.get("epochs", 1))
     p.add_argument("--max-steps", type=int, default=None, help="stop training after this many optimizer steps")
     p.add_argument("--limit", type=int, default=defaults.get("limit"),

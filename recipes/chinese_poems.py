@@ -222,7 +222,7 @@ def main(argv=None) -> dict:
     samples_before = generate_table(lm, args.prompt, table, **gen_options)
     result = lm.fit(train_data, val_data=val_data, schedule="linear", callbacks=[] if args.quiet else [PrintEpochs()],
                     **C.fit_options(args))
-    model_dir = lm.save(out / "model")
+    model_dir = lm.save(out / "model", overwrite=args.overwrite)
     samples_after = generate_table(lm, args.prompt, table, **gen_options)
     texts = list(samples_before.values()) + list(samples_after.values())
     replacement = sum(t.count("\ufffd") for t in texts)

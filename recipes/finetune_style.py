@@ -95,7 +95,8 @@ def main(argv=None) -> dict:
         res = lm.fit(data, epochs=max(1, args.epochs), max_steps=args.pretrain_steps, batch_size=args.batch_size,
                      lr=args.pretrain_lr, schedule="cosine", warmup_steps=min(50, args.pretrain_steps // 10),
                      seed=args.seed, device=args.device, precision=args.precision, progress=progress)
-        base_dir = lm.save(out / "base-gpt2", format="hf")  # a Hugging Face GPT-2 directory
+        # a Hugging Face GPT-2 directory
+        base_dir = lm.save(out / "base-gpt2", format="hf", overwrite=args.overwrite)
         pretrain = {"steps": res.steps, "train_loss": res.train["loss"] if res.train else None}
     lm = load(base_dir).to(resolve_device(args.device))
     tok = lm.tokenizer
@@ -108,7 +109,7 @@ def main(argv=None) -> dict:
               f"{args.lr:g} to 0).")
     result = lm.fit(style_data, val_data=style_v, schedule="linear", eval_each_epoch=True,
                     callbacks=[] if args.quiet else [PrintEpochs()], **C.fit_options(args))
-    model_dir = lm.save(out / "model", format="hf")
+    model_dir = lm.save(out / "model", format="hf", overwrite=args.overwrite)
     after = measure(lm, args.prompts, args, style_v, books_v)
     if not args.quiet:
         for p in args.prompts:

@@ -90,7 +90,7 @@ def train_chatbot(args, out: Path):
     before = lm.evaluate(val_data)
     result = lm.fit(train_data, val_data=val_data, weight_decay=0.01, schedule="constant",
                     callbacks=[] if args.quiet else [PrintEpochs()], **C.fit_options(args))
-    model_dir = lm.save(out / "model")
+    model_dir = lm.save(out / "model", overwrite=args.overwrite)
     trained = {"train_dialogues": len(train_texts), "val_dialogues": len(val_texts), "max_len": args.max_len,
                "vocab_size": tok.vocab_size, "parameters": lm.num_parameters(),
                "val_perplexity_before": before["perplexity"], "val_perplexity_after": result.val["perplexity"],

@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
                     callbacks=[] if args.quiet else [PrintEpochs()], **C.fit_options(args))
     epochs = [r for r in result.history if r["event"] == "epoch"]
     after = generations(lm, args.prompts, args)
-    model_dir = lm.save(out / "model")
+    model_dir = lm.save(out / "model", overwrite=args.overwrite)
     reloaded = load(model_dir).to(lm.device)
     reloaded_gens = generations(reloaded, args.prompts, args)
     identical = reloaded_gens == after

@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
         progress=not (args.quiet or args.no_progress), callbacks=[untrained], print_fn=None if args.quiet else print,
     )
     lm = run.lm
-    model_dir = lm.save(out / "model")
+    model_dir = lm.save(out / "model", overwrite=args.overwrite)
 
     # 2. Generate: the same [BOS]-only prompt with each sampler.
     samples = {name: lm.generate(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed,
