@@ -334,6 +334,34 @@ def test_max_tokens_gives_length_and_eos_gives_stop(tok):
 
 
 # CUDA: the decode step captured in CUDA graphs per bucketed batch size -------------------------------
+def test_fixed_shape_bucketed_decode_gives_the_same_tokens(lm, tok, monkeypatch):
+    """The CUDA path's step (rows padded to a bucket, attention over the whole cache) run eagerly on CPU."""
+    from gptgen.generation import slot_cache
+
+    calls = []
+
+    def eager(fn, **options):
+        assert options["mode"] == "reduce-overhead" and options["fullgraph"]
+        def run(model, idx, positions, mask):
+            calls.append(idx.shape[0])
+            return fn(model, idx, positions, mask)
+        return run
+
+    monkeypatch.setattr(slot_cache.torch, "compile", eager)
+    prompts = [_prompt(tok, p) for p in OTHER_PROMPTS[:5]]
+    refs = [generate_ids(lm.model, [p], max_new_tokens=12 + 3 * i, eos_token_id=tok.eos_token_id)[0]
+            for i, p in enumerate(prompts)]
+    with BatchEngine(lm, max_batch=8) as eng:
+        eng.use_graphs = True
+        sinks = [Collector() for _ in prompts]
+        reqs = [eng.submit(p, SamplingParams(max_tokens=12 + 3 * i, temperature=0.0), s)
+                for i, (p, s) in enumerate(zip(prompts, sinks))]
+        for r in reqs:
+            assert r.done.wait(30)
+    assert [s.tokens() for s in sinks] == refs
+    assert set(calls) <= {1, 2, 4, 8} and max(calls) >= 4  # padded to power-of-two buckets
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_matches_cpu_greedy(lm, tok):
     cpu_ref = [generate_ids(lm.model, [_prompt(tok, p)], max_new_tokens=20, eos_token_id=tok.eos_token_id)[0]
