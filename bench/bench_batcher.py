@@ -55,7 +55,7 @@ def main(argv=None):
     lm = LanguageModel(model, Tokenizer.from_pretrained(tok_dir)) if tok_dir else model
     levels = [int(c) for c in args.concurrency.split(",")]
     g = torch.Generator().manual_seed(1)
-    prompts = torch.randint(0, cfg.vocab_size, (max(levels), args.prompt_len), generator=g).tolist()
+    prompts = torch.randint(0, cfg.vocab_size, (max(levels + [2]), args.prompt_len), generator=g).tolist()
     options = {"top-k-p": dict(temperature=0.8, top_k=50, top_p=0.95), "plain": dict(temperature=1.0),
                "greedy": dict(temperature=0.0)}[args.sampling]
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, **options)
