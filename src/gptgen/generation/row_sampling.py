@@ -30,6 +30,12 @@ from .samplers import apply_temperature, sample
 CANDIDATES = 256
 
 
+def _one(values: list):
+    """One Python number when every row has the same value (the samplers' cheaper scalar path, which
+    gives a row the same result as per-row values do), else the per-row list."""
+    return values[0] if all(v == values[0] for v in values) else values
+
+
 # The per-row choice -------------------------------------------------------------------------------
 def choose_tokens(scores: torch.Tensor, *, temperature: Sequence[float], top_k: Sequence[int],
                   top_p: Sequence[float], min_p: Sequence[float], generators: Sequence) -> torch.Tensor:
@@ -66,13 +72,14 @@ def choose_tokens(scores: torch.Tensor, *, temperature: Sequence[float], top_k: 
         if not rows:
             continue
         sel = torch.tensor(rows, device=dev)
-        sub = scores.index_select(0, sel)
+        sub = scores if len(rows) == scores.shape[0] else scores.index_select(0, sel)
         if narrowed:  # candidates in token-id order, so draw() meets them in the whole row's order
             ids = torch.sort(torch.stack([cand_ids[i] for i in rows]), dim=-1).values
             sub = sub.gather(1, ids)
-        options = dict(temperature=[float(temperature[i]) for i in rows], top_k=[max(0, int(top_k[i])) for i in rows],
-                       top_p=[min(1.0, top_p[i] / mass[i]) if narrowed else float(top_p[i]) for i in rows],
-                       min_p=[float(min_p[i]) for i in rows])
+        options = dict(temperature=_one([float(temperature[i]) for i in rows]),
+                       top_k=_one([max(0, int(top_k[i])) for i in rows]),
+                       top_p=_one([min(1.0, top_p[i] / mass[i]) if narrowed else float(top_p[i]) for i in rows]),
+                       min_p=_one([float(min_p[i]) for i in rows]))
         pick = sample(sub, [generators[i] for i in rows], **options)
         if narrowed:
             pick = ids.gather(1, pick[:, None])[:, 0]
