@@ -317,6 +317,41 @@ def test_logprobs_equal_log_softmax_of_the_model_logits(engine, lm, tok):
             assert [g[1] for g in got] == [tok.decode([t]) for t in ids.tolist()]
 
 
+def test_presence_and_frequency_penalties_follow_openai_per_row(engine, lm, tok):
+    """Greedy with OpenAI's penalties, checked step by step against the model's own logits."""
+    prompt = _prompt(tok, "to be or not to be")
+    params = SamplingParams(max_tokens=25, temperature=0.0, presence_penalty=1.5, frequency_penalty=0.7)
+    plain = SamplingParams(max_tokens=25, temperature=0.0)
+    sinks = [Collector(), Collector()]
+    reqs = [engine.submit(prompt, params, sinks[0]), engine.submit(prompt, plain, sinks[1])]
+    for r in reqs:
+        assert r.done.wait(20)
+    out = sinks[0].tokens()
+    assert out != sinks[1].tokens()  # the penalties change the text, and only in the row that asked
+    assert sinks[1].tokens() == generate_ids(lm.model, [prompt], max_new_tokens=25, eos_token_id=tok.eos_token_id)[0]
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([prompt + out]))[0].float()
+    for i, chosen in enumerate(out):
+        counts = torch.bincount(torch.tensor(out[:i], dtype=torch.long), minlength=logits.shape[-1]).float()
+        scores = logits[len(prompt) - 1 + i] - 1.5 * (counts > 0) - 0.7 * counts
+        assert chosen == int(torch.argmax(scores))
+
+
+def test_min_tokens_holds_back_eos(tok):
+    prompt = tok.encode("the quick")
+    brown = tok.encode(" brown")
+    script = brown + [tok.eos_token_id] + tok.encode(" fox jumps")
+    lm = scripted_lm(tok, prompt, script)
+    m = len(brown) + 2
+    with BatchEngine(lm, max_batch=2) as eng:
+        early = eng.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0))[0]
+        held = eng.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0, min_tokens=m))[0]
+    assert early.token_ids == brown + [tok.eos_token_id] and early.finish_reason == "stop"
+    assert held.token_ids[:len(brown)] == brown
+    assert tok.eos_token_id not in held.token_ids[:m] and len(held.token_ids) >= m
+    assert held.token_ids[len(brown) + 1:m] == script[len(brown) + 1:m]  # the script goes on after the ban
+
+
 def test_max_tokens_gives_length_and_eos_gives_stop(tok):
     prompt = tok.encode("the quick")
     script = tok.encode(" brown fox") + [tok.eos_token_id]
