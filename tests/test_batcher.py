@@ -180,6 +180,47 @@ def test_long_prompt_is_prefilled_in_chunks_while_another_request_decodes(lm, to
     assert stats["prefill_chunks"] >= 100 // 8
 
 
+def test_churn_of_joins_leaves_cancels_and_choices_keeps_every_row_intact(lm, tok):
+    """Few slots, tiny prefill chunks, n > 1, cancellations: rows are moved and swapped all the time,
+    and every completed greedy choice still equals the per-call engine's tokens."""
+    import random
+
+    rng = random.Random(3)
+    words = " ".join(TEXTS[:4]).split()
+    jobs = []
+    for i in range(24):
+        prompt = tok.encode(" ".join(rng.sample(words, rng.randint(1, 12))))
+        jobs.append((prompt, rng.randint(1, 18), rng.choice([1, 1, 2, 3]), rng.random() < 0.2))
+    refs = {}
+    for prompt, new, _, _ in jobs:
+        refs[(tuple(prompt), new)] = generate_ids(lm.model, [prompt], max_new_tokens=new,
+                                                  eos_token_id=tok.eos_token_id)[0]
+    with BatchEngine(lm, max_batch=5, prefill_chunk=4) as eng:
+        submitted = []
+        for prompt, new, n, cancel in jobs:
+            sink = Collector()
+            req = eng.submit(prompt, SamplingParams(max_tokens=new, temperature=0.0, n=n), sink)
+            submitted.append((prompt, new, n, req, sink))
+            if cancel:
+                time.sleep(0.003)
+                eng.cancel(req)
+            if rng.random() < 0.5:
+                time.sleep(0.002)
+        for *_, req, _ in submitted:
+            assert req.done.wait(30)
+        stats = eng.stats()
+    assert stats["active_slots"] == 0 and stats["queue_depth"] == 0
+    completed = 0
+    for prompt, new, n, req, sink in submitted:
+        for i in range(n):
+            final = sink.events[i][-1]
+            assert final.finish_reason in ("stop", "length", "cancelled")
+            if final.finish_reason != "cancelled":
+                assert sink.tokens(i) == refs[(tuple(prompt), new)]
+                completed += 1
+    assert completed >= 20
+
+
 def test_cancel_frees_the_slot_within_one_step(engine, tok):
     sink = Collector()
     req = engine.submit(_prompt(tok, "a journey"), SamplingParams(max_tokens=100, ignore_eos=True), sink)
