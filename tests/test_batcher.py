@@ -235,6 +235,28 @@ def test_cancel_frees_the_slot_within_one_step(engine, tok):
     assert req.finish_reasons == ["cancelled"]
 
 
+def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(lm, tok, caplog):
+    with BatchEngine(lm, max_batch=4) as eng:
+        real = eng.slots.forward
+        calls = {"n": 0}
+
+        def flaky(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("boom")
+            return real(*args, **kwargs)
+
+        eng.slots.forward = flaky
+        sink = Collector()
+        req = eng.submit(_prompt(tok, "the"), SamplingParams(max_tokens=20, temperature=0.0), sink)
+        assert req.done.wait(10)
+        assert sink.events[0][-1].finish_reason == "error"
+        again = eng.generate(_prompt(tok, "the"), SamplingParams(max_tokens=5, temperature=0.0))[0]
+        assert again.finish_reason == "length" and len(again.token_ids) == 5
+        assert eng.stats()["active_slots"] == 0
+    assert "boom" in caplog.text
+
+
 def test_queue_limit_raises_queue_full(lm, tok):
     with BatchEngine(lm, max_batch=1, max_queue=2) as eng:
         reqs = []
