@@ -472,7 +472,7 @@ def test_cuda_graph_decode_matches_cpu_greedy(lm, tok):
         reqs = [eng.submit(_prompt(tok, p), SamplingParams(max_tokens=20, temperature=0.0), s)
                 for p, s in zip(OTHER_PROMPTS[:5], sinks)]
         for r in reqs:
-            assert r.done.wait(120)
+            assert r.done.wait(600)  # the first step of each bucket compiles
     assert [s.tokens() for s in sinks] == cpu_ref
 
 
