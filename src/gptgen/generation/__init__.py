@@ -6,6 +6,7 @@
     for piece in stream(lm, "Once upon a time", sampler=TopKSampler(k=10)): print(piece, end="")
 """
 
+from .batcher import BatchEngine, Completion, PromptTooLong, QueueFull, SamplingParams, TokenEvent
 from .engine import DEFAULT_MAX_NEW_TOKENS, decode_steps, generate, generate_ids, resolve_sampler, stream
 from .processors import (BadWords, LogitsProcessor, MinNewTokens, NoRepeatNGram, PresenceFrequencyPenalty,
                          RepetitionPenalty)
@@ -20,4 +21,5 @@ __all__ = [
     "LogitsProcessor", "RepetitionPenalty", "NoRepeatNGram", "BadWords", "MinNewTokens", "PresenceFrequencyPenalty",
     "apply_temperature", "top_k_filter", "top_p_filter", "min_p_filter", "typical_filter", "epsilon_filter",
     "eta_filter", "warp", "draw", "sample",
+    "BatchEngine", "SamplingParams", "TokenEvent", "Completion", "QueueFull", "PromptTooLong",
 ]
