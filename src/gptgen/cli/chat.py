@@ -24,7 +24,8 @@ HELP = """commands:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with a model (a REPL; reads turns from stdin when piped)")
-    p.add_argument("--model", required=True, help="a model directory (gptgen, Hugging Face GPT-2, KerasHub preset) or a Hub name "
+    p.add_argument("--model", required=True,
+                   help="a model directory (gptgen, Hugging Face GPT-2, KerasHub preset) or a Hub name "
                         "(gpt2, skt/kogpt2-base-v2, gpt2_base_en)")
     p.add_argument("--tokenizer", help="tokenizer directory or file, when the model directory has none")
     p.add_argument("--template", default="auto",

@@ -12,7 +12,8 @@ from ..errors import GenerationError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a gptgen or Hugging Face GPT-2 model directory")
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
-    p.add_argument("--model", required=True, help="a model directory (gptgen, Hugging Face GPT-2, KerasHub preset) or a Hub name "
+    p.add_argument("--model", required=True,
+                   help="a model directory (gptgen, Hugging Face GPT-2, KerasHub preset) or a Hub name "
                         "(gpt2, skt/kogpt2-base-v2, gpt2_base_en)")
     p.add_argument("--tokenizer", help="tokenizer directory or file, when the model directory has none")
     add_generation_arguments(p)

@@ -40,7 +40,8 @@ def _data_args(p: argparse.ArgumentParser, with_split: bool = True) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a model directory (gptgen, Hugging Face GPT-2, KerasHub preset) or a Hub name "
+    p.add_argument("--model", required=True,
+                   help="a model directory (gptgen, Hugging Face GPT-2, KerasHub preset) or a Hub name "
                         "(gpt2, skt/kogpt2-base-v2, gpt2_base_en)")
     p.add_argument("--tokenizer", help="tokenizer directory or file, when the model directory has none")
 
