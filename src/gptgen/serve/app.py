@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -51,7 +51,7 @@ def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, ap
     from ..generation.batcher import BatchEngine
 
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_body_bytes", max_body_bytes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_queue" else 1):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise GptgenError(f"{name} must be a positive integer, got {value!r}.")
     owns_engine = engine is None
     if engine is None:
@@ -133,7 +133,7 @@ def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, ap
         state.check_key(request)
         body = await state.read_json(request)
         req = state.validate(CompletionRequest, body)
-        job = state.completion_job(req)
+        job = state.completion_job(req, request)
         if req.stream:
             return _sse(StreamingResponse, job.stream_completion(request))
         return _answer(JSONResponse, await job.collect_completion(request))
@@ -143,7 +143,7 @@ def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, ap
         state.check_key(request)
         body = await state.read_json(request)
         req = state.validate(ChatCompletionRequest, body)
-        job = state.chat_job(req)
+        job = state.chat_job(req, request)
         if req.stream:
             return _sse(StreamingResponse, job.stream_chat(request))
         return _answer(JSONResponse, await job.collect_chat(request))
@@ -262,17 +262,17 @@ class _ServerState:
         return req
 
     # Requests to jobs -----------------------------------------------------------------------------
-    def completion_job(self, req: CompletionRequest) -> "_Job":
+    def completion_job(self, req: CompletionRequest, http_request) -> "_Job":
         if req.suffix:
             raise APIError(400, "suffix (insertion) is not supported by this model.", param="suffix")
         prompts, texts = self._completion_prompts(req.prompt)
         max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
         params = self._params(req, max_tokens=max_tokens, logprobs=req.logprobs, prompt_len=max(map(len, prompts)))
-        job = _Job(self, prompts, params, req)
+        job = _Job(self, prompts, params, req, http_request)
         job.prompt_texts = texts
         return job
 
-    def chat_job(self, req: ChatCompletionRequest) -> "_Job":
+    def chat_job(self, req: ChatCompletionRequest, http_request) -> "_Job":
         if self.template is None:
             raise APIError(400, self.template_error, param="messages", code="no_chat_template")
         prompt = self._render_chat(req.messages)
@@ -293,7 +293,7 @@ class _ServerState:
             params.stop_token_ids = sorted(set(eos) | {tok.token_to_id(marker)})
         else:
             params.stop = list(params.stop) + [marker]
-        return _Job(self, [ids], params, req)
+        return _Job(self, [ids], params, req, http_request)
 
     def _render_chat(self, messages) -> str:
         system = "".join(m.text() for m in messages if m.role in ("system", "developer"))
@@ -381,7 +381,7 @@ class _ServerState:
 class _Job:
     """One API request in the engine: its submissions, the queue of their events, and the response."""
 
-    def __init__(self, server: _ServerState, prompts: list[list[int]], params, req) -> None:
+    def __init__(self, server: _ServerState, prompts: list[list[int]], params, req, http_request) -> None:
         from ..generation.batcher import PromptTooLong, QueueFull
 
         self.server = server
@@ -396,6 +396,7 @@ class _Job:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.requests = []
         self.finished = False
+        self.failed = False  # the engine ended a choice with finish_reason "error"
         loop = asyncio.get_running_loop()
         for p_i, ids in enumerate(prompts):
             def on_event(event, p_i=p_i):  # engine thread: hand over, never block
@@ -415,7 +416,11 @@ class _Job:
             except GptgenError as exc:
                 self.cancel()
                 raise APIError(400, str(exc), code="invalid_value") from None
-        server.metrics.running += 1
+        # Watch the connection from now on, with a callback rather than a check in the event loop below:
+        # a response that is never started, or a stream the server stops reading after a failed send,
+        # must still free its slots.
+        self.watcher = asyncio.ensure_future(_wait_disconnect(http_request))
+        self.watcher.add_done_callback(lambda t: None if t.cancelled() else self._client_gone())
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.completion_tokens: dict[int, int] = {}
         self.first_token: float | None = None
@@ -430,12 +435,10 @@ class _Job:
     # Events ---------------------------------------------------------------------------------------
     async def events(self, request) -> AsyncIterator[tuple[int, Any]]:
         """(choice index, TokenEvent) until every choice has finished; cancels on disconnect."""
-        watcher = asyncio.ensure_future(_wait_disconnect(request))
-        # A callback, not only a check in this loop: a stream abandoned by the server after a failed send
-        # must still free its slots.
-        watcher.add_done_callback(lambda t: None if t.cancelled() else self._client_gone())
+        watcher = self.watcher
         remaining = len(self.prompts) * self.n
         metrics = self.server.metrics
+        metrics.running += 1
         try:
             while remaining:
                 getter = asyncio.ensure_future(self.queue.get())
@@ -456,6 +459,8 @@ class _Job:
                 if event.finish_reason is not None:
                     remaining -= 1
                     self.completion_tokens[choice] = event.completion_tokens
+                    if event.finish_reason == "error":
+                        self.failed = True
                 yield choice, event
             self.finished = True
             metrics.e2e.observe(time.perf_counter() - self.arrival)
@@ -471,6 +476,13 @@ class _Job:
         if not self.finished:
             self.server.metrics.cancelled += 1
             self.cancel()
+
+    def _raise_if_failed(self) -> None:
+        if self.failed:
+            raise APIError(500, "The engine failed while generating this answer; see the server log.")
+
+    def _failure_event(self) -> str:
+        return _event(error_body(500, "The engine failed while generating this answer; see the server log."))
 
     def usage(self) -> dict[str, int]:
         completion = sum(self.completion_tokens.values())
@@ -507,14 +519,16 @@ class _Job:
         finish = [None] * self._choices()
         tokens: list[list] = [[] for _ in range(self._choices())]
         want_logprobs = self.params.logprobs is not None
-        async for choice, event in self.events(request):
-            texts[choice] += event.text
-            if want_logprobs and event.token_id is not None and event.logprob is not None:
-                tokens[choice].append((event.token_id, event.logprob, event.top_logprobs))
-            if event.finish_reason is not None:
-                finish[choice] = event.finish_reason
+        async with aclosing(self.events(request)) as events:
+            async for choice, event in events:
+                texts[choice] += event.text
+                if want_logprobs and event.token_id is not None and event.logprob is not None:
+                    tokens[choice].append((event.token_id, event.logprob, event.top_logprobs))
+                if event.finish_reason is not None:
+                    finish[choice] = event.finish_reason
         if not self.finished:
             return None  # the client is gone; nobody reads an answer
+        self._raise_if_failed()
         choices = []
         for c in range(self._choices()):
             p_i = c // self.n
@@ -551,12 +565,16 @@ class _Job:
                 p_i = c // self.n
                 toks = await self._echo_logprobs(p_i) if want_logprobs else []
                 yield chunk(c, self.prompt_texts[p_i], toks, None)
-        async for choice, event in self.events(request):
-            toks = []
-            if want_logprobs and event.token_id is not None and event.logprob is not None:
-                toks = [(event.token_id, event.logprob, event.top_logprobs)]
-            if event.text or toks or event.finish_reason is not None:
-                yield chunk(choice, event.text, toks, event.finish_reason)
+        async with aclosing(self.events(request)) as events:
+            async for choice, event in events:
+                toks = []
+                if want_logprobs and event.token_id is not None and event.logprob is not None:
+                    toks = [(event.token_id, event.logprob, event.top_logprobs)]
+                if event.finish_reason == "error":
+                    yield self._failure_event()
+                    return
+                if event.text or toks or event.finish_reason is not None:
+                    yield chunk(choice, event.text, toks, event.finish_reason)
         if not self.finished:
             return
         if include_usage:
@@ -578,14 +596,16 @@ class _Job:
         texts = [""] * self.n
         finish = [None] * self.n
         tokens: list[list] = [[] for _ in range(self.n)]
-        async for choice, event in self.events(request):
-            texts[choice] += event.text
-            if self.req.logprobs and event.token_id is not None and event.logprob is not None:
-                tokens[choice].append((event.token_id, event.logprob, event.top_logprobs))
-            if event.finish_reason is not None:
-                finish[choice] = event.finish_reason
+        async with aclosing(self.events(request)) as events:
+            async for choice, event in events:
+                texts[choice] += event.text
+                if self.req.logprobs and event.token_id is not None and event.logprob is not None:
+                    tokens[choice].append((event.token_id, event.logprob, event.top_logprobs))
+                if event.finish_reason is not None:
+                    finish[choice] = event.finish_reason
         if not self.finished:
             return None
+        self._raise_if_failed()
         choices = [{"index": c, "message": {"role": "assistant", "content": texts[c].lstrip(), "refusal": None},
                     "logprobs": self._chat_logprobs(tokens[c]) if self.req.logprobs else None,
                     "finish_reason": finish[c]} for c in range(self.n)]
@@ -610,18 +630,22 @@ class _Job:
             yield chunk(c, {"role": "assistant", "content": ""}, [], None)
         # Answers lose their leading white space (the template's turn prefix is often followed by a space).
         started = [False] * self.n
-        async for choice, event in self.events(request):
-            toks = []
-            if self.req.logprobs and event.token_id is not None and event.logprob is not None:
-                toks = [(event.token_id, event.logprob, event.top_logprobs)]
-            text = event.text
-            if not started[choice]:
-                text = text.lstrip()
-                started[choice] = bool(text)
-            if text or toks:
-                yield chunk(choice, {"content": text}, toks, None)
-            if event.finish_reason is not None:
-                yield chunk(choice, {}, [], event.finish_reason)
+        async with aclosing(self.events(request)) as events:
+            async for choice, event in events:
+                toks = []
+                if self.req.logprobs and event.token_id is not None and event.logprob is not None:
+                    toks = [(event.token_id, event.logprob, event.top_logprobs)]
+                if event.finish_reason == "error":
+                    yield self._failure_event()
+                    return
+                text = event.text
+                if not started[choice]:
+                    text = text.lstrip()
+                    started[choice] = bool(text)
+                if text or toks:
+                    yield chunk(choice, {"content": text}, toks, None)
+                if event.finish_reason is not None:
+                    yield chunk(choice, {}, [], event.finish_reason)
         if not self.finished:
             return
         if include_usage:

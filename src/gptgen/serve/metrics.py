@@ -83,15 +83,21 @@ class Metrics:
             "tokens_generated": ("counter", "Tokens the engine generated (cancelled requests included)."),
             "prompt_tokens": ("counter", "Prompt tokens the engine prefilled."),
             "requests_finished": ("counter", "Requests the engine finished or cancelled."),
+            "requests_cancelled": ("counter", "Requests the engine cancelled."),
+            "prefill_chunks": ("counter", "Prompt chunks the engine prefilled."),
         }
         for key, (kind, text) in engine.items():
             if key in engine_stats:
                 name = f"gptgen_engine_{key}" + ("_total" if kind == "counter" else "")
                 lines += _simple(name, kind, text, engine_stats[key])
         lines += _simple("gptgen_model_info", "gauge", "The model this server answers for.", 1,
-                         labels=f'{{model="{model_name}"}}')
+                         labels=f'{{model="{_label(model_name)}"}}')
         return "\n".join(lines) + "\n"
 
 
 def _simple(name: str, kind: str, text: str, value, labels: str = "") -> list[str]:
     return [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name}{labels} {value}"]
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
