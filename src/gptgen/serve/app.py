@@ -2,14 +2,15 @@
 
 This module only translates: HTTP bodies to SamplingParams and engine submissions, engine TokenEvents
 (delivered on the engine's thread) back to JSON or server-sent events on the event loop. Each request has
-an asyncio.Queue that the engine thread fills through loop.call_soon_threadsafe; a task watching the
-connection cancels the engine request as soon as the client goes away, so its slot is freed at the next
-decode step.
+a deque the engine thread fills, and an asyncio.Event it sets through loop.call_soon_threadsafe when the
+deque was empty; a task watching the connection cancels the engine request as soon as the client goes
+away, so its slot is freed at the next decode step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import logging
@@ -393,17 +394,25 @@ class _Job:
         self.prompt_texts: list[str] = []
         self.arrival = time.perf_counter()
         self.created = int(time.time())
-        self.queue: asyncio.Queue = asyncio.Queue()
+        # Events cross from the engine thread in a deque; the loop is woken once per batch of events
+        # (one decode step of many rows costs one wake-up, not one per token).
+        self.pending: collections.deque = collections.deque()
+        self.wake = asyncio.Event()
+        self.signalled = False
+        self.gone = False
         self.requests = []
         self.finished = False
         self.failed = False  # the engine ended a choice with finish_reason "error"
         loop = asyncio.get_running_loop()
         for p_i, ids in enumerate(prompts):
             def on_event(event, p_i=p_i):  # engine thread: hand over, never block
-                try:
-                    loop.call_soon_threadsafe(self.queue.put_nowait, (p_i, event))
-                except RuntimeError:  # the loop has closed (server shutting down)
-                    pass
+                self.pending.append((p_i, event))
+                if not self.signalled:  # checked after the append: the consumer clears it before draining
+                    self.signalled = True
+                    try:
+                        loop.call_soon_threadsafe(self.wake.set)
+                    except RuntimeError:  # the loop has closed (server shutting down)
+                        pass
             try:
                 self.requests.append(self.engine.submit(ids, params, on_event))
             except QueueFull as exc:
@@ -435,18 +444,20 @@ class _Job:
     # Events ---------------------------------------------------------------------------------------
     async def events(self, request) -> AsyncIterator[tuple[int, Any]]:
         """(choice index, TokenEvent) until every choice has finished; cancels on disconnect."""
-        watcher = self.watcher
         remaining = len(self.prompts) * self.n
         metrics = self.server.metrics
         metrics.running += 1
         try:
             while remaining:
-                getter = asyncio.ensure_future(self.queue.get())
-                done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
+                if not self.pending:
+                    await self.wake.wait()
+                    self.wake.clear()
+                    self.signalled = False
+                if self.gone:
                     return
-                p_i, event = getter.result()
+                if not self.pending:
+                    continue
+                p_i, event = self.pending.popleft()
                 choice = p_i * self.n + event.index
                 now = time.perf_counter()
                 if event.token_id is not None:
@@ -465,7 +476,7 @@ class _Job:
             self.finished = True
             metrics.e2e.observe(time.perf_counter() - self.arrival)
         finally:
-            watcher.cancel()
+            self.watcher.cancel()
             if not self.finished:
                 self.cancel()
             metrics.running -= 1
@@ -473,6 +484,8 @@ class _Job:
             metrics.generation_tokens += sum(self.completion_tokens.values())
 
     def _client_gone(self) -> None:
+        self.gone = True
+        self.wake.set()
         if not self.finished:
             self.server.metrics.cancelled += 1
             self.cancel()
