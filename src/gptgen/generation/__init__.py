@@ -6,6 +6,7 @@
     for piece in stream(lm, "Once upon a time", sampler=TopKSampler(k=10)): print(piece, end="")
 """
 
+from .batcher import BatchEngine, Completion, PromptTooLong, QueueFull, SamplingParams, TokenEvent
 from .engine import DEFAULT_MAX_NEW_TOKENS, decode_steps, generate, generate_ids, resolve_sampler, stream
 from .processors import BadWords, LogitsProcessor, MinNewTokens, NoRepeatNGram, RepetitionPenalty
 from .samplers import (SAMPLERS, BeamSampler, ContrastiveSampler, GreedySampler, RandomSampler, Sampler,
@@ -16,4 +17,5 @@ __all__ = [
     "Sampler", "GreedySampler", "BeamSampler", "RandomSampler", "TopKSampler", "TopPSampler",
     "ContrastiveSampler", "SAMPLERS", "get_sampler",
     "LogitsProcessor", "RepetitionPenalty", "NoRepeatNGram", "BadWords", "MinNewTokens",
+    "BatchEngine", "SamplingParams", "TokenEvent", "Completion", "QueueFull", "PromptTooLong",
 ]

@@ -1,0 +1,777 @@
+"""Continuous batching: many requests decoded together, joining and leaving between steps.
+
+    engine = BatchEngine(lm, max_batch=16)
+    with engine:
+        req = engine.submit(prompt_ids, SamplingParams(max_tokens=64, temperature=0.8, seed=1), on_event)
+        ...                                   # on_event(TokenEvent) is called from the engine thread
+        engine.cancel(req)                    # its slot is free before the next step runs
+        [completion] = engine.generate(prompt_ids, SamplingParams(max_tokens=16, temperature=0))
+
+The engine owns a KV cache of `max_batch` slots (see slot_cache.py) and one background thread. Each
+step of that thread:
+  1. drops cancelled requests and admits queued ones into free slots (FIFO);
+  2. prefills joining prompts, at most `prefill_chunk` prompt tokens in all per step (one forward for
+     every joining row), so a long prompt is spread over several steps and running requests keep
+     getting a token every step;
+  3. runs ONE forward for every decoding slot, each row at its own position, then chooses every row's
+     next token in one vectorised pass with that row's own sampling parameters;
+  4. streams text deltas (never half a UTF-8 character, never a possible stop-string prefix) and
+     frees the slots of finished requests at once.
+Decoding rows are kept packed at the front of the cache (a leaving row is replaced by the last one),
+so a decode step reads contiguous cache rows and its cost follows the number of running requests.
+
+A seeded request draws from its own torch.Generator (seed + i for choice i) a fixed amount of noise
+per step, so it produces the same text alone or beside any other requests. Beam search and
+contrastive search need whole-batch bookkeeping and stay on the per-call engine (`lm.generate`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..errors import GenerationError
+from .processors import NoRepeatNGram
+from .slot_cache import SlotModel
+from .stopping import StreamEmitter, TextTracker
+
+log = logging.getLogger(__name__)
+
+NEG_INF = float("-inf")
+MAX_LOGPROBS = 20
+
+
+class QueueFull(GenerationError):
+    """The engine's queue of waiting requests is full; retry later."""
+
+
+class PromptTooLong(GenerationError):
+    """The prompt plus the requested new tokens do not fit the engine's context."""
+
+
+# Parameters and events ----------------------------------------------------------------------------
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = 16       # None: up to the end of the context
+    temperature: float = 1.0          # 0 -> greedy
+    top_k: int = 0                    # 0 (or -1) -> off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] | None = None   # None -> the model's EOS
+    ignore_eos: bool = False
+    bad_words: list[str] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: int | None = None       # None -> off; N -> the chosen token's logprob and the top N
+    n: int = 1                        # choices; choice i uses seed + i when seeded
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise GenerationError (one sentence naming the field) for a value out of range."""
+        def integer(name, low, high=None, none_ok=False):
+            value = getattr(self, name)
+            if value is None and none_ok:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+                rng = f"at least {low}" if high is None else f"between {low} and {high}"
+                raise GenerationError(f"{name} must be an integer {rng}, got {value!r}.")
+
+        def number(name, low, high, low_open=False):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < low or value > high or (low_open and value == low):
+                bracket = "(" if low_open else "["
+                raise GenerationError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}.")
+
+        integer("max_tokens", 1, none_ok=True)
+        number("temperature", 0.0, 100.0)
+        integer("top_k", -1)
+        number("top_p", 0.0, 1.0, low_open=True)
+        number("min_p", 0.0, 1.0)
+        number("repetition_penalty", 0.0, 100.0, low_open=True)
+        number("presence_penalty", -2.0, 2.0)
+        number("frequency_penalty", -2.0, 2.0)
+        integer("no_repeat_ngram_size", 0)
+        integer("min_tokens", 0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise GenerationError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens}).")
+        integer("n", 1)
+        integer("logprobs", 0, MAX_LOGPROBS, none_ok=True)
+        integer("seed", -(2 ** 63), 2 ** 64 - 1, none_ok=True)
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
+            raise GenerationError("stop must be a string or a list of strings.")
+        if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(s, str) and s for s in self.bad_words):
+            raise GenerationError("bad_words must be a list of non-empty strings.")
+        if self.stop_token_ids is not None:
+            ids = self.stop_token_ids
+            if not isinstance(ids, (list, tuple)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+                raise GenerationError(f"stop_token_ids must be a list of token ids below the vocabulary size {vocab_size}.")
+        if not isinstance(self.ignore_eos, bool):
+            raise GenerationError(f"ignore_eos must be true or false, got {self.ignore_eos!r}.")
+
+
+@dataclass
+class TokenEvent:
+    """One per generated token, then a final one (token_id None) that carries finish_reason."""
+    index: int                        # choice index (0..n-1)
+    token_id: int | None
+    text: str                         # text delta; held back until a character completes and a
+                                      # possible stop-string prefix is decided
+    logprob: float | None
+    top_logprobs: list[tuple[int, str, float]] | None   # (token id, token text, logprob)
+    finish_reason: str | None         # None while running; "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Completion:
+    """One finished choice, as BatchEngine.generate returns it."""
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, str, float]]] | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Request:
+    """A submitted prompt: its n choices share one prefill. Returned by BatchEngine.submit."""
+
+    _next_id = 0
+    _id_lock = threading.Lock()
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, on_event) -> None:
+        with Request._id_lock:
+            Request._next_id += 1
+            self.id = Request._next_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.on_event = on_event
+        self.prompt_tokens = len(prompt_ids)
+        self.prefilled = 0            # prompt tokens already in the cache
+        self.cancelled = False
+        self.finish_reasons: list[str | None] = [None] * params.n
+        self.done = threading.Event()  # set once every choice has finished
+        self.submitted_at = time.monotonic()
+        self.seqs: list[_Seq] = []
+
+    def __repr__(self) -> str:
+        return f"Request(id={self.id}, prompt_tokens={self.prompt_tokens}, n={self.params.n})"
+
+
+class _Seq:
+    """One choice of a request while it holds a cache row."""
+
+    def __init__(self, request: Request, index: int, row: int, generator, tracker, stop_ids, bad_words) -> None:
+        self.request = request
+        self.params = request.params
+        self.index = index
+        self.row = row
+        self.generator = generator
+        self.tracker = tracker
+        self.emitter = StreamEmitter()
+        self.stop_ids = stop_ids
+        self.bad_words = bad_words       # BadWords processor or None
+        self.tokens: list[int] = []      # generated so far
+        self.cache_len = 0               # positions of this row already written in the cache
+        self.finish_reason: str | None = None
+
+    @property
+    def hist_len(self) -> int:
+        return self.request.prompt_tokens + len(self.tokens)
+
+
+class _RowsState:
+    """The decode-state view the logits processors read, over the rows being sampled."""
+
+    def __init__(self, engine: "BatchEngine", seqs: list[_Seq]) -> None:
+        self.engine, self.seqs = engine, seqs
+        self.num_rows = len(seqs)
+        self.device = engine.device
+        self._lists = None
+
+    def _hist(self):
+        rows = torch.tensor([s.row for s in self.seqs], device=self.device)
+        lens = torch.tensor([s.hist_len for s in self.seqs], device=self.device)
+        hist = self.engine._history.index_select(0, rows)
+        return hist, lens
+
+    def row_lists(self) -> list[list[int]]:
+        if self._lists is None:
+            self._lists = [s.request.prompt_ids + s.tokens for s in self.seqs]
+        return self._lists
+
+    def presence(self, vocab_size: int) -> torch.Tensor:
+        hist, lens = self._hist()
+        slots = torch.arange(hist.shape[1], device=self.device)
+        idx = torch.where(slots[None] < lens[:, None], hist, vocab_size)
+        out = torch.zeros(self.num_rows, vocab_size + 1, dtype=torch.bool, device=self.device)
+        out.scatter_(1, idx, True)
+        return out[:, :vocab_size]
+
+    def generated_counts(self, vocab_size: int) -> torch.Tensor:
+        hist, lens = self._hist()
+        prompt = torch.tensor([s.request.prompt_tokens for s in self.seqs], device=self.device)
+        slots = torch.arange(hist.shape[1], device=self.device)
+        gen = (slots[None] >= prompt[:, None]) & (slots[None] < lens[:, None])
+        out = torch.zeros(self.num_rows, vocab_size + 1, dtype=torch.long, device=self.device)
+        out.scatter_add_(1, torch.where(gen, hist, vocab_size), torch.ones_like(hist))
+        return out[:, :vocab_size]
+
+    @property
+    def gen_count(self) -> torch.Tensor:
+        return torch.tensor([len(s.tokens) for s in self.seqs], device=self.device)
+
+
+# Per-row sampling (temporary local versions until the shared per-row functions land) ----------------
+def _apply_temperature(scores, t):
+    t = torch.where(t == 0, torch.ones_like(t), t)
+    return scores / t[:, None]
+
+
+def _top_k_filter(scores, k):
+    V = scores.shape[-1]
+    k = torch.where(k <= 0, torch.full_like(k, V), k.clamp(max=V))
+    kth = torch.sort(scores, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+    return scores.masked_fill(scores < kth, NEG_INF)
+
+
+def _top_p_filter(scores, p):
+    values, ids = torch.sort(scores, dim=-1, descending=True)
+    probs = torch.softmax(values, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs
+    drop = before >= p[:, None]
+    drop[:, 0] = False
+    drop = drop & (p[:, None] < 1.0)
+    return scores.masked_fill(torch.zeros_like(drop).scatter(1, ids, drop), NEG_INF)
+
+
+def _min_p_filter(scores, min_p):
+    probs = torch.softmax(scores, dim=-1)
+    top = probs.max(dim=-1, keepdim=True).values
+    drop = (probs < min_p[:, None] * top) & (min_p[:, None] > 0)
+    return scores.masked_fill(drop, NEG_INF)
+
+
+def _draw(probs, generators):
+    """One sample per row (exponential race); a row with a generator draws only from it."""
+    q = torch.empty_like(probs)
+    shared = [i for i, g in enumerate(generators) if g is None]
+    if shared:
+        q[shared] = torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_(1.0)
+    for i, g in enumerate(generators):
+        if g is not None:
+            q[i].exponential_(1.0, generator=g)
+    return torch.argmax(probs / q, dim=-1)
+
+
+# The engine ---------------------------------------------------------------------------------------
+class BatchEngine:
+    """Continuous batching over `max_batch` cache slots, stepped by one background thread."""
+
+    def __init__(self, lm, *, max_batch: int = 16, max_queue: int = 256, prefill_chunk: int = 256,
+                 max_context: int | None = None, device=None, logprobs_mode: str = "raw") -> None:
+        model = getattr(lm, "model", lm)
+        self.lm = lm
+        self.tokenizer = getattr(lm, "tokenizer", None)
+        if device is not None:
+            model.to(device)
+        cfg = model.config
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GenerationError(f"{name} must be a positive integer, got {value!r}.")
+        if logprobs_mode not in ("raw", "processed"):
+            raise GenerationError(f"logprobs_mode must be 'raw' or 'processed', got {logprobs_mode!r}.")
+        self.max_context = min(max_context or cfg.n_positions, cfg.n_positions)
+        if self.max_context < 2:
+            raise GenerationError(f"max_context must be at least 2, got {max_context!r}.")
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.logprobs_mode = logprobs_mode
+        self.vocab_size = cfg.vocab_size
+        eos = cfg.eos_token_id
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_id = eos
+        self.slots = SlotModel(model, max_batch, self.max_context)
+        self.device = self.slots.device
+        self.use_graphs = self.device.type == "cuda"
+        self._history = torch.zeros(max_batch, self.max_context, dtype=torch.long, device=self.device)
+        self._rows: list[_Seq | None] = [None] * max_batch
+        self._n_dec = 0                        # rows 0.._n_dec-1 are decoding
+        self._prefilling: list[Request] = []   # admitted, prompt not fully in the cache yet
+        self._waiting: deque[Request] = deque()
+        self._active: list[Request] = []       # admitted and not finished
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._token_text: dict[int, str] = {}
+        self._stats = dict(steps=0, tokens_generated=0, prompt_tokens=0, requests_finished=0,
+                           requests_cancelled=0, prefill_chunks=0)
+
+    # Lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise GenerationError("This BatchEngine is closed; create a new one.")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="gptgen-batcher", daemon=True)
+                self._thread.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> "BatchEngine":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # Public calls (any thread) --------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               on_event: Callable[[TokenEvent], None]) -> Request:
+        prompt = self._check_prompt(prompt_ids)
+        params.validate(self.vocab_size)
+        if params.n > self.max_batch:
+            raise GenerationError(f"n ({params.n}) must not exceed the engine's max_batch of {self.max_batch}.")
+        room = self.max_context - len(prompt)
+        if params.max_tokens is None:
+            if room < 1:
+                raise PromptTooLong(f"The prompt has {len(prompt)} tokens and leaves no room in the context of "
+                                    f"{self.max_context}.")
+        elif len(prompt) + params.max_tokens > self.max_context:
+            raise PromptTooLong(f"The prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                                f"the context of {self.max_context} tokens.")
+        if params.bad_words and self.tokenizer is None:
+            raise GenerationError("bad_words needs a tokenizer; pass a LanguageModel to the engine.")
+        request = Request(prompt, params, on_event)
+        if self._thread is None:
+            self.start()
+        with self._lock:
+            if self._closed:
+                raise GenerationError("This BatchEngine is closed; create a new one.")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"The queue already holds {self.max_queue} waiting requests; retry later.")
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        with self._lock:
+            request.cancelled = True
+            self._wake.notify()
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                 timeout: float | None = None) -> list[Completion]:
+        """Submit and wait: one Completion per choice, in choice order."""
+        params = params or SamplingParams()
+        parts: dict[int, list[TokenEvent]] = {}
+        request = self.submit(prompt_ids, params, lambda ev: parts.setdefault(ev.index, []).append(ev))
+        if not request.done.wait(timeout):
+            self.cancel(request)
+            request.done.wait()
+        out = []
+        for i in range(params.n):
+            evs = parts.get(i, [])
+            toks = [e for e in evs if e.token_id is not None]
+            final = evs[-1]
+            out.append(Completion(
+                index=i, text="".join(e.text for e in evs), token_ids=[e.token_id for e in toks],
+                finish_reason=final.finish_reason, logprobs=None if params.logprobs is None else [e.logprob for e in toks],
+                top_logprobs=None if params.logprobs is None else [e.top_logprobs for e in toks],
+                prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens))
+        return out
+
+    def stats(self) -> dict:
+        with self._lock:
+            out = dict(self._stats)
+            out.update(queue_depth=len(self._waiting), active_slots=sum(r is not None for r in self._rows),
+                       max_batch=self.max_batch)
+        return out
+
+    # Checks -------------------------------------------------------------------------------------------------
+    def _check_prompt(self, prompt_ids) -> list[int]:
+        try:
+            prompt = [int(t) for t in prompt_ids]
+        except (TypeError, ValueError):
+            raise GenerationError("The prompt must be a list of token ids.") from None
+        if not prompt:
+            raise GenerationError("The prompt has no tokens; give it text or a BOS token.")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise GenerationError(f"Prompt token id {bad[0]} is outside the model's vocabulary of {self.vocab_size}.")
+        return prompt
+
+    # The engine thread ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        grad_off = torch.no_grad() if self.use_graphs else torch.inference_mode()
+        with grad_off:
+            while True:
+                with self._lock:
+                    while not self._closed and not self._waiting and not self._active:
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    cancelled = [r for r in self._active if r.cancelled]
+                    admitted = self._admit_locked()
+                try:
+                    self._step(cancelled, admitted)
+                except Exception:  # a bug must not hang the clients: end every request
+                    log.exception("continuous-batching step failed")
+                    self._fail_all()
+            self._fail_all(reason="cancelled")
+
+    def _admit_locked(self) -> list[Request]:
+        """Move waiting requests into free rows (FIFO), reserving one row per choice."""
+        for req in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(req)
+            self._finish_request_unadmitted(req)
+        admitted = []
+        free = [r for r in range(self.max_batch - 1, self._n_dec - 1, -1) if self._rows[r] is None]
+        while self._waiting and len(free) >= self._waiting[0].params.n:
+            req = self._waiting.popleft()
+            rows = [free.pop(0) for _ in range(req.params.n)]  # highest rows first: fewer swaps later
+            req.seqs = [self._new_seq(req, i, row) for i, row in enumerate(rows)]
+            for seq in req.seqs:
+                self._rows[seq.row] = seq
+            self._active.append(req)
+            admitted.append(req)
+        return admitted
+
+    def _new_seq(self, req: Request, index: int, row: int) -> _Seq:
+        p = req.params
+        generator = None
+        if p.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed((p.seed + index) % (2 ** 64))
+        if p.stop_token_ids is not None:
+            stop_ids = set(p.stop_token_ids)
+        else:
+            stop_ids = {self.eos_id} if self.eos_id is not None and not p.ignore_eos else set()
+        if p.ignore_eos and self.eos_id is not None:
+            stop_ids.discard(self.eos_id)
+        tracker = TextTracker(self.tokenizer, req.prompt_ids, p.stop) if self.tokenizer is not None else None
+        bad = None
+        if p.bad_words:
+            from .processors import BadWords
+
+            bad = BadWords([self.tokenizer.encode(w) for w in p.bad_words if self.tokenizer.encode(w)], self.vocab_size)
+        return _Seq(req, index, row, generator, tracker, stop_ids, bad)
+
+    def _step(self, cancelled: list[Request], admitted: list[Request]) -> None:
+        for req in cancelled:
+            self._end_request(req, "cancelled")
+        for req in admitted:
+            P = req.prompt_tokens
+            prompt = torch.tensor(req.prompt_ids, device=self.device)
+            for seq in req.seqs:
+                self._history[seq.row, :P] = prompt
+            self._prefilling.append(req)
+        ran = False
+        if self._prefilling:
+            self._prefill_chunk()
+            ran = True
+        if self._n_dec:
+            seqs = self._rows[:self._n_dec]
+            idx = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
+            pos = torch.tensor([[s.cache_len] for s in seqs], device=self.device)
+            if self.use_graphs:
+                bucket = min(self.max_batch, 1 << (len(seqs) - 1).bit_length())
+                logits = self.slots.decode_graphed(idx, pos, bucket)
+            else:
+                logits = self.slots.forward(idx, pos)
+            for s in seqs:
+                s.cache_len += 1
+            self._sample_and_commit(logits, list(seqs))
+            ran = True
+        if ran:
+            with self._lock:
+                self._stats["steps"] += 1
+
+    def _prefill_chunk(self) -> None:
+        """One forward over the next prompt chunk of each joining request, prefill_chunk tokens at most."""
+        parts = []  # (request, start, end); rows are padded to the longest, so the budget counts padding
+        T = 0
+        for req in self._prefilling:
+            start = req.prefilled
+            if not parts:
+                end = min(req.prompt_tokens, start + self.prefill_chunk)
+            else:
+                end = min(req.prompt_tokens, start + T)
+                if (len(parts) + 1) * max(T, end - start) > self.prefill_chunk:
+                    break
+            parts.append((req, start, end))
+            T = max(T, end - start)
+        idx = torch.zeros(len(parts), T, dtype=torch.long)
+        pos = torch.zeros(len(parts), T, dtype=torch.long)
+        last = []
+        for i, (req, start, end) in enumerate(parts):
+            n = end - start
+            idx[i, :n] = torch.tensor(req.prompt_ids[start:end])
+            # padding continues the positions (its writes land past the prompt, rewritten before read)
+            pos[i] = torch.arange(start, start + T).clamp(max=self.max_context - 1)
+            last.append(n - 1)
+        rows = torch.tensor([req.seqs[0].row for req, _, _ in parts], device=self.device)
+        logits = self.slots.forward(idx.to(self.device), pos.to(self.device), rows=rows,
+                                    last=torch.tensor(last, device=self.device))
+        with self._lock:
+            self._stats["prefill_chunks"] += 1
+            self._stats["prompt_tokens"] += sum(end - start for _, start, end in parts)
+        joined_logits, joined = [], []
+        for i, (req, start, end) in enumerate(parts):
+            req.prefilled = end
+            req.seqs[0].cache_len = end
+            if end < req.prompt_tokens:
+                continue
+            self._prefilling.remove(req)
+            lead = req.seqs[0]
+            for seq in req.seqs[1:]:  # the other choices start from a copy of the prompt's cache
+                self.slots.move_row(lead.row, seq.row, end)
+                seq.cache_len = end
+            for seq in req.seqs:
+                self._join_decoding(seq)
+                joined.append(seq)
+                joined_logits.append(logits[i])
+        if joined:
+            self._sample_and_commit(torch.stack(joined_logits), joined)
+
+    def _join_decoding(self, seq: _Seq) -> None:
+        """Move a row that finished its prefill to the end of the packed decoding rows."""
+        target = self._n_dec
+        other = self._rows[target]
+        if other is not seq:
+            if other is None:
+                self.slots.move_row(seq.row, target, seq.cache_len)
+                self._history[target] = self._history[seq.row]
+            else:
+                self.slots.swap_rows(seq.row, target, max(seq.cache_len, other.cache_len))
+                self._history[[seq.row, target]] = self._history[[target, seq.row]]
+                other.row = seq.row
+                self._rows[seq.row] = other
+            if other is None:
+                self._rows[seq.row] = None
+            self._rows[target] = seq
+            seq.row = target
+        self._n_dec += 1
+
+    # Choosing tokens ----------------------------------------------------------------------------------------
+    def _process(self, scores: torch.Tensor, seqs: list[_Seq], state: _RowsState) -> torch.Tensor:
+        ps = [s.params for s in seqs]
+        dev = self.device
+        V = scores.shape[-1]
+        if any(p.repetition_penalty != 1.0 for p in ps):
+            pen = torch.tensor([p.repetition_penalty for p in ps], device=dev)[:, None]
+            present = state.presence(V)
+            scores = torch.where(present, torch.where(scores < 0, scores * pen, scores / pen), scores)
+        if any(p.presence_penalty or p.frequency_penalty for p in ps):
+            counts = state.generated_counts(V).float()
+            pres = torch.tensor([p.presence_penalty for p in ps], device=dev)[:, None]
+            freq = torch.tensor([p.frequency_penalty for p in ps], device=dev)[:, None]
+            scores = scores - pres * (counts > 0) - freq * counts
+        rows, cols = [], []
+        lists = None
+        for r, (s, p) in enumerate(zip(seqs, ps)):
+            if p.no_repeat_ngram_size:
+                lists = lists or state.row_lists()
+                for tok in NoRepeatNGram(p.no_repeat_ngram_size).banned(lists[r]):
+                    rows.append(r)
+                    cols.append(tok)
+            if p.min_tokens and len(s.tokens) < p.min_tokens:
+                for tok in s.stop_ids:
+                    rows.append(r)
+                    cols.append(tok)
+        if rows:
+            scores = scores.clone()
+            scores[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = NEG_INF
+        for r, s in enumerate(seqs):
+            if s.bad_words is not None:
+                scores[r:r + 1] = s.bad_words(scores[r:r + 1], _OneRow(state.row_lists()[r]))
+        return scores
+
+    def _sample_and_commit(self, logits: torch.Tensor, seqs: list[_Seq]) -> None:
+        ps = [s.params for s in seqs]
+        dev = self.device
+        state = _RowsState(self, seqs)
+        want_lp = any(p.logprobs is not None for p in ps)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_lp and self.logprobs_mode == "raw" else None
+        scores = self._process(logits, seqs, state)
+        temps = [p.temperature for p in ps]
+        greedy = torch.argmax(scores, dim=-1)
+        if want_lp and logprobs is None:  # "processed": after penalties and temperature, before filters
+            t = torch.tensor(temps, device=dev)
+            logprobs = torch.log_softmax(_apply_temperature(scores, t), dim=-1)
+        if all(t == 0 for t in temps):
+            tokens = greedy
+        else:
+            t = torch.tensor(temps, device=dev)
+            s = _apply_temperature(scores, t)
+            if any(p.top_k > 0 for p in ps):
+                s = _top_k_filter(s, torch.tensor([p.top_k for p in ps], device=dev))
+            if any(p.top_p < 1.0 for p in ps):
+                s = _top_p_filter(s, torch.tensor([p.top_p for p in ps], device=dev))
+            if any(p.min_p > 0 for p in ps):
+                s = _min_p_filter(s, torch.tensor([p.min_p for p in ps], device=dev))
+            probs = torch.softmax(s, dim=-1)
+            sampled = _draw(probs, [sq.generator for sq in seqs])
+            tokens = torch.where(t == 0, greedy, sampled)
+        chosen_lp = top = None
+        if want_lp:
+            chosen_lp = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+            k = max(p.logprobs or 0 for p in ps)
+            if k:
+                vals, ids = torch.topk(logprobs, k, dim=-1)
+                top = (vals.tolist(), ids.tolist())
+        tokens = tokens.tolist()
+        for r, (seq, tok) in enumerate(zip(seqs, tokens)):
+            lp = tl = None
+            if seq.params.logprobs is not None:
+                lp = chosen_lp[r]
+                n = seq.params.logprobs
+                tl = [(i, self._text_of(i), v) for v, i in zip(top[0][r][:n], top[1][r][:n])] if n else []
+            self._commit(seq, tok, lp, tl)
+        self._release_finished(seqs)
+
+    def _text_of(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+            self._token_text[token_id] = text
+        return text
+
+    def _commit(self, seq: _Seq, token: int, logprob, top_logprobs) -> None:
+        seq.tokens.append(token)
+        hist = seq.hist_len
+        if hist - 1 < self.max_context:
+            self._history[seq.row, hist - 1] = token
+        p = seq.params
+        reason = None
+        if token in seq.stop_ids:
+            reason = "stop"
+        elif seq.tracker is not None and p.stop and seq.tracker.stop_hit(seq.tokens):
+            reason = "stop"
+        elif (p.max_tokens is not None and len(seq.tokens) >= p.max_tokens) or hist >= self.max_context:
+            reason = "length"
+        text = ""
+        if seq.tracker is not None:
+            text = seq.emitter.piece(seq.tracker.safe(seq.tokens, False)) if reason is None else ""
+        with self._lock:
+            self._stats["tokens_generated"] += 1
+        self._emit(seq, TokenEvent(seq.index, token, text, logprob, top_logprobs, None,
+                                   seq.request.prompt_tokens, len(seq.tokens)))
+        if reason is not None:
+            self._finish_seq(seq, reason)
+
+    def _emit(self, seq: _Seq, event: TokenEvent) -> None:
+        try:
+            seq.request.on_event(event)
+        except Exception:  # a broken consumer ends its own request, never the engine
+            log.exception("on_event of request %s raised; cancelling it", seq.request.id)
+            seq.request.cancelled = True
+
+    def _finish_seq(self, seq: _Seq, reason: str) -> None:
+        if seq.finish_reason is not None:
+            return
+        seq.finish_reason = reason
+        text = ""
+        if seq.tracker is not None:
+            text = seq.emitter.piece(seq.tracker.final(seq.tokens))
+        self._emit(seq, TokenEvent(seq.index, None, text, None, None, reason,
+                                   seq.request.prompt_tokens, len(seq.tokens)))
+        req = seq.request
+        req.finish_reasons[seq.index] = reason
+        if all(r is not None for r in req.finish_reasons):
+            with self._lock:
+                if req in self._active:
+                    self._active.remove(req)
+                self._stats["requests_finished"] += 1
+                if reason == "cancelled":
+                    self._stats["requests_cancelled"] += 1
+            req.done.set()
+
+    def _release_finished(self, seqs: list[_Seq]) -> None:
+        """Free the rows of finished sequences, keeping the decoding rows packed."""
+        gone = sorted((s.row for s in seqs if s.finish_reason is not None and s.row >= 0), reverse=True)
+        for row in gone:
+            self._free_row(row)
+
+    def _free_row(self, row: int) -> None:
+        seq = self._rows[row]
+        seq.row = -1
+        if row < self._n_dec:
+            last = self._n_dec - 1
+            if row != last:
+                moved = self._rows[last]
+                self.slots.move_row(last, row, moved.cache_len)
+                self._history[row] = self._history[last]
+                moved.row = row
+                self._rows[row] = moved
+                row = last
+            self._n_dec -= 1
+        with self._lock:
+            self._rows[row] = None
+
+    def _end_request(self, req: Request, reason: str) -> None:
+        if req in self._prefilling:
+            self._prefilling.remove(req)
+        seqs = [s for s in req.seqs if s.row >= 0]
+        for seq in req.seqs:
+            self._finish_seq(seq, reason)
+        for row in sorted((s.row for s in seqs), reverse=True):
+            self._free_row(row)
+
+    def _finish_request_unadmitted(self, req: Request) -> None:
+        for i in range(req.params.n):
+            req.finish_reasons[i] = "cancelled"
+            try:
+                req.on_event(TokenEvent(i, None, "", None, None, "cancelled", req.prompt_tokens, 0))
+            except Exception:
+                log.exception("on_event of request %s raised", req.id)
+        self._stats["requests_finished"] += 1
+        self._stats["requests_cancelled"] += 1
+        req.done.set()
+
+    def _fail_all(self, reason: str = "error") -> None:
+        for req in list(self._active):
+            try:
+                self._end_request(req, reason)
+            except Exception:
+                log.exception("ending request %s failed", req.id)
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._active.clear()
+        for req in waiting:
+            self._finish_request_unadmitted(req)
+        self._prefilling.clear()
+        self._rows = [None] * self.max_batch
+        self._n_dec = 0
+
+
+class _OneRow:
+    def __init__(self, tokens: list[int]) -> None:
+        self._tokens = tokens
+
+    def row_lists(self):
+        return [self._tokens]

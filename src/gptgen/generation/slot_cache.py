@@ -1,0 +1,158 @@
+"""A KV cache of S slots for continuous batching: every row writes and reads at its own positions.
+
+The per-call engine gives all rows of a batch the same cache positions (left padding lines them up).
+A continuous-batching scheduler runs sequences that started at different times in one forward, so
+each row has its own write positions and its own filled length. `SlotKVCache` keeps the model's
+`KVCache.update(input_pos, k, v)` protocol, with `input_pos` of shape (rows, T) — one position per
+row and token — and `SlotModel` runs the GPT's own blocks over it:
+
+    sm = SlotModel(model, slots=16, max_len=1024)
+    logits = sm.forward(ids, positions, rows=None)   # rows 0..B-1 (decode: views, no copies)
+    logits = sm.forward(ids, positions, rows=rows, last=last)   # any rows (chunked prefill: a gather)
+    sm.move_row(src, dst, length)                    # the scheduler keeps decoding rows packed
+
+SlotModel works on a copy of the GPT's modules that shares the parameters (no weight memory), so the
+per-call engine can keep using the model's own cache attributes from another thread meanwhile. The
+cache lives in module buffers and a decode step has fixed shapes for a given batch size, so on CUDA
+the step is compiled with torch.compile(mode="reduce-overhead") (CUDA graphs) per bucketed batch size.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..model import KVCache
+from .engine import _head_t
+
+
+class SlotKVCache(KVCache):
+    """k/v buffers (slots, heads, max_len, head_dim); writes land at per-row positions."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rows: torch.Tensor | None = None  # None: rows 0..B-1 (views); else the slots of this call
+        self.read_len: int | None = None       # with `rows`: how much of each slot the call attends over
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        B, _, T, _ = k.shape
+        rows = self.rows if self.rows is not None else torch.arange(B, device=k.device)
+        index = (rows[:, None].expand(B, T), slice(None), input_pos)
+        self.k_cache[index] = k.transpose(1, 2).to(self.k_cache.dtype)
+        self.v_cache[index] = v.transpose(1, 2).to(self.v_cache.dtype)
+        if self.rows is None:
+            return self.k_cache[:B], self.v_cache[:B]
+        n = self.read_len or self.k_cache.shape[2]
+        return self.k_cache[self.rows, :, :n], self.v_cache[self.rows, :, :n]
+
+
+def _clone_sharing_weights(model):
+    """A copy of the module tree whose parameters and buffers are the original's tensors."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    for name, value in vars(model).items():
+        if name.startswith("_gptgen_"):  # per-model caches (transposed head, compiled steps)
+            memo[id(value)] = None
+    clone = copy.deepcopy(model, memo)
+    for name in [n for n in vars(clone) if n.startswith("_gptgen_")]:
+        delattr(clone, name)
+    return clone
+
+
+def attention_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Boolean SDPA mask (rows, 1, T, kv_len): each token sees its row's slots up to its own position."""
+    slots = torch.arange(kv_len, device=positions.device)
+    return (slots[None, None, :] <= positions[:, :, None])[:, None]
+
+
+class SlotModel:
+    """The GPT's modules over a SlotKVCache of `slots` rows and `max_len` positions."""
+
+    def __init__(self, model, slots: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        self.model = _clone_sharing_weights(model).eval()
+        m = self.model
+        param = m.embed.wte.weight
+        self.device = param.device
+        self.slots, self.max_len = slots, max_len
+        dtype = dtype or param.dtype
+        for block in m.blocks:
+            attn = block.attn
+            attn.kv_cache = SlotKVCache(slots, max_len, attn.n_head, attn.head_dim, dtype, self.device)
+        m.max_cache_len = max_len
+        self.caches = [block.attn.kv_cache for block in m.blocks]
+        self._compiled = None
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """LM head over (rows, n_embd); on CPU as the per-call engine does it (same numbers)."""
+        m = self.model
+        if self.device.type != "cpu":
+            return m.lm_head(x)
+        logits = x @ _head_t(m)
+        return logits + m.lm_head.bias if m.lm_head.bias is not None else logits
+
+    def _run(self, idx, positions, mask, kv_len):
+        m = self.model
+        x = m.embed(idx, positions)
+        for block in m.blocks:
+            x = block(x, mask, positions, kv_len)
+        return m.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor, *, rows: torch.Tensor | None = None,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (rows, vocab) of one token per row: the last column, or column `last[r]` of row r.
+
+        idx, positions: (B, T). rows: the cache slots of the B rows (None: slots 0..B-1). Positions past
+        a row's real tokens may hold padding: they write slots nobody reads before they are rewritten.
+        """
+        kv_len = int(positions.max()) + 1
+        mask = attention_mask(positions, kv_len)
+        for cache in self.caches:
+            cache.rows, cache.read_len = rows, kv_len
+        try:
+            x = self._run(idx, positions, mask, kv_len)
+        finally:
+            for cache in self.caches:
+                cache.rows, cache.read_len = None, None
+        if last is None:
+            x = x[:, -1]
+        else:
+            x = x[torch.arange(x.shape[0], device=x.device), last]
+        return self._logits(x).float()
+
+    # CUDA: one captured graph per bucketed batch size ------------------------------------------------
+    def decode_graphed(self, idx: torch.Tensor, positions: torch.Tensor, bucket: int) -> torch.Tensor:
+        """The decode step of rows 0..B-1 padded to `bucket` rows, over the full cache length so every
+        shape is fixed; padding rows write the last slot, which no sequence reads (prompt + new tokens
+        never fill the whole cache)."""
+        B = idx.shape[0]
+        L = self.max_len
+        pad = bucket - B
+        if pad:
+            idx = torch.cat([idx, idx.new_zeros(pad, 1)])
+            positions = torch.cat([positions, positions.new_full((pad, 1), L - 1)])
+        mask = attention_mask(positions, L)
+        if self._compiled is None:
+            self._compiled = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        logits = self._compiled(idx, positions, mask)
+        return logits[:B].float().clone()  # a replay overwrites the graph's outputs
+
+    def _step(self, idx, positions, mask):
+        x = self._run(idx, positions, mask, None)
+        return self.model.lm_head(x[:, -1])
+
+    # Row moves (the scheduler keeps decoding rows packed at the front) ------------------------------
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        if src == dst or length <= 0:
+            return
+        for c in self.caches:
+            c.k_cache[dst, :, :length] = c.k_cache[src, :, :length]
+            c.v_cache[dst, :, :length] = c.v_cache[src, :, :length]
+
+    def swap_rows(self, a: int, b: int, length: int) -> None:
+        if a == b or length <= 0:
+            return
+        for c in self.caches:
+            for buf in (c.k_cache, c.v_cache):
+                tmp = buf[a, :, :length].clone()
+                buf[a, :, :length] = buf[b, :, :length]
+                buf[b, :, :length] = tmp

@@ -1,0 +1,350 @@
+"""The continuous-batching engine (gptgen.generation.batcher).
+
+Oracles: the per-call engine (`generate_ids` / `lm.generate`) for greedy tokens, with and without
+other requests in flight; the same seeded request run alone; log_softmax of the model's logits
+computed over the whole sequence without a cache; a "scripted" GPT whose greedy continuation is a
+chosen token list, for UTF-8 splits, stop strings and EOS.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from gptgen import GPT, GenerationError, GPTConfig, LanguageModel, Tokenizer
+from gptgen.generation import generate_ids
+from gptgen.generation.batcher import BatchEngine, PromptTooLong, QueueFull, SamplingParams
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXTS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a journey of a thousand miles begins with a single step",
+    "all that glitters is not gold, and not all who wander are lost",
+    "to be or not to be, that is the question",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train("byte-bpe", TEXTS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def lm(tok):
+    torch.manual_seed(11)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=2, init_std=0.2,
+                    eos_token_id=tok.eos_token_id)
+    return LanguageModel(GPT(cfg).eval(), tok)
+
+
+@pytest.fixture(scope="module")
+def engine(lm):
+    with BatchEngine(lm, max_batch=12, prefill_chunk=16) as eng:
+        yield eng
+
+
+def _prompt(tok, text):
+    return tok.encode(text)
+
+
+def _wait_until(cond, timeout=20.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("timed out")
+        time.sleep(0.002)
+
+
+class Collector:
+    """on_event sink: events per choice, and a flag once the first token arrived."""
+
+    def __init__(self):
+        self.events = {}
+        self.first = threading.Event()
+
+    def __call__(self, ev):
+        self.events.setdefault(ev.index, []).append(ev)
+        if ev.token_id is not None:
+            self.first.set()
+
+    def tokens(self, i=0):
+        return [e.token_id for e in self.events.get(i, []) if e.token_id is not None]
+
+    def text(self, i=0):
+        return "".join(e.text for e in self.events.get(i, []))
+
+
+OTHERS = [
+    SamplingParams(max_tokens=30, temperature=0.8, top_k=20, seed=1),
+    SamplingParams(max_tokens=25, temperature=1.2, top_p=0.9),
+    SamplingParams(max_tokens=40, temperature=0.7, min_p=0.05, seed=3, repetition_penalty=1.3),
+    SamplingParams(max_tokens=20, temperature=1.0, presence_penalty=0.5, frequency_penalty=0.5),
+    SamplingParams(max_tokens=35, temperature=0.0, no_repeat_ngram_size=2),
+    SamplingParams(max_tokens=30, temperature=0.9, top_k=5, top_p=0.8, seed=6, n=2),
+    SamplingParams(max_tokens=28, temperature=1.0, stop=["e"], seed=7),
+    SamplingParams(max_tokens=33, temperature=1.5, min_tokens=10, logprobs=3),
+]
+OTHER_PROMPTS = ["the quick", "a journey of a", "all", "to be or not to be, that", "alpha beta", "x y z", "lazy dog",
+                 "wander"]
+
+
+def _run_with_others(engine, tok, prompt_ids, params):
+    """Run `params` on `prompt_ids` while 8 other requests join before and after it; return its tokens."""
+    sinks, reqs = [], []
+    for i in range(4):
+        sink = Collector()
+        reqs.append(engine.submit(_prompt(tok, OTHER_PROMPTS[i]), OTHERS[i], sink))
+        sinks.append(sink)
+        sink.first.wait(10)  # each joins at a later step than the one before
+    target = Collector()
+    treq = engine.submit(prompt_ids, params, target)
+    for i in range(4, 8):
+        target.first.wait(10)
+        time.sleep(0.005 * i)
+        sink = Collector()
+        reqs.append(engine.submit(_prompt(tok, OTHER_PROMPTS[i]), OTHERS[i], sink))
+    assert treq.done.wait(30)
+    for r in reqs:
+        assert r.done.wait(30)
+    return target
+
+
+# Greedy and seeded sampling: the same alone and in a busy batch --------------------------------------
+@pytest.mark.parametrize("extra", [{}, dict(repetition_penalty=1.4, no_repeat_ngram_size=2)])
+def test_greedy_matches_lm_generate_alone_and_with_8_others(engine, lm, tok, extra):
+    prompt = _prompt(tok, "the quick brown fox")
+    ref = generate_ids(lm.model, [prompt], max_new_tokens=40, eos_token_id=tok.eos_token_id, **extra)[0]
+    params = SamplingParams(max_tokens=40, temperature=0.0, **extra)
+    alone = engine.generate(prompt, params)[0]
+    assert alone.token_ids == ref
+    busy = _run_with_others(engine, tok, prompt, params)
+    assert busy.tokens() == ref
+    assert busy.text() == alone.text == lm.tokenizer.decode(ref, skip_special_tokens=True)
+    assert engine.stats()["active_slots"] == 0
+
+
+def test_seeded_sampling_is_the_same_alone_and_with_8_others(engine, tok):
+    prompt = _prompt(tok, "all that glitters")
+    params = SamplingParams(max_tokens=40, temperature=1.3, top_k=40, top_p=0.95, seed=1234)
+    alone = engine.generate(prompt, params)[0]
+    again = engine.generate(prompt, params)[0]
+    busy = _run_with_others(engine, tok, prompt, params)
+    assert alone.token_ids == again.token_ids == busy.tokens()
+    assert alone.text == busy.text()
+    other = engine.generate(prompt, SamplingParams(max_tokens=40, temperature=1.3, top_k=40, top_p=0.95, seed=99))[0]
+    assert other.token_ids != alone.token_ids  # the seed matters
+
+
+def test_n_choices_use_seed_plus_index(engine, tok):
+    prompt = _prompt(tok, "to be or")
+    both = engine.generate(prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=50, n=3))
+    assert [c.index for c in both] == [0, 1, 2]
+    for i, choice in enumerate(both):
+        single = engine.generate(prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=50 + i))[0]
+        assert choice.token_ids == single.token_ids
+        assert choice.prompt_tokens == len(prompt)
+    assert len({tuple(c.token_ids) for c in both}) == 3
+
+
+# Chunked prefill, cancellation, limits --------------------------------------------------------------
+def test_long_prompt_is_prefilled_in_chunks_while_another_request_decodes(lm, tok):
+    long_prompt = (_prompt(tok, TEXTS[0] + " " + TEXTS[1] + " " + TEXTS[2]) * 3)[:100]
+    ref = generate_ids(lm.model, [long_prompt], max_new_tokens=10, eos_token_id=tok.eos_token_id)[0]
+    with BatchEngine(lm, max_batch=4, prefill_chunk=8) as eng:
+        seen = []
+        holder = {}
+        runner = Collector()
+
+        def on_runner(ev):
+            runner(ev)
+            if "long" in holder:
+                seen.append(holder["long"].prefilled)
+
+        r = eng.submit(_prompt(tok, "the"), SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True),
+                       on_runner)
+        runner.first.wait(10)
+        long_sink = Collector()
+        holder["long"] = eng.submit(long_prompt, SamplingParams(max_tokens=10, temperature=0.0), long_sink)
+        assert holder["long"].done.wait(30)
+        eng.cancel(r)
+        assert r.done.wait(10)
+        stats = eng.stats()
+    assert long_sink.tokens() == ref  # chunked prefill gives the tokens of a one-shot prefill
+    between = sorted({p for p in seen if 0 < p < len(long_prompt)})
+    assert len(between) >= 5, seen  # the running request got tokens between the chunks
+    assert all(b % 8 == 0 for b in between)
+    assert stats["prefill_chunks"] >= 100 // 8
+
+
+def test_cancel_frees_the_slot_within_one_step(engine, tok):
+    sink = Collector()
+    req = engine.submit(_prompt(tok, "a journey"), SamplingParams(max_tokens=100, ignore_eos=True), sink)
+    assert sink.first.wait(10)
+    before = engine.stats()["steps"]
+    engine.cancel(req)
+    assert req.done.wait(10)
+    after = engine.stats()
+    assert after["active_slots"] == 0
+    assert after["steps"] - before <= 1
+    assert sink.events[0][-1].finish_reason == "cancelled"
+    assert req.finish_reasons == ["cancelled"]
+
+
+def test_queue_limit_raises_queue_full(lm, tok):
+    with BatchEngine(lm, max_batch=1, max_queue=2) as eng:
+        reqs = []
+        with pytest.raises(QueueFull, match="queue"):
+            for _ in range(10):
+                reqs.append(eng.submit(_prompt(tok, "the"), SamplingParams(max_tokens=100, ignore_eos=True),
+                                       lambda ev: None))
+        assert 2 <= len(reqs) <= 3  # the queue holds 2; one more may already sit in the slot
+        assert eng.stats()["queue_depth"] == 2
+        for r in reqs:
+            eng.cancel(r)
+        for r in reqs:
+            assert r.done.wait(10)
+            assert r.finish_reasons == ["cancelled"]
+        _wait_until(lambda: eng.stats()["active_slots"] == 0)
+
+
+def test_errors(engine, lm, tok):
+    with pytest.raises(PromptTooLong, match="context of 128"):
+        engine.submit(list(range(1, 121)), SamplingParams(max_tokens=20), lambda ev: None)
+    with pytest.raises(GenerationError, match="top_p"):
+        engine.submit([1, 2], SamplingParams(top_p=0.0), lambda ev: None)
+    with pytest.raises(GenerationError, match="temperature"):
+        engine.submit([1, 2], SamplingParams(temperature=-1), lambda ev: None)
+    with pytest.raises(GenerationError, match="vocabulary"):
+        engine.submit([1, 99999], SamplingParams(), lambda ev: None)
+    with pytest.raises(GenerationError, match="no tokens"):
+        engine.submit([], SamplingParams(), lambda ev: None)
+    with pytest.raises(GenerationError, match="n \\(13\\)"):
+        engine.submit([1], SamplingParams(n=13), lambda ev: None)
+
+
+# Finish reasons, stop strings, UTF-8, logprobs ----------------------------------------------------
+def scripted_lm(tok, prompt_ids, script, ctx=48, filler=None):
+    """A GPT whose greedy continuation of `prompt_ids` is `script`: the blocks are the identity, the
+    position embedding is one-hot and the LM head maps each position to its scripted next token."""
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_positions=ctx, n_embd=ctx, n_layer=1, n_head=2,
+                    tie_word_embeddings=False, eos_token_id=tok.eos_token_id)
+    model = GPT(cfg).eval()
+    P = len(prompt_ids)
+    filler = script[0] if filler is None else filler
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.fill_(1.0 if name.endswith("weight") and ".ln_" in f".{name}" else 0.0)
+        model.embed.wpe.weight.copy_(torch.eye(ctx))
+        for pos in range(ctx):
+            step = pos - P + 1
+            target = script[step] if 0 <= step < len(script) else filler
+            model.lm_head.weight[target, pos] += 10.0
+    return LanguageModel(model, tok)
+
+
+@pytest.fixture(scope="module")
+def gpt2_tok(gpt2_tokenizer_dir):
+    return Tokenizer.from_pretrained(gpt2_tokenizer_dir)
+
+
+def test_utf8_characters_split_over_tokens_never_appear_half(gpt2_tok):
+    text = " naïve café → 世界 🙂 한국어 done"
+    script = gpt2_tok.encode(text)
+    singles = [gpt2_tok.decode([t]) for t in script]
+    assert sum("\ufffd" in s for s in singles) >= 4  # the byte-level BPE really splits characters
+    prompt = gpt2_tok.encode("Say:")
+    lm = scripted_lm(gpt2_tok, prompt, script + [gpt2_tok.eos_token_id])
+    with BatchEngine(lm, max_batch=2) as eng:
+        sink = Collector()
+        req = eng.submit(prompt, SamplingParams(max_tokens=40, temperature=0.0), sink)
+        assert req.done.wait(20)
+    deltas = [e.text for e in sink.events[0]]
+    assert all("\ufffd" not in d for d in deltas)
+    for d in deltas:
+        d.encode("utf-8")  # every delta is valid UTF-8 on its own
+    assert "".join(deltas) == text
+    assert sink.tokens() == script + [gpt2_tok.eos_token_id]
+    assert sum(d == "" for d in deltas[:-1]) >= 3  # bytes of unfinished characters were held back
+    assert sink.events[0][-1].finish_reason == "stop"  # EOS
+
+
+def test_stop_string_split_across_tokens_stops_and_is_cut(gpt2_tok):
+    text = " the answer is forty-two. Question: what else"
+    script = gpt2_tok.encode(text)
+    pieces = [gpt2_tok.decode([t]) for t in script]
+    # a stop string that begins inside one token and ends inside the next
+    k = next(i for i, p in enumerate(pieces) if p == " forty")
+    stop = pieces[k][-3:] + pieces[k + 1][:1]
+    assert stop == "rty-"
+    prompt = gpt2_tok.encode("Q:")
+    lm = scripted_lm(gpt2_tok, prompt, script)
+    with BatchEngine(lm, max_batch=2) as eng:
+        done = eng.generate(prompt, SamplingParams(max_tokens=30, temperature=0.0, stop=["never", stop]))[0]
+        sink = Collector()
+        eng.submit(prompt, SamplingParams(max_tokens=30, temperature=0.0, stop=[stop]), sink).done.wait(20)
+        longer = eng.generate(prompt, SamplingParams(max_tokens=30, temperature=0.0, stop=[" what"]))[0]
+        length = eng.generate(prompt, SamplingParams(max_tokens=3, temperature=0.0))[0]
+    assert done.text == " the answer is fo"
+    assert done.finish_reason == "stop"
+    assert done.token_ids == script[:k + 2]  # stopped at the token that completed the stop string
+    assert all(stop not in "".join(e.text for e in sink.events[0][:i + 1]) for i in range(len(sink.events[0])))
+    assert sink.text() == done.text
+    assert longer.text == " the answer is forty-two. Question:" and longer.finish_reason == "stop"
+    assert length.finish_reason == "length" and length.token_ids == script[:3]
+    assert length.completion_tokens == 3 and length.text == gpt2_tok.decode(script[:3])
+
+
+def test_logprobs_equal_log_softmax_of_the_model_logits(engine, lm, tok):
+    prompt = _prompt(tok, "a single step")
+    for params in (SamplingParams(max_tokens=12, temperature=0.0, logprobs=5),
+                   SamplingParams(max_tokens=12, temperature=0.9, top_k=30, seed=4, logprobs=3)):
+        out = engine.generate(prompt, params)[0]
+        seq = torch.tensor([prompt + out.token_ids])
+        with torch.no_grad():
+            ref = torch.log_softmax(lm.model(seq)[0].float(), dim=-1)
+        P = len(prompt)
+        for i, tokn in enumerate(out.token_ids):
+            row = ref[P - 1 + i]
+            assert out.logprobs[i] == pytest.approx(row[tokn].item(), abs=1e-4)
+            vals, ids = torch.topk(row, params.logprobs)
+            got = out.top_logprobs[i]
+            assert [g[0] for g in got] == ids.tolist()
+            assert [g[2] for g in got] == pytest.approx(vals.tolist(), abs=1e-4)
+            assert [g[1] for g in got] == [tok.decode([t]) for t in ids.tolist()]
+
+
+def test_max_tokens_gives_length_and_eos_gives_stop(tok):
+    prompt = tok.encode("the quick")
+    script = tok.encode(" brown fox") + [tok.eos_token_id]
+    lm = scripted_lm(tok, prompt, script)
+    with BatchEngine(lm, max_batch=2) as eng:
+        eos = eng.generate(prompt, SamplingParams(max_tokens=20, temperature=0.0))[0]
+        short = eng.generate(prompt, SamplingParams(max_tokens=2, temperature=0.0))[0]
+        ignored = eng.generate(prompt, SamplingParams(max_tokens=len(script) + 2, temperature=0.0, ignore_eos=True))[0]
+        ids = eng.generate(prompt, SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=[script[1]]))[0]
+    assert eos.finish_reason == "stop" and eos.token_ids == script and eos.text == " brown fox"
+    assert eos.completion_tokens == len(script)
+    assert short.finish_reason == "length" and short.token_ids == script[:2]
+    assert ignored.finish_reason == "length" and len(ignored.token_ids) == len(script) + 2
+    assert ids.finish_reason == "stop" and ids.token_ids == script[:2]
+
+
+# CUDA: the decode step captured in CUDA graphs per bucketed batch size -------------------------------
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_cpu_greedy(lm, tok):
+    cpu_ref = [generate_ids(lm.model, [_prompt(tok, p)], max_new_tokens=20, eos_token_id=tok.eos_token_id)[0]
+               for p in OTHER_PROMPTS[:5]]
+    gpu_model = GPT(lm.config).eval().to("cuda")
+    gpu_model.load_state_dict(lm.model.state_dict())
+    with BatchEngine(LanguageModel(gpu_model, tok), max_batch=8) as eng:
+        assert eng.use_graphs
+        sinks = [Collector() for _ in cpu_ref]
+        reqs = [eng.submit(_prompt(tok, p), SamplingParams(max_tokens=20, temperature=0.0), s)
+                for p, s in zip(OTHER_PROMPTS[:5], sinks)]
+        for r in reqs:
+            assert r.done.wait(120)
+    assert [s.tokens() for s in sinks] == cpu_ref
