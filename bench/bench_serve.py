@@ -7,13 +7,14 @@ the same run on the same weights.
 Servers (each a subprocess on a loopback port, streaming over the OpenAI API):
   gptgen        `gptgen serve --max-batch 32`: continuous batching
   naive         `gptgen serve --max-batch 1`: the same app answering one request at a time
-  transformers  `transformers serve` on the model exported to Hugging Face format (--peers transformers)
+  transformers  `transformers serve` on the model exported to Hugging Face format (--peers transformers;
+                transformers-cb adds its --continuous-batching)
   llama.cpp     llama-cpp-python's server on the same weights converted to GGUF (--peers llama.cpp; needs
                 `pip install 'llama-cpp-python[server]'` and the `gguf` package)
 A peer that cannot start here is skipped with the reason printed.
 
 Per server and concurrency C, C clients each send `--requests` rounds of streaming requests (C * rounds in
-all; at least --min-requests), every request asking for exactly --max-tokens tokens (ignore_eos). Printed:
+all; at least --min-requests), every request asking for --max-tokens tokens (ignore_eos where the server has it). Printed:
 aggregate output tokens/s (all completion tokens / wall time), time to first token p50/p99, and per-token
 latency p50/p99 (each request's (last token - first token) / (tokens - 1)), then ratios.
 """
@@ -52,7 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt-words", type=int, default=12, help="words per prompt (default 12, ~16 tokens)")
     p.add_argument("--max-batch", type=int, default=32, help="gptgen's --max-batch (default 32)")
     p.add_argument("--peers", default="naive",
-                   help="comma list of naive, transformers, llama.cpp (default naive)")
+                   help="comma list of naive, transformers, transformers-cb, llama.cpp (default naive)")
+    p.add_argument("--level-seconds", type=float, default=120,
+                   help="a server whose level took longer than this skips the higher levels (default 120)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per server (default: torch's)")
     p.add_argument("--json", help="also write the results to this JSON file")
     return p.parse_args(argv)
@@ -66,8 +69,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, name: str, cmd: list[str], port: int, env: dict | None = None, model: str = "bench") -> None:
+    def __init__(self, name: str, cmd: list[str], port: int, env: dict | None = None, model: str = "bench",
+                 extra: dict | None = None) -> None:
         self.name, self.cmd, self.port, self.model = name, cmd, port, model
+        self.extra = extra or {}  # request fields only this server understands
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-serve-{name.replace('.', '')}-", suffix=".log",
                                                delete=False)
@@ -114,17 +119,18 @@ def start_gptgen(name: str, model_dir: Path, max_batch: int, threads) -> Server:
     cmd = [sys.executable, "-m", "gptgen", "serve", "--model", str(model_dir), "--port", str(port),
            "--max-batch", str(max_batch), "--max-queue", "4096", "--served-model-name", "bench",
            "--log-level", "warning"]
-    return Server(name, cmd, port, env=server_env(threads))
+    return Server(name, cmd, port, env=server_env(threads), extra={"ignore_eos": True})
 
 
-def start_transformers(hf_dir: Path, threads) -> Server:
+def start_transformers(hf_dir: Path, threads, continuous: bool = False) -> Server:
     exe = shutil.which("transformers")
     if exe is None:
         raise RuntimeError("the `transformers` command is not installed")
     port = free_port()
     cmd = [exe, "serve", str(hf_dir), "--device", "cpu", "--port", str(port), "--host", "127.0.0.1",
-           "--log-level", "warning"]
-    return Server("transformers", cmd, port, env=server_env(threads), model=str(hf_dir))
+           "--log-level", "warning"] + (["--continuous-batching"] if continuous else [])
+    name = "transformers-cb" if continuous else "transformers"
+    return Server(name, cmd, port, env=server_env(threads), model=str(hf_dir))
 
 
 def start_llama_cpp(gguf_path: Path, threads) -> Server:
@@ -246,8 +252,9 @@ def make_prompts(count: int, words: int, seed: int = 0) -> list[str]:
 
 
 async def one_request(client, server: Server, prompt: str, max_tokens: int) -> dict:
+    # ignore_eos where the server knows it; elsewhere random weights make an early EOS (1 in 50,257) rare.
     body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, **server.extra}
     start = time.perf_counter()
     stamps, usage = [], None
     async with client.stream("POST", server.url + "/v1/completions", json=body) as r:
@@ -318,11 +325,13 @@ def main(argv=None) -> int:
         servers.append(start_gptgen("gptgen", native, args.max_batch, args.threads))
         if "naive" in peers:
             servers.append(start_gptgen("naive", native, 1, args.threads))
-        if "transformers" in peers:
-            try:
-                servers.append(start_transformers(export_hf(lm, workdir), args.threads))
-            except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
-                skipped["transformers"] = str(exc)
+        for name in ("transformers", "transformers-cb"):
+            if name in peers:
+                try:
+                    hf_dir = workdir / "hf" if (workdir / "hf").exists() else export_hf(lm, workdir)
+                    servers.append(start_transformers(hf_dir, args.threads, continuous=name.endswith("-cb")))
+                except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                    skipped[name] = str(exc)
         if "llama.cpp" in peers:
             try:
                 servers.append(start_llama_cpp(write_gguf(lm, workdir / "model.gguf"), args.threads))
@@ -341,14 +350,19 @@ def main(argv=None) -> int:
             raise SystemExit(f"gptgen serve did not start: {skipped.get('gptgen')}")
         for name, reason in skipped.items():
             print(f"skipped {name}: {reason}", flush=True)
-        results = []
+        results, too_slow = [], {}
         for li, c in enumerate(levels):
             total = max(args.min_requests, c * args.requests)
             prompts = make_prompts(total, args.prompt_words, seed=c)
             order = ready if li % 2 == 0 else ready[::-1]  # interleave who goes first
             for s in order:
+                if s.name in too_slow:
+                    print(f"  {s.name:<12} c={c:<4} skipped: {too_slow[s.name]}", flush=True)
+                    continue
                 r = asyncio.run(run_level(s, c, total, args.max_tokens, prompts))
                 results.append(r)
+                if r["wall_s"] > args.level_seconds:
+                    too_slow[s.name] = f"c={c} took {r['wall_s']:.0f} s (over --level-seconds)"
                 print(f"  {s.name:<12} c={c:<4} {r['requests']:>4} req {r['tokens']:>6} tok {r['wall_s']:7.2f} s "
                       f"{r['tok_s']:8.1f} tok/s  TTFT p50/p99 {ms(r['ttft_p50'])}/{ms(r['ttft_p99'])} ms  "
                       f"per-token p50/p99 {ms(r['tpot_p50'])}/{ms(r['tpot_p99'])} ms", flush=True)
