@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -333,3 +334,48 @@ def test_queue_429_and_disconnect_frees_the_slot(gpt2_tokenizer_dir):
             text = httpx.get(live.url + "/metrics").text
             assert 'gptgen_requests_total{endpoint="/v1/completions",status="429"} 2' in text
             assert "gptgen_time_to_first_token_seconds_count 2" in text
+
+
+# The command ------------------------------------------------------------------------------------------
+def test_gptgen_serve_command_serves_a_model_directory(gpt2_lm, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    model_dir = gpt2_lm.save(tmp_path / "my-model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "gptgen", "serve", "--model", str(model_dir), "--port", str(port),
+                             "--api-key", "k", "--log-level", "warning"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "gptgen serve did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["my-model"]  # the directory's name
+        r = client.completions.create(model="my-model", prompt=PROMPT, max_tokens=5, temperature=0)
+        assert r.choices[0].text == gpt2_lm.generate(PROMPT, max_new_tokens=5, include_prompt=False)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert "serving my-model" in out and "Traceback" not in out
+
+
+def test_gptgen_serve_bad_flags_exit_2(tmp_path, capsys):
+    from gptgen.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    assert "error" in capsys.readouterr().err
