@@ -334,6 +334,34 @@ def test_max_tokens_gives_length_and_eos_gives_stop(tok):
 
 
 # CUDA: the decode step captured in CUDA graphs per bucketed batch size -------------------------------
+def test_fixed_shape_bucketed_decode_gives_the_same_tokens(lm, tok, monkeypatch):
+    """The CUDA path's step (rows padded to a bucket, attention over the whole cache) run eagerly on CPU."""
+    from gptgen.generation import slot_cache
+
+    calls = []
+
+    def eager(fn, **options):
+        assert options["mode"] == "reduce-overhead" and options["fullgraph"]
+        def run(model, idx, positions, mask):
+            calls.append(idx.shape[0])
+            return fn(model, idx, positions, mask)
+        return run
+
+    monkeypatch.setattr(slot_cache.torch, "compile", eager)
+    prompts = [_prompt(tok, p) for p in OTHER_PROMPTS[:5]]
+    refs = [generate_ids(lm.model, [p], max_new_tokens=12 + 3 * i, eos_token_id=tok.eos_token_id)[0]
+            for i, p in enumerate(prompts)]
+    with BatchEngine(lm, max_batch=8) as eng:
+        eng.use_graphs = True
+        sinks = [Collector() for _ in prompts]
+        reqs = [eng.submit(p, SamplingParams(max_tokens=12 + 3 * i, temperature=0.0), s)
+                for i, (p, s) in enumerate(zip(prompts, sinks))]
+        for r in reqs:
+            assert r.done.wait(30)
+    assert [s.tokens() for s in sinks] == refs
+    assert set(calls) <= {1, 2, 4, 8} and max(calls) >= 4  # padded to power-of-two buckets
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_matches_cpu_greedy(lm, tok):
     cpu_ref = [generate_ids(lm.model, [_prompt(tok, p)], max_new_tokens=20, eos_token_id=tok.eos_token_id)[0]
@@ -348,3 +376,69 @@ def test_cuda_graph_decode_matches_cpu_greedy(lm, tok):
         for r in reqs:
             assert r.done.wait(120)
     assert [s.tokens() for s in sinks] == cpu_ref
+
+
+# Per-row token choice: candidate narrowing keeps the full-vocabulary distribution -------------------
+def _reference_probs(logits, t, k, p, min_p):
+    """Brute force: temperature, top-k, nucleus ("the tokens before it hold less than p"), min-p."""
+    probs = torch.softmax(logits.double() / t, dim=-1)
+    order = sorted(range(len(probs)), key=lambda i: -probs[i].item())
+    keep = set(order[:k] if k else order)
+    kept = probs * torch.tensor([i in keep for i in range(len(probs))], dtype=torch.double)
+    kept = kept / kept.sum()
+    nucleus, before = set(), 0.0
+    for i in order:
+        if i in keep and before < p:
+            nucleus.add(i)
+            before += kept[i].item()
+    kept = kept * torch.tensor([i in nucleus for i in range(len(probs))], dtype=torch.double)
+    kept = kept / kept.sum()
+    kept = torch.where(kept < min_p * kept.max(), torch.zeros_like(kept), kept)
+    return kept / kept.sum()
+
+
+@pytest.mark.parametrize("t,k,p,min_p", [
+    (0.7, 5, 1.0, 0.0),      # top-k within the candidates
+    (1.0, 0, 0.6, 0.0),      # a nucleus the candidates cover: p / mass over the candidates
+    (1.3, 0, 0.97, 0.0),     # a nucleus wider than the candidates: the whole vocabulary
+    (1.0, 4, 0.8, 0.0),      # top-k then top-p
+    (1.0, 0, 1.0, 0.15),     # min-p alone
+])
+def test_choose_tokens_matches_the_filtered_softmax(monkeypatch, t, k, p, min_p):
+    from gptgen.generation import row_sampling
+
+    monkeypatch.setattr(row_sampling, "CANDIDATES", 8)
+    torch.manual_seed(0)
+    logits = torch.randn(40) * 2.0
+    n = 30000
+    scores = logits.expand(n, -1).clone()
+    torch.manual_seed(1)
+    picks = row_sampling.choose_tokens(scores, temperature=[t] * n, top_k=[k] * n, top_p=[p] * n,
+                                       min_p=[min_p] * n, generators=[None] * n)
+    freq = torch.bincount(picks, minlength=40).double() / n
+    ref = _reference_probs(logits, t, k, p, min_p)
+    assert (freq[ref == 0] == 0).all()
+    assert 0.5 * (freq - ref).abs().sum() < 0.02
+
+
+def test_a_seeded_row_draws_the_same_whatever_the_other_rows(monkeypatch):
+    from gptgen.generation import row_sampling
+
+    monkeypatch.setattr(row_sampling, "CANDIDATES", 8)
+    torch.manual_seed(0)
+    V = 40
+    settings = [dict(t=1.0, k=0, p=1.0), dict(t=0.8, k=5, p=1.0), dict(t=1.0, k=0, p=0.6), dict(t=1.3, k=0, p=0.97)]
+    for mine in settings:
+        alone, busy = [], []
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        for step in range(30):
+            logits = torch.randn(6, V) * 2.0
+            def pick(rows, gen):
+                cfg = [mine if r == 2 else settings[(r + step) % 4] for r in rows]
+                return row_sampling.choose_tokens(
+                    logits[rows], temperature=[c["t"] if r != 4 else 0.0 for c, r in zip(cfg, rows)],
+                    top_k=[c["k"] for c in cfg], top_p=[c["p"] for c in cfg], min_p=[0.0] * len(rows),
+                    generators=[gen if r == 2 else None for r in rows])
+            alone.append(pick([2], g1)[0].item())
+            busy.append(pick([0, 1, 2, 3, 4, 5], g2)[2].item())
+        assert alone == busy

@@ -8,14 +8,18 @@
 
 from .batcher import BatchEngine, Completion, PromptTooLong, QueueFull, SamplingParams, TokenEvent
 from .engine import DEFAULT_MAX_NEW_TOKENS, decode_steps, generate, generate_ids, resolve_sampler, stream
-from .processors import BadWords, LogitsProcessor, MinNewTokens, NoRepeatNGram, RepetitionPenalty
+from .processors import (BadWords, LogitsProcessor, MinNewTokens, NoRepeatNGram, PresenceFrequencyPenalty,
+                         RepetitionPenalty)
 from .samplers import (SAMPLERS, BeamSampler, ContrastiveSampler, GreedySampler, RandomSampler, Sampler,
-                       TopKSampler, TopPSampler, get_sampler)
+                       TopKSampler, TopPSampler, apply_temperature, draw, epsilon_filter, eta_filter, get_sampler,
+                       min_p_filter, sample, top_k_filter, top_p_filter, typical_filter, warp)
 
 __all__ = [
     "generate", "stream", "generate_ids", "resolve_sampler", "decode_steps", "DEFAULT_MAX_NEW_TOKENS",
     "Sampler", "GreedySampler", "BeamSampler", "RandomSampler", "TopKSampler", "TopPSampler",
     "ContrastiveSampler", "SAMPLERS", "get_sampler",
-    "LogitsProcessor", "RepetitionPenalty", "NoRepeatNGram", "BadWords", "MinNewTokens",
+    "LogitsProcessor", "RepetitionPenalty", "NoRepeatNGram", "BadWords", "MinNewTokens", "PresenceFrequencyPenalty",
+    "apply_temperature", "top_k_filter", "top_p_filter", "min_p_filter", "typical_filter", "epsilon_filter",
+    "eta_filter", "warp", "draw", "sample",
     "BatchEngine", "SamplingParams", "TokenEvent", "Completion", "QueueFull", "PromptTooLong",
 ]

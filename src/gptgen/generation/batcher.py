@@ -39,6 +39,7 @@ import torch
 
 from ..errors import GenerationError
 from .processors import NoRepeatNGram
+from .row_sampling import apply_temperature, choose_tokens
 from .slot_cache import SlotModel
 from .stopping import StreamEmitter, TextTracker
 
@@ -238,48 +239,6 @@ class _RowsState:
     @property
     def gen_count(self) -> torch.Tensor:
         return torch.tensor([len(s.tokens) for s in self.seqs], device=self.device)
-
-
-# Per-row sampling (temporary local versions until the shared per-row functions land) ----------------
-def _apply_temperature(scores, t):
-    t = torch.where(t == 0, torch.ones_like(t), t)
-    return scores / t[:, None]
-
-
-def _top_k_filter(scores, k):
-    V = scores.shape[-1]
-    k = torch.where(k <= 0, torch.full_like(k, V), k.clamp(max=V))
-    kth = torch.sort(scores, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
-    return scores.masked_fill(scores < kth, NEG_INF)
-
-
-def _top_p_filter(scores, p):
-    values, ids = torch.sort(scores, dim=-1, descending=True)
-    probs = torch.softmax(values, dim=-1)
-    before = torch.cumsum(probs, dim=-1) - probs
-    drop = before >= p[:, None]
-    drop[:, 0] = False
-    drop = drop & (p[:, None] < 1.0)
-    return scores.masked_fill(torch.zeros_like(drop).scatter(1, ids, drop), NEG_INF)
-
-
-def _min_p_filter(scores, min_p):
-    probs = torch.softmax(scores, dim=-1)
-    top = probs.max(dim=-1, keepdim=True).values
-    drop = (probs < min_p[:, None] * top) & (min_p[:, None] > 0)
-    return scores.masked_fill(drop, NEG_INF)
-
-
-def _draw(probs, generators):
-    """One sample per row (exponential race); a row with a generator draws only from it."""
-    q = torch.empty_like(probs)
-    shared = [i for i, g in enumerate(generators) if g is None]
-    if shared:
-        q[shared] = torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_(1.0)
-    for i, g in enumerate(generators):
-        if g is not None:
-            q[i].exponential_(1.0, generator=g)
-    return torch.argmax(probs / q, dim=-1)
 
 
 # The engine ---------------------------------------------------------------------------------------
@@ -618,24 +577,10 @@ class BatchEngine:
         logprobs = torch.log_softmax(logits, dim=-1) if want_lp and self.logprobs_mode == "raw" else None
         scores = self._process(logits, seqs, state)
         temps = [p.temperature for p in ps]
-        greedy = torch.argmax(scores, dim=-1)
         if want_lp and logprobs is None:  # "processed": after penalties and temperature, before filters
-            t = torch.tensor(temps, device=dev)
-            logprobs = torch.log_softmax(_apply_temperature(scores, t), dim=-1)
-        if all(t == 0 for t in temps):
-            tokens = greedy
-        else:
-            t = torch.tensor(temps, device=dev)
-            s = _apply_temperature(scores, t)
-            if any(p.top_k > 0 for p in ps):
-                s = _top_k_filter(s, torch.tensor([p.top_k for p in ps], device=dev))
-            if any(p.top_p < 1.0 for p in ps):
-                s = _top_p_filter(s, torch.tensor([p.top_p for p in ps], device=dev))
-            if any(p.min_p > 0 for p in ps):
-                s = _min_p_filter(s, torch.tensor([p.min_p for p in ps], device=dev))
-            probs = torch.softmax(s, dim=-1)
-            sampled = _draw(probs, [sq.generator for sq in seqs])
-            tokens = torch.where(t == 0, greedy, sampled)
+            logprobs = torch.log_softmax(apply_temperature(scores, torch.tensor(temps, device=dev)), dim=-1)
+        tokens = choose_tokens(scores, temperature=temps, top_k=[p.top_k for p in ps], top_p=[p.top_p for p in ps],
+                               min_p=[p.min_p for p in ps], generators=[sq.generator for sq in seqs])
         chosen_lp = top = None
         if want_lp:
             chosen_lp = logprobs.gather(1, tokens[:, None])[:, 0].tolist()

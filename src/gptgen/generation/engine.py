@@ -13,119 +13,19 @@ compiles, later calls of the same batch shape replay it.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+import math
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from ..errors import GenerationError
+from .loop import DecodeState, FunctionBackend, _eos_list, _map_tensors, decode_steps, run_functional  # noqa: F401
 from .processors import build_processors
 from .samplers import (BeamSampler, ContrastiveSampler, GreedySampler, RandomSampler, Sampler, TopKSampler,
-                       TopPSampler, get_sampler)
+                       TopPSampler, _check_fraction, _check_min_tokens_to_keep, _check_temperature, get_sampler)
 from .stopping import StreamEmitter, TextTracker, normalize_stop
 
 DEFAULT_MAX_NEW_TOKENS = 50
-
-
-# Decode state ---------------------------------------------------------------------------------------
-class DecodeState:
-    """Token history and bookkeeping of one generation, shared by the loop, samplers and processors."""
-
-    def __init__(self, *, prompts: Sequence[Sequence[int]], rows_per_prompt: int, num_return_sequences: int,
-                 max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, device, generator, processors,
-                 stop_fn: Callable[[int, list[int]], bool] | None = None, row_stopping: bool = True) -> None:
-        self.batch_size = len(prompts)
-        self.rows_per_prompt = rows_per_prompt
-        self.num_rows = self.batch_size * rows_per_prompt
-        self.num_return_sequences = num_return_sequences
-        self.max_new_tokens = max_new_tokens
-        self.eos_ids = list(eos_ids)
-        self.pad_id = pad_id
-        self.device = torch.device(device)
-        self.eos_tensor = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
-        self.generator = generator
-        self.processors = processors
-        self.stop_fn = stop_fn
-        self.row_stopping = row_stopping
-        self.sampler_state: dict = {}
-        P = max(len(p) for p in prompts)
-        self.prompt_len = P
-        total = P + max_new_tokens
-        tokens = torch.full((self.batch_size, total), pad_id, dtype=torch.long)
-        valid = torch.zeros((self.batch_size, total), dtype=torch.bool)
-        for b, p in enumerate(prompts):
-            if p:
-                tokens[b, P - len(p):P] = torch.tensor(list(p), dtype=torch.long)
-            valid[b, P - len(p):] = True
-        self.tokens = tokens.repeat_interleave(rows_per_prompt, 0).to(self.device)
-        self.valid = valid.repeat_interleave(rows_per_prompt, 0).to(self.device)
-        self.pad_counts = (P - torch.tensor([len(p) for p in prompts])).repeat_interleave(rows_per_prompt).to(self.device)
-        self.cur = P
-        self.finished = torch.zeros(self.num_rows, dtype=torch.bool, device=self.device)
-        self.gen_count = torch.zeros(self.num_rows, dtype=torch.long, device=self.device)
-        self._lists: list[list[int]] | None = None
-
-    # Views used by processors and samplers ----------------------------------------------------
-    @property
-    def generated_steps(self) -> int:
-        return self.cur - self.prompt_len
-
-    def generated_tensor(self) -> torch.Tensor:
-        return self.tokens[:, self.prompt_len:self.cur]
-
-    def row_lists(self) -> list[list[int]]:
-        """Each row's real tokens (prompt and generated) as Python lists."""
-        if self._lists is None:
-            toks = self.tokens[:, :self.cur].tolist()
-            valid = self.valid[:, :self.cur].tolist()
-            self._lists = [[t for t, v in zip(tr, vr) if v] for tr, vr in zip(toks, valid)]
-        return self._lists
-
-    def presence(self, vocab_size: int) -> torch.Tensor:
-        """(rows, vocab) True where the token occurs in the row."""
-        idx = torch.where(self.valid[:, :self.cur], self.tokens[:, :self.cur], vocab_size)
-        out = torch.zeros(self.num_rows, vocab_size + 1, dtype=torch.bool, device=self.device)
-        out.scatter_(1, idx, True)
-        return out[:, :vocab_size]
-
-    def process(self, scores: torch.Tensor) -> torch.Tensor:
-        for proc in self.processors:
-            scores = proc(scores, self)
-        return scores
-
-    def row_generated(self) -> list[list[int]]:
-        counts = self.gen_count.tolist()
-        gen = self.tokens[:, self.prompt_len:self.cur].tolist()
-        return [g[:c] for g, c in zip(gen, counts)]
-
-    # Updates by the loop ----------------------------------------------------------------------
-    def reorder(self, index: torch.Tensor) -> None:
-        self.tokens = self.tokens.index_select(0, index)
-        self.valid = self.valid.index_select(0, index)
-        self.finished = self.finished.index_select(0, index)
-        self.gen_count = self.gen_count.index_select(0, index)
-        self._lists = None
-
-    def append(self, tokens: torch.Tensor) -> None:
-        if self.row_stopping:
-            tokens = torch.where(self.finished, torch.full_like(tokens, self.pad_id), tokens)
-        self.tokens[:, self.cur] = tokens
-        self.gen_count += (~self.finished).long()
-        self.cur += 1
-        self._lists = None
-        if not self.row_stopping:
-            return
-        if self.eos_ids:
-            self.finished |= torch.isin(tokens, self.eos_tensor)
-        if self.stop_fn is not None:
-            finished = self.finished.tolist()
-            hits = [r for r, gen in enumerate(self.row_generated()) if gen and not finished[r] and self.stop_fn(r, gen)]
-            if hits:
-                self.finished[torch.tensor(hits, device=self.device)] = True
-
-    def done(self, check_rows: bool = True) -> bool:
-        if self.cur - self.prompt_len >= self.max_new_tokens:
-            return True
-        return bool(self.row_stopping and check_rows and self.finished.all())
 
 
 # Backends: where logits come from ---------------------------------------------------------------
@@ -232,96 +132,25 @@ def _compiled_step(model):
     return fn
 
 
-class FunctionBackend:
-    """KerasHub's functional form: next(prompt, cache, index) -> (logits, hidden_states, cache)."""
-
-    def __init__(self, next_fn, buffer: torch.Tensor, index: int, cache, hidden_states) -> None:
-        self.next_fn = next_fn
-        self.buffer = buffer
-        self.index = index
-        self.cache = cache
-        self.hidden_states = hidden_states
-
-    def prefill(self, state, need_hidden):
-        logits, hidden, self.cache = self.next_fn(self.buffer, self.cache, self.index)
-        if need_hidden == "all":
-            if self.hidden_states is None:
-                raise GenerationError("The contrastive sampler needs hidden_states of the prompt in the functional form.")
-            hidden = torch.as_tensor(self.hidden_states)[:, :self.index]
-        return torch.as_tensor(logits).float(), hidden
-
-    def step(self, feed, slot, need_hidden):
-        self.buffer[:, slot] = feed.to(self.buffer.dtype)
-        logits, hidden, self.cache = self.next_fn(self.buffer, self.cache, slot + 1)
-        if hidden is not None:
-            hidden = torch.as_tensor(hidden)
-            if hidden.dim() == 2:
-                hidden = hidden[:, None]
-        return torch.as_tensor(logits).float(), hidden
-
-    def reorder(self, index):
-        self.buffer = self.buffer.index_select(0, index)
-        self.cache = _map_tensors(self.cache, lambda t: t.index_select(0, index.to(t.device)))
-
-    def close(self):
-        pass
-
-
-def _map_tensors(obj, fn):
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(o, fn) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    return obj
-
-
-# The loop --------------------------------------------------------------------------------------------
-def decode_steps(backend, sampler: Sampler, state: DecodeState, check_every: int = 1) -> Iterator[DecodeState]:
-    """The one decode loop. Yields the state after every committed step; the caller reads the
-    result with sampler.finalize(state) once the iterator ends."""
-    sampler.start(state)
-    if state.max_new_tokens <= 0:
-        return
-    try:
-        logits, hidden = backend.prefill(state, sampler.needs_hidden)
-        step = 0
-        while True:
-            tokens, reorder = sampler.select(logits, hidden, state)
-            if reorder is not None:
-                state.reorder(reorder)
-                backend.reorder(reorder)
-                logits = logits.index_select(0, reorder)
-                if hidden is not None:
-                    hidden = hidden.index_select(0, reorder)
-            if tokens is not None:
-                state.append(tokens)
-                step += 1
-                yield state
-                if state.done(check_rows=step % check_every == 0) or sampler.is_done(state):
-                    break
-            feed, slot = sampler.feed(tokens, logits, state)
-            logits, hidden = backend.step(feed, slot, sampler.needs_hidden)
-    finally:
-        backend.close()
-
-
 # Token-level API -----------------------------------------------------------------------------------
-def _eos_list(eos_token_id) -> list[int]:
-    if eos_token_id is None:
-        return []
-    if isinstance(eos_token_id, int):
-        return [eos_token_id]
-    return [int(e) for e in eos_token_id]
-
-
 def resolve_sampler(sampler=None, *, do_sample=None, temperature=None, top_k=None, top_p=None, num_beams=None,
-                    length_penalty=1.0, early_stopping=False, penalty_alpha=None) -> Sampler:
+                    length_penalty=1.0, early_stopping=False, penalty_alpha=None, min_p=None, typical_p=None,
+                    epsilon_cutoff=None, eta_cutoff=None, min_tokens_to_keep=None) -> Sampler:
     """Map KerasHub (`sampler=`) and HF (`do_sample`, `top_k`, ...) options onto one sampler."""
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                                    or temperature < 0):
-        raise GenerationError(f"temperature must be a number of at least 0 (0 means greedy), got {temperature!r}.")
+    temperature = _check_temperature(temperature) if temperature is not None else None
+    if length_penalty is not None and (isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float))
+                                       or not math.isfinite(length_penalty)):
+        raise GenerationError(f"length_penalty must be a finite number, got {length_penalty!r}.")
+    if penalty_alpha is not None:
+        _check_fraction(penalty_alpha, "penalty_alpha", low_open=False, high_open=False)
+    # transformers' warpers: checked whatever the sampler, passed to the drawing samplers.
+    warpers = dict(min_p=_check_fraction(min_p, "min_p", low_open=False, high_open=False),
+                   typical_p=_check_fraction(typical_p, "typical_p", high_open=False),
+                   epsilon_cutoff=_check_fraction(epsilon_cutoff, "epsilon_cutoff", low_open=False),
+                   eta_cutoff=_check_fraction(eta_cutoff, "eta_cutoff", low_open=False),
+                   min_tokens_to_keep=(None if min_tokens_to_keep is None
+                                       else _check_min_tokens_to_keep(min_tokens_to_keep)))
+    warpers = {k: v for k, v in warpers.items() if v is not None}
     if num_beams is not None and (isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1):
         raise GenerationError(f"num_beams must be a positive integer, got {num_beams!r}.")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
@@ -338,16 +167,17 @@ def resolve_sampler(sampler=None, *, do_sample=None, temperature=None, top_k=Non
         if name == "greedy":
             return GreedySampler()
         if name == "random":
-            return RandomSampler(temperature=temp)
+            return RandomSampler(temperature=temp, **warpers)
         if name == "top_k":
-            return TopKSampler(k=5 if top_k is None else top_k, temperature=temp)
+            return TopKSampler(k=5 if top_k is None else top_k, temperature=temp, **warpers)
         if name == "top_p":
-            return TopPSampler(p=0.1 if top_p is None else top_p, k=top_k or None, temperature=temp)
-        if name == "beam":
-            return BeamSampler(num_beams=num_beams or 5, length_penalty=length_penalty, early_stopping=early_stopping)
+            return TopPSampler(p=0.1 if top_p is None else top_p, k=top_k or None, temperature=temp, **warpers)
+        if name == "beam":  # a named sampler takes the temperature, as KerasHub's sampler objects do
+            return BeamSampler(num_beams=num_beams or 5, length_penalty=length_penalty, early_stopping=early_stopping,
+                               temperature=temp)
         if name == "contrastive":
             return ContrastiveSampler(k=5 if top_k is None else top_k,
-                                      alpha=0.6 if penalty_alpha is None else penalty_alpha)
+                                      alpha=0.6 if penalty_alpha is None else penalty_alpha, temperature=temp)
         return get_sampler(sampler)  # raises the unknown-name error
     if num_beams is not None and num_beams > 1:
         if do_sample:
@@ -357,16 +187,17 @@ def resolve_sampler(sampler=None, *, do_sample=None, temperature=None, top_k=Non
         return GreedySampler()
     if penalty_alpha is not None and penalty_alpha > 0 and top_k is not None and top_k > 1 and not do_sample:
         return ContrastiveSampler(k=top_k, alpha=penalty_alpha)
-    sampling = do_sample if do_sample is not None else any(v is not None for v in (temperature, top_k, top_p))
+    sampling = do_sample if do_sample is not None else any(
+        v is not None for v in (temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff))
     if not sampling:
         return GreedySampler()
     k = 50 if top_k is None else (top_k or None)  # HF: top_k defaults to 50, 0 turns it off
     p = 1.0 if top_p is None else float(top_p)
     if p < 1.0:
-        return TopPSampler(p=p, k=k, temperature=temp)
+        return TopPSampler(p=p, k=k, temperature=temp, **warpers)
     if k:
-        return TopKSampler(k=k, temperature=temp)
-    return RandomSampler(temperature=temp)
+        return TopKSampler(k=k, temperature=temp, **warpers)
+    return RandomSampler(temperature=temp, **warpers)
 
 
 class _Run:
@@ -377,7 +208,8 @@ def _prepare(model, input_ids, *, max_length=None, max_new_tokens=None, sampler=
              temperature=None, top_k=None, top_p=None, num_beams=None, length_penalty=1.0, early_stopping=False,
              penalty_alpha=None, no_repeat_ngram_size=0, repetition_penalty=1.0, bad_words_ids=None,
              min_new_tokens=0, eos_token_id=None, num_return_sequences=1, seed=None, truncate_prompt=False,
-             pad_token_id=None, compile=None, stop_fn_factory=None) -> _Run:
+             pad_token_id=None, compile=None, stop_fn_factory=None, min_length=None, min_p=None, typical_p=None,
+             epsilon_cutoff=None, eta_cutoff=None, min_tokens_to_keep=None) -> _Run:
     if not input_ids:
         raise GenerationError("The prompt list is empty; pass at least one prompt.")
     prompts = [[int(t) for t in p] for p in input_ids]
@@ -393,7 +225,9 @@ def _prepare(model, input_ids, *, max_length=None, max_new_tokens=None, sampler=
         raise GenerationError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}.")
     chosen = resolve_sampler(sampler, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                              num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-                             penalty_alpha=penalty_alpha)
+                             penalty_alpha=penalty_alpha, min_p=min_p, typical_p=typical_p,
+                             epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
+                             min_tokens_to_keep=min_tokens_to_keep)
     chosen.check(num_return_sequences)
     ctx = cfg.n_positions
     if max_new_tokens is not None:
@@ -426,6 +260,17 @@ def _prepare(model, input_ids, *, max_length=None, max_new_tokens=None, sampler=
                                                          else (eos[0] if eos else 0))
     if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
         raise GenerationError(f"min_new_tokens must be a non-negative integer, got {min_new_tokens!r}.")
+    bad_eos = [e for e in eos if not 0 <= e < vocab]
+    if bad_eos:
+        raise GenerationError(f"eos_token_id {bad_eos[0]} is outside the model's vocabulary of {vocab}.")
+    if min_length is not None:
+        if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0:
+            raise GenerationError(f"min_length must be a non-negative integer, got {min_length!r}.")
+        # HF counts prompt + generated tokens; per row, so a prompt's padding in a batch does not count.
+        per_prompt = [max(min_new_tokens, min_length - len(p)) for p in prompts]
+        rows_per_min = chosen.rows_per_sequence(num_return_sequences)
+        per_row = tuple(m for m in per_prompt for _ in range(rows_per_min))
+        min_new_tokens = per_row[0] if len(set(per_row)) == 1 else per_row
     procs = build_processors(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                              bad_words_ids=bad_words_ids, min_new_tokens=min_new_tokens, eos_ids=eos,
                              vocab_size=vocab)
@@ -548,12 +393,15 @@ def generate(lm, prompts, *, max_length=None, max_new_tokens=None, sampler=None,
              top_k=None, top_p=None, num_beams=None, length_penalty=1.0, early_stopping=False, penalty_alpha=None,
              no_repeat_ngram_size=0, repetition_penalty=1.0, bad_words_ids=None, bad_words=None, min_new_tokens=0,
              eos_token_id=None, stop=None, num_return_sequences=1, seed=None, add_bos=None, include_prompt=True,
-             skip_special_tokens=True, truncate_prompt=False, callback=None, compile=None):
+             skip_special_tokens=True, truncate_prompt=False, callback=None, compile=None, **options):
     """Generate text for a prompt (-> str, or list[str] with num_return_sequences > 1) or a list of
     prompts (-> list[str], or list[list[str]]). Accepts KerasHub's names (max_length, sampler=) and HF's
     (max_new_tokens, do_sample, top_k (0 = off), top_p, temperature, num_beams, ...).
-    callback(index, text_piece) receives text as it is produced; index numbers the returned sequences."""
+    callback(index, text_piece) receives text as it is produced; index numbers the returned sequences.
+    Further HF options (min_length, min_p, typical_p, epsilon_cutoff, eta_cutoff, min_tokens_to_keep) pass on."""
     single = isinstance(prompts, str)
+    if prompts is None or not (single or isinstance(prompts, Iterable)):
+        raise GenerationError(f"Prompts must be a string or a list of strings, got {type(prompts).__name__}.")
     plist = [prompts] if single else list(prompts)
     if not plist:
         raise GenerationError("The prompt list is empty; pass at least one prompt.")
@@ -564,7 +412,8 @@ def generate(lm, prompts, *, max_length=None, max_new_tokens=None, sampler=None,
         top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
         penalty_alpha=penalty_alpha, no_repeat_ngram_size=no_repeat_ngram_size,
         repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-        num_return_sequences=num_return_sequences, seed=seed, truncate_prompt=truncate_prompt, compile=compile)
+        num_return_sequences=num_return_sequences, seed=seed, truncate_prompt=truncate_prompt, compile=compile,
+        **options)
     n = num_return_sequences
     rows = _stream_rows(run) if callback is not None else None
     emitters = [StreamEmitter() for _ in range(len(plist) * n)]
@@ -612,44 +461,3 @@ def stream(lm, prompt: str, **options) -> Iterator[str]:
     piece = emitter.piece(_texts(run, trackers)[0][0])
     if piece:
         yield piece
-
-
-# KerasHub functional form --------------------------------------------------------------------------
-def run_functional(sampler: Sampler, next_fn, prompt, *, cache=None, index: int = 0, mask=None,
-                   stop_token_ids=None, hidden_states=None, seed=None):
-    """Drive `next_fn` with the same loop; returns `prompt` (batch, length) filled from `index` on."""
-    prompt = torch.as_tensor(prompt)
-    squeeze = prompt.dim() == 1
-    if squeeze:
-        prompt = prompt[None]
-    prompt = prompt.clone().long()
-    B, L = prompt.shape
-    if not 0 < index <= L:
-        raise GenerationError(f"index must be in [1, {L}] for a prompt of length {L}, got {index}.")
-    if mask is not None and bool(torch.as_tensor(mask)[:, index:].any()):
-        raise GenerationError("Prompts that continue past `index` (a mask beyond it) are not supported; left-pad instead.")
-    sampler.check(1)
-    rows_per = sampler.rows_per_sequence(1)
-    prompts = prompt[:, :index].tolist()
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=prompt.device)
-        generator.manual_seed(int(seed))
-    state = DecodeState(prompts=prompts, rows_per_prompt=rows_per, num_return_sequences=1,
-                        max_new_tokens=L - index, eos_ids=_eos_list(stop_token_ids), pad_id=0,
-                        device=prompt.device, generator=generator, processors=[],
-                        row_stopping=sampler.row_stopping)
-    buffer = prompt.repeat_interleave(rows_per, 0)
-    if cache is not None and rows_per > 1:
-        cache = _map_tensors(cache, lambda t: t.repeat_interleave(rows_per, 0))
-    if hidden_states is not None and rows_per > 1:
-        hidden_states = torch.as_tensor(hidden_states).repeat_interleave(rows_per, 0)
-    backend = FunctionBackend(next_fn, buffer, index, cache, hidden_states)
-    for _ in decode_steps(backend, sampler, state):
-        pass
-    out = prompt.clone()
-    for b, seqs in enumerate(sampler.finalize(state)):
-        seq = seqs[0]
-        if seq:
-            out[b, index:index + len(seq)] = torch.tensor(seq, dtype=out.dtype)
-    return out[0] if squeeze else out

@@ -7,6 +7,7 @@ generated), never left padding, so a prompt gives the same result alone or in a 
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -23,18 +24,85 @@ class LogitsProcessor:
         raise NotImplementedError
 
 
-class RepetitionPenalty(LogitsProcessor):
-    """CTRL's penalty (as HF): scores of tokens already present are divided by `penalty` (multiplied if < 0)."""
+def _values(value, name: str, check, integer: bool = False):
+    """A Python number as it is, or per-row values as a tuple (one per row); each passes check()."""
+    many = not isinstance(value, (int, float)) or isinstance(value, bool)
+    items = list(value.tolist() if isinstance(value, torch.Tensor) else value) if many else [value]
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()) \
+                or not math.isfinite(v) or not check(v):
+            raise GenerationError(f"{name}, got {v!r}.")
+    cast = int if integer else float
+    return tuple(cast(v) for v in items) if many else cast(value)
 
-    def __init__(self, penalty: float) -> None:
-        if not penalty > 0:
-            raise GenerationError(f"repetition_penalty must be positive, got {penalty!r}.")
-        self.penalty = float(penalty)
+
+class _PerRow:
+    """Per-row values as a (rows, 1) tensor on the scores' device, made once per device and dtype."""
+
+    def __init__(self, values) -> None:
+        self.values = values
+        self._cache: torch.Tensor | None = None
+
+    @property
+    def scalar(self) -> bool:
+        return not isinstance(self.values, tuple)
+
+    def column(self, scores: torch.Tensor, dtype=None):
+        if self.scalar:
+            return self.values
+        dtype = dtype or scores.dtype
+        c = self._cache
+        if c is None or c.device != scores.device or c.dtype != dtype:
+            c = torch.tensor(self.values, dtype=torch.float64, device=scores.device).to(dtype)[:, None]
+            self._cache = c
+        if c.shape[0] != scores.shape[0]:
+            raise GenerationError(f"Per-row values were given for {c.shape[0]} rows, but the scores have "
+                                  f"{scores.shape[0]}.")
+        return c
+
+    def all(self, pred) -> bool:
+        return all(pred(v) for v in (self.values if not self.scalar else (self.values,)))
+
+    def max(self):
+        return max(self.values) if not self.scalar else self.values
+
+
+class RepetitionPenalty(LogitsProcessor):
+    """CTRL's penalty (as HF): scores of tokens already present (prompt or generated) are divided by
+    `penalty` (multiplied where negative). `penalty` is one number or one per row (1.0: off)."""
+
+    def __init__(self, penalty) -> None:
+        self.penalty = _values(penalty, "repetition_penalty must be a positive finite number", lambda v: v > 0)
+        self._rows = _PerRow(self.penalty)
 
     def __call__(self, scores, state):
+        if self._rows.all(lambda v: v == 1.0):
+            return scores
+        pen = self._rows.column(scores)
         present = state.presence(scores.shape[-1])
-        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        penalised = torch.where(scores < 0, scores * pen, scores / pen)
         return torch.where(present, penalised, scores)
+
+
+class PresenceFrequencyPenalty(LogitsProcessor):
+    """OpenAI's penalties over the generated tokens only:
+    logit -= presence * (count > 0) + frequency * count. Each is one number or one per row (0: off)."""
+
+    def __init__(self, presence=0.0, frequency=0.0) -> None:
+        self.presence = _values(presence, "presence_penalty must be a finite number", lambda v: True)
+        self.frequency = _values(frequency, "frequency_penalty must be a finite number", lambda v: True)
+        self._p, self._f = _PerRow(self.presence), _PerRow(self.frequency)
+
+    def __call__(self, scores, state):
+        p_off, f_off = self._p.all(lambda v: v == 0), self._f.all(lambda v: v == 0)
+        if p_off and f_off:
+            return scores
+        counts = state.generated_counts(scores.shape[-1])
+        if not p_off:
+            scores = scores - self._p.column(scores) * (counts > 0).to(scores.dtype)
+        if not f_off:
+            scores = scores - self._f.column(scores) * counts.to(scores.dtype)
+        return scores
 
 
 def _ban(scores: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
@@ -47,16 +115,16 @@ def _ban(scores: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor
 
 
 class NoRepeatNGram(LogitsProcessor):
-    """Ban every token that would complete an n-gram already present in the row (HF semantics)."""
+    """Ban every token that would complete an n-gram already present in the row (HF semantics).
+    `n` is one size or one per row (0: off for that row)."""
 
-    def __init__(self, n: int) -> None:
-        if not isinstance(n, int) or n < 1:
-            raise GenerationError(f"no_repeat_ngram_size must be a positive integer, got {n!r}.")
-        self.n = n
+    def __init__(self, n) -> None:
+        self.n = _values(n, "no_repeat_ngram_size must be a non-negative integer (0 turns it off)",
+                         lambda v: v >= 0, integer=True)
 
-    def banned(self, seq: Sequence[int]) -> set[int]:
-        n = self.n
-        if len(seq) + 1 < n:
+    def banned(self, seq: Sequence[int], n: int | None = None) -> set[int]:
+        n = self.n if n is None else n
+        if n <= 0 or len(seq) + 1 < n:
             return set()
         prefix = tuple(seq[len(seq) - n + 1:]) if n > 1 else ()
         out = set()
@@ -67,8 +135,9 @@ class NoRepeatNGram(LogitsProcessor):
 
     def __call__(self, scores, state):
         rows, cols = [], []
+        sizes = self.n if isinstance(self.n, tuple) else None
         for r, seq in enumerate(state.row_lists()):
-            for tok in self.banned(seq):
+            for tok in self.banned(seq, None if sizes is None else sizes[r]):
                 rows.append(r)
                 cols.append(tok)
         return _ban(scores, rows, cols)
@@ -113,34 +182,56 @@ class BadWords(LogitsProcessor):
         return scores
 
 
-class MinNewTokens(LogitsProcessor):
-    """Ban the end-of-sequence tokens until a row has produced `min_new_tokens` tokens."""
+def generated_lengths(state, vocab_size: int) -> torch.Tensor:
+    """(rows,) tokens generated so far in each row."""
+    fn = getattr(state, "generated_lengths", None)
+    if fn is not None:
+        return fn()
+    return state.generated_counts(vocab_size).sum(dim=-1)
 
-    def __init__(self, min_new_tokens: int, eos_ids: Sequence[int]) -> None:
-        self.min_new_tokens = int(min_new_tokens)
-        self.eos_ids = list(eos_ids)
+
+class MinNewTokens(LogitsProcessor):
+    """Ban the end-of-sequence tokens until a row has produced `min_new_tokens` tokens (one number or
+    one per row; 0: off)."""
+
+    def __init__(self, min_new_tokens, eos_ids: Sequence[int]) -> None:
+        self.min_new_tokens = _values(min_new_tokens, "min_new_tokens must be a non-negative integer",
+                                      lambda v: v >= 0, integer=True)
+        self._rows = _PerRow(self.min_new_tokens)
+        self.eos_ids = [int(e) for e in eos_ids]
+        self._eos: torch.Tensor | None = None
 
     def __call__(self, scores, state):
-        if state.generated_steps >= self.min_new_tokens or not self.eos_ids:
+        steps = getattr(state, "generated_steps", None)  # the longest row's count, when the state knows it
+        if not self.eos_ids or (steps is not None and steps >= self._rows.max()):
             return scores
-        scores = scores.clone()
-        scores[:, self.eos_ids] = NEG_INF
-        return scores
+        V = scores.shape[-1]
+        if self._eos is None or self._eos.device != scores.device or self._eos.shape[-1] != V:
+            eos = torch.zeros(1, V, dtype=torch.bool, device=scores.device)
+            eos[0, torch.tensor([e for e in self.eos_ids if 0 <= e < V], dtype=torch.long, device=scores.device)] = True
+            self._eos = eos
+        if self._rows.scalar and steps is not None:
+            return scores.masked_fill(self._eos, NEG_INF)  # same count in every row
+        short = generated_lengths(state, V)[:, None] < self._rows.column(scores, torch.long)
+        return scores.masked_fill(short & self._eos, NEG_INF)
 
 
 def build_processors(*, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                     bad_words_ids=None, min_new_tokens: int = 0, eos_ids: Sequence[int] = (),
+                     bad_words_ids=None, min_new_tokens=0, eos_ids: Sequence[int] = (),
                      vocab_size: int) -> list[LogitsProcessor]:
-    """The processors the options ask for, in HF's order."""
+    """The processors the options ask for, in HF's order. min_new_tokens may be one value per row."""
     procs: list[LogitsProcessor] = []
     if repetition_penalty is not None and repetition_penalty != 1.0:
         procs.append(RepetitionPenalty(repetition_penalty))
     if no_repeat_ngram_size:
         procs.append(NoRepeatNGram(no_repeat_ngram_size))
     if bad_words_ids:
-        procs.append(BadWords(bad_words_ids, vocab_size))
-    if min_new_tokens:
-        if min_new_tokens < 0:
-            raise GenerationError(f"min_new_tokens must be at least 0, got {min_new_tokens}.")
+        # As transformers: a banned single token that is an end-of-sequence token is dropped from the list,
+        # so banning words never stops a sequence from ending.
+        eos = {int(e) for e in eos_ids}
+        bad_words_ids = [seq for seq in bad_words_ids if not (len(seq) == 1 and int(seq[0]) in eos)]
+        if bad_words_ids:
+            procs.append(BadWords(bad_words_ids, vocab_size))
+    if isinstance(min_new_tokens, (tuple, list)) or min_new_tokens:
         procs.append(MinNewTokens(min_new_tokens, eos_ids))
     return procs

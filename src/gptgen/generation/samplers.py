@@ -14,20 +14,32 @@ Every sampler is also callable in KerasHub's functional form for custom models:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from ..errors import GenerationError
+from .loop import run_functional
 
 NEG = -1.0e9
+NEG_INF = float("-inf")
 
 
 def _check_temperature(temperature) -> float:
     if temperature is None:
         return 1.0
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
-        raise GenerationError(f"temperature must be a number of at least 0 (0 means greedy), got {temperature!r}.")
+    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature)
+            or temperature < 0):
+        raise GenerationError(f"temperature must be a finite number of at least 0 (0 means greedy), got {temperature!r}.")
     return float(temperature)
+
+
+def _check_positive_temperature(temperature, sampler: str) -> float:
+    t = _check_temperature(temperature)
+    if t == 0:
+        raise GenerationError(f"The {sampler} sampler needs a temperature above 0, got {temperature!r}.")
+    return t
 
 
 def _check_k(k, name: str = "k") -> int:
@@ -36,11 +48,290 @@ def _check_k(k, name: str = "k") -> int:
     return k
 
 
-def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row from probs (rows, n): argmax of p / Exp(1), the exponential-race form of
-    multinomial sampling; it needs no host sync."""
-    q = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return torch.argmax(probs / q, dim=-1)
+def _check_fraction(value, name: str, low_open: bool = True, high_open: bool = True, default=None) -> float:
+    """A finite float in the interval named by the flags (0..1)."""
+    if value is None:
+        return default
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1))
+    if not ok:
+        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+        raise GenerationError(f"{name} must be a number in {interval}, got {value!r}.")
+    return float(value)
+
+
+def _check_min_tokens_to_keep(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise GenerationError(f"min_tokens_to_keep must be a positive integer, got {value!r}.")
+    return value
+
+
+# Per-row functions ----------------------------------------------------------------------------------
+# Every parameter is a Python number (the same for all rows) or a 1-D tensor / sequence with one value
+# per row. Per-row float values are read in float64 and cast to the scores' dtype only where compared,
+# so a row gives exactly the result the same value as a Python number gives.
+def _rows(value, scores: torch.Tensor, integer: bool = False):
+    """A Python number as it is, or per-row values as a (rows, 1) tensor on the scores' device."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    t = torch.as_tensor(value, device=scores.device)
+    t = t.long() if integer else t.double()
+    if t.dim() != 1 or t.shape[0] != scores.shape[0]:
+        raise GenerationError(f"Per-row values must have one value per row ({scores.shape[0]}), got shape {tuple(t.shape)}.")
+    return t[:, None]
+
+
+def _apply_removal(scores, remove, off):
+    if isinstance(off, torch.Tensor):
+        remove = remove & ~off
+    return scores.masked_fill(remove, NEG_INF)
+
+
+def _kth_largest(scores: torch.Tensor, k) -> torch.Tensor:
+    """(rows, 1) the k-th largest score per row (k a Python int >= 1 or a (rows, 1) long tensor >= 1)."""
+    V = scores.shape[-1]
+    if isinstance(k, int):
+        return torch.topk(scores, min(k, V), dim=-1).values[:, -1:]
+    k = k.clamp(1, V)
+    values = torch.topk(scores, int(k.max()), dim=-1).values
+    return values.gather(1, k - 1)
+
+
+def apply_temperature(scores: torch.Tensor, temperature) -> torch.Tensor:
+    """scores / temperature; rows with temperature 0 are returned unchanged (the caller takes their argmax)."""
+    t = _rows(temperature, scores)
+    if not isinstance(t, torch.Tensor):
+        return scores if t in (0, 1) else scores / t
+    t = torch.where(t == 0, torch.ones_like(t), t)
+    return scores / t.to(scores.dtype)
+
+
+def top_k_filter(scores: torch.Tensor, k, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """-inf outside the k highest scores (k <= 0: off). Every token tied with the k-th is kept, as in
+    transformers' TopKLogitsWarper; at least min_tokens_to_keep tokens stay."""
+    k = _rows(k, scores, integer=True)
+    if not isinstance(k, torch.Tensor):
+        if k <= 0:
+            return scores
+        return scores.masked_fill(scores < _kth_largest(scores, max(int(k), min_tokens_to_keep)), NEG_INF)
+    off = k <= 0
+    if bool(off.all()):
+        return scores
+    kth = _kth_largest(scores, torch.where(off, torch.ones_like(k), k.clamp(min=min_tokens_to_keep)))
+    return _apply_removal(scores, scores < kth, off)
+
+
+def top_p_filter(scores: torch.Tensor, p, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """-inf outside the nucleus: the smallest set of most likely tokens whose probability reaches p
+    (p >= 1: off). Computed from the least likely end (a token goes when the mass of it and every less
+    likely token is at most 1 - p), as transformers does, so float32 rounding of the running sum does not
+    keep an extra token: on probabilities [0.3, 0.1, 0.1, 0.5] with p = 0.8 two tokens stay."""
+    p = _rows(p, scores)
+    if not isinstance(p, torch.Tensor) and p >= 1:
+        return scores
+    off = p >= 1
+    if isinstance(off, torch.Tensor) and bool(off.all()):
+        return scores
+    probs = torch.softmax(scores, dim=-1)
+    V = scores.shape[-1]
+    finite = int(torch.isfinite(scores).sum(dim=-1).max()) if scores.device.type == "cpu" else V
+    if finite < V // 4:
+        # After a top-k filter most tokens are -inf: sort only the finite ones. Tokens of probability 0
+        # add nothing to the running sum, so the result is the same as sorting the whole row.
+        order = torch.topk(scores, finite, dim=-1).indices.flip(-1)
+    else:
+        order = torch.sort(scores, dim=-1).indices  # ascending
+    tail = probs.gather(1, order).cumsum(dim=-1)
+    limit = 1 - p
+    if isinstance(limit, torch.Tensor):
+        limit = limit.to(scores.dtype)
+    remove_sorted = tail <= limit
+    if min_tokens_to_keep > 0:
+        remove_sorted[:, -min_tokens_to_keep:] = False
+    if order.shape[-1] < V:
+        remove = torch.isinf(scores).scatter(1, order, remove_sorted)
+    else:
+        remove = torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted)
+    return _apply_removal(scores, remove, off)
+
+
+def _keep_top(remove: torch.Tensor, scores: torch.Tensor, min_tokens_to_keep: int) -> torch.Tensor:
+    """remove, with the min_tokens_to_keep highest-scoring tokens of each row kept."""
+    if min_tokens_to_keep <= 0:
+        return remove
+    return remove & (scores < _kth_largest(scores, min_tokens_to_keep))
+
+
+def min_p_filter(scores: torch.Tensor, min_p, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """-inf for tokens less likely than min_p times the most likely token (min_p <= 0: off)."""
+    m = _rows(min_p, scores)
+    if not isinstance(m, torch.Tensor) and m <= 0:
+        return scores
+    off = m <= 0
+    probs = torch.softmax(scores, dim=-1)
+    if isinstance(m, torch.Tensor):
+        m = m.to(scores.dtype)
+    remove = probs < m * probs.amax(dim=-1, keepdim=True)
+    return _apply_removal(scores, _keep_top(remove, scores, min_tokens_to_keep), off)
+
+
+def typical_filter(scores: torch.Tensor, typical_p, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Locally typical sampling (Meister et al., 2022): keep the tokens whose surprisal is closest to the
+    distribution's entropy, until their probability reaches typical_p (typical_p >= 1: off)."""
+    mass = _rows(typical_p, scores)
+    if not isinstance(mass, torch.Tensor) and mass >= 1:
+        return scores
+    off = mass >= 1
+    logp = torch.log_softmax(scores, dim=-1)
+    probs = logp.exp()
+    entropy = -(logp * probs).nansum(dim=-1, keepdim=True)
+    distance = (-logp - entropy).abs()
+    ordered, order = torch.sort(distance, dim=-1)
+    cum = torch.softmax(scores.gather(1, order), dim=-1).cumsum(dim=-1)
+    if isinstance(mass, torch.Tensor):
+        mass = mass.to(scores.dtype)
+    last = (cum < mass).sum(dim=1, keepdim=True).clamp(max=scores.shape[-1] - 1)
+    remove_sorted = ordered > ordered.gather(1, last)
+    if min_tokens_to_keep > 0:
+        remove_sorted[:, :min_tokens_to_keep] = False
+    remove = torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted)
+    return _apply_removal(scores, remove, off)
+
+
+def epsilon_filter(scores: torch.Tensor, epsilon, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Epsilon sampling (Hewitt et al., 2022): -inf for tokens of probability below epsilon (epsilon <= 0: off)."""
+    eps = _rows(epsilon, scores)
+    if not isinstance(eps, torch.Tensor) and eps <= 0:
+        return scores
+    off = eps <= 0
+    if isinstance(eps, torch.Tensor):
+        eps = eps.to(scores.dtype)
+    remove = torch.softmax(scores, dim=-1) < eps
+    return _apply_removal(scores, _keep_top(remove, scores, min_tokens_to_keep), off)
+
+
+def eta_filter(scores: torch.Tensor, eta, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Eta sampling (Hewitt et al., 2022): -inf for tokens of probability below
+    min(eta, sqrt(eta) * exp(-entropy)) (eta <= 0: off)."""
+    e = _rows(eta, scores)
+    if not isinstance(e, torch.Tensor) and e <= 0:
+        return scores
+    off = e <= 0
+    e = torch.as_tensor(e, dtype=scores.dtype, device=scores.device)
+    if e.dim() == 0:
+        e = e.expand(scores.shape[0], 1)
+    logp = torch.log_softmax(scores, dim=-1)
+    probs = logp.exp()
+    entropy = -(probs * logp.masked_fill(probs == 0, 0)).sum(dim=-1, keepdim=True)
+    cutoff = torch.minimum(e, e.sqrt() * torch.exp(-entropy))
+    remove = probs < cutoff
+    return _apply_removal(scores, _keep_top(remove, scores, min_tokens_to_keep), off)
+
+
+def warp(scores: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
+         eta_cutoff=0.0, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Temperature, then the filters in transformers' order: top-k, top-p, min-p, typical, epsilon, eta."""
+    scores = apply_temperature(scores, temperature)
+    scores = top_k_filter(scores, top_k, min_tokens_to_keep)
+    scores = top_p_filter(scores, top_p, min_tokens_to_keep)
+    scores = min_p_filter(scores, min_p, min_tokens_to_keep)
+    scores = typical_filter(scores, typical_p, min_tokens_to_keep)
+    scores = epsilon_filter(scores, epsilon_cutoff, min_tokens_to_keep)
+    return eta_filter(scores, eta_cutoff, min_tokens_to_keep)
+
+
+def _uniforms(rows: int, generator, device) -> torch.Tensor:
+    """(rows, 1) float64 uniforms in [0, 1), one per row, from the generator(s) draw() accepts."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(rows, 1, generator=generator, device=device, dtype=torch.float64)
+    generators = list(generator)
+    if len(generators) != rows:
+        raise GenerationError(f"draw() needs one generator (or None) per row: {rows} rows, "
+                              f"{len(generators)} generators.")
+    if all(g is None for g in generators):
+        return torch.rand(rows, 1, device=device, dtype=torch.float64)
+    u = torch.empty(rows, 1, device=device, dtype=torch.float64)
+    shared = []
+    for r, g in enumerate(generators):
+        if g is None:
+            shared.append(r)
+        else:
+            u[r] = torch.rand(1, generator=g, device=device, dtype=torch.float64)
+    if shared:
+        u[torch.tensor(shared, device=device)] = torch.rand(len(shared), 1, device=device, dtype=torch.float64)
+    return u
+
+
+def draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """One draw per row from probs (rows, n) (any non-negative weights): the token where a uniform number
+    falls in the row's cumulative distribution (float64), so one random number per row and no host sync.
+    `generator` is None, one torch.Generator for all rows, or a list with a generator (or None) per row:
+    a row with its own generator reads only that generator's numbers, so a seeded row draws the same
+    token whatever other rows share the batch. A token of probability 0 is never drawn."""
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    picks = torch.searchsorted(cdf, _uniforms(probs.shape[0], generator, probs.device) * total, right=True)
+    last = torch.searchsorted(cdf, total)  # the last token of non-zero probability
+    return torch.minimum(picks, last)[:, 0]
+
+
+def _weights(scores: torch.Tensor) -> torch.Tensor:
+    """exp(scores - row max) in float64: unnormalised probabilities that are the same numbers for a token
+    whether a row holds the whole vocabulary or only its candidates (0 for -inf)."""
+    return (scores - scores.amax(dim=-1, keepdim=True)).double().exp()
+
+
+def _candidates(scores: torch.Tensor, k, min_tokens_to_keep: int):
+    """Token ids (rows, n), in increasing id order, that hold every token a top-k filter keeps (ties
+    with the k-th included), or None when that set is not small (or top-k is off for some row)."""
+    V = scores.shape[-1]
+    if scores.device.type != "cpu":  # the size check below needs the host; full rows are cheap there
+        return None
+    if isinstance(k, torch.Tensor):
+        if not bool((k > 0).all()):
+            return None
+        k = k.clamp(min=min_tokens_to_keep)
+        kmax = int(k.max())
+    else:
+        if k <= 0:
+            return None
+        k = kmax = max(int(k), min_tokens_to_keep)
+    if 4 * kmax > V:
+        return None
+    values, ids = torch.topk(scores, kmax + 1, dim=-1)
+    kth = values[:, kmax - 1:kmax] if isinstance(k, int) else values.gather(1, k - 1)
+    if bool((values[:, kmax:] >= kth).any()):  # ties with a k-th value beyond the first kmax tokens
+        n = int((scores >= kth).sum(dim=-1).max())
+        if 4 * n > V:
+            return None
+        ids = torch.topk(scores, n, dim=-1).indices
+    else:
+        ids = ids[:, :kmax]
+    return torch.sort(ids, dim=-1).values
+
+
+def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, top_k=0, min_tokens_to_keep: int = 1,
+           **filters) -> torch.Tensor:
+    """The next token of every row: argmax where temperature is 0, otherwise a draw from the scores after
+    warp(scores, temperature, top_k, ..., min_tokens_to_keep) (`filters`: warp's other keyword arguments).
+    With top-k on for every row, only the candidates are warped and drawn from (on CPU), which gives the
+    same token as the whole row would for the same random number."""
+    t = _rows(temperature, scores)
+    if not isinstance(t, torch.Tensor) and t == 0:
+        return torch.argmax(scores, dim=-1)
+    k = _rows(top_k, scores, integer=True)
+    if isinstance(k, torch.Tensor):
+        k = k[:, 0]
+    ids = _candidates(scores, k[:, None] if isinstance(k, torch.Tensor) else k, min_tokens_to_keep)
+    sub = scores if ids is None else scores.gather(1, ids)
+    warped = warp(sub, temperature=temperature, top_k=k, min_tokens_to_keep=min_tokens_to_keep, **filters)
+    picks = draw(_weights(warped), generator)
+    if ids is not None:
+        picks = ids.gather(1, picks[:, None])[:, 0]
+    if isinstance(t, torch.Tensor):
+        greedy = (t == 0)[:, 0]
+        picks = torch.where(greedy, torch.argmax(scores, dim=-1), picks)
+    return picks
 
 
 class Sampler:
@@ -91,8 +382,6 @@ class Sampler:
                  hidden_states=None, model=None, seed=None):
         """Fill `prompt` (batch, length) from position `index` on, calling next(prompt, cache, index) ->
         (logits, hidden_states, cache) for the distribution of the token at `index`. Returns the filled ids."""
-        from .engine import run_functional
-
         return run_functional(self, next, prompt, cache=cache, index=index, mask=mask,
                               stop_token_ids=stop_token_ids, hidden_states=hidden_states, seed=seed)
 
@@ -107,69 +396,83 @@ class GreedySampler(Sampler):
     name = "greedy"
     deterministic = True
 
-    def __init__(self) -> None:
-        super().__init__(1.0)
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__(temperature)  # accepted as KerasHub does; it does not change the argmax
 
     def choose(self, scores, generator):
         return torch.argmax(scores, dim=-1)
 
 
-class RandomSampler(Sampler):
+class _FilteringSampler(Sampler):
+    """A draw from softmax(scores / temperature) after the filters the sampler and its options name:
+    transformers' warpers min_p, typical_p, epsilon_cutoff and eta_cutoff are accepted by every
+    drawing sampler, and min_tokens_to_keep applies to each filter."""
+
+    top_k = 0
+    top_p = 1.0
+
+    def __init__(self, temperature: float = 1.0, *, min_p: float | None = None, typical_p: float | None = None,
+                 epsilon_cutoff: float | None = None, eta_cutoff: float | None = None,
+                 min_tokens_to_keep: int = 1) -> None:
+        super().__init__(temperature)
+        self.min_p = _check_fraction(min_p, "min_p", low_open=False, high_open=False, default=0.0)
+        self.typical_p = _check_fraction(typical_p, "typical_p", high_open=False, default=1.0)
+        self.epsilon_cutoff = _check_fraction(epsilon_cutoff, "epsilon_cutoff", low_open=False, default=0.0)
+        self.eta_cutoff = _check_fraction(eta_cutoff, "eta_cutoff", low_open=False, default=0.0)
+        self.min_tokens_to_keep = _check_min_tokens_to_keep(min_tokens_to_keep)
+
+    def filter(self, scores: torch.Tensor) -> torch.Tensor:
+        """The scores after temperature and every filter (-inf for tokens that cannot be drawn)."""
+        return warp(scores, temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p,
+                    min_p=self.min_p, typical_p=self.typical_p, epsilon_cutoff=self.epsilon_cutoff,
+                    eta_cutoff=self.eta_cutoff, min_tokens_to_keep=self.min_tokens_to_keep)
+
+    def choose(self, scores, generator):
+        return sample(scores, generator, temperature=self.temperature, top_k=self.top_k or 0, top_p=self.top_p,
+                      min_p=self.min_p, typical_p=self.typical_p, epsilon_cutoff=self.epsilon_cutoff,
+                      eta_cutoff=self.eta_cutoff, min_tokens_to_keep=self.min_tokens_to_keep)
+
+
+class RandomSampler(_FilteringSampler):
     """A draw from the whole softmax(logits / temperature)."""
 
     name = "random"
 
-    def choose(self, scores, generator):
-        if self.temperature == 0:
-            return torch.argmax(scores, dim=-1)
-        return _sample(torch.softmax(scores / self.temperature, dim=-1), generator)
 
-
-class TopKSampler(Sampler):
-    """A draw among the k most likely tokens, renormalised."""
+class TopKSampler(_FilteringSampler):
+    """A draw among the k most likely tokens (and every token tied with the k-th), renormalised."""
 
     name = "top_k"
 
-    def __init__(self, k: int = 5, temperature: float = 1.0) -> None:
-        super().__init__(temperature)
+    def __init__(self, k: int = 5, temperature: float = 1.0, **options) -> None:
+        super().__init__(temperature, **options)
         self.k = _check_k(k)
 
-    def choose(self, scores, generator):
-        if self.temperature == 0:
-            return torch.argmax(scores, dim=-1)
-        values, ids = torch.topk(scores, min(self.k, scores.shape[-1]), dim=-1)
-        pick = _sample(torch.softmax(values / self.temperature, dim=-1), generator)
-        return ids.gather(-1, pick[:, None])[:, 0]
+    @property
+    def top_k(self):
+        return self.k
 
 
-class TopPSampler(Sampler):
+class TopPSampler(_FilteringSampler):
     """Nucleus sampling: a draw among the smallest set of most likely tokens whose probability reaches p
     (always at least one), optionally within the k most likely first."""
 
     name = "top_p"
 
-    def __init__(self, p: float = 0.1, k: int | None = None, temperature: float = 1.0) -> None:
-        super().__init__(temperature)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+    def __init__(self, p: float = 0.1, k: int | None = None, temperature: float = 1.0, **options) -> None:
+        super().__init__(temperature, **options)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
             raise GenerationError(f"p (top_p) must be in (0, 1], got {p!r}.")
         self.p = float(p)
         self.k = None if k is None else _check_k(k)
 
-    def choose(self, scores, generator):
-        if self.temperature == 0:
-            return torch.argmax(scores, dim=-1)
-        if self.k is not None:
-            values, ids = torch.topk(scores, min(self.k, scores.shape[-1]), dim=-1)
-        else:
-            values, ids = torch.sort(scores, dim=-1, descending=True)
-        values = values / self.temperature
-        probs = torch.softmax(values, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # probability of the more likely tokens
-        keep = before < self.p
-        keep[:, 0] = True
-        probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
-        pick = _sample(probs, generator)
-        return ids.gather(-1, pick[:, None])[:, 0]
+    @property
+    def top_k(self):
+        return self.k or 0
+
+    @property
+    def top_p(self):
+        return self.p
 
 
 class BeamSampler(Sampler):
@@ -180,15 +483,20 @@ class BeamSampler(Sampler):
     row_stopping = False
     deterministic = True
 
-    def __init__(self, num_beams: int = 5, length_penalty: float = 1.0, early_stopping: bool | str = False) -> None:
-        super().__init__(1.0)
+    def __init__(self, num_beams: int = 5, length_penalty: float = 1.0, early_stopping: bool | str = False,
+                 return_all_beams: bool = False, temperature: float = 1.0) -> None:
+        super().__init__(_check_positive_temperature(temperature, "beam"))
         if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
             raise GenerationError(f"num_beams must be a positive integer, got {num_beams!r}.")
         if early_stopping not in (True, False, "never"):
             raise GenerationError(f"early_stopping must be True, False or 'never', got {early_stopping!r}.")
+        if (isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float))
+                or not math.isfinite(length_penalty)):
+            raise GenerationError(f"length_penalty must be a finite number, got {length_penalty!r}.")
         self.num_beams = num_beams
         self.length_penalty = float(length_penalty)
         self.early_stopping = early_stopping
+        self.return_all_beams = bool(return_all_beams)
 
     def rows_per_sequence(self, num_return_sequences):
         return self.num_beams
@@ -206,6 +514,7 @@ class BeamSampler(Sampler):
         s["running"] = torch.zeros(B, nb, device=dev)
         s["running"][:, 1:] = NEG
         s["fin_scores"] = torch.full((B, nb), NEG, device=dev)
+        s["fin_log_probs"] = torch.full((B, nb), NEG, device=dev)  # the same hypotheses' summed log-probs
         s["fin_tokens"] = torch.full((B, nb, max(state.max_new_tokens, 1)), state.pad_id, dtype=torch.long, device=dev)
         s["fin_len"] = torch.zeros(B, nb, dtype=torch.long, device=dev)
         s["finished"] = torch.zeros(B, nb, dtype=torch.bool, device=dev)
@@ -219,7 +528,7 @@ class BeamSampler(Sampler):
         B, nb = state.batch_size, self.num_beams
         V = logits.shape[-1]
         g = state.generated_steps  # tokens generated so far (same for every beam)
-        log_probs = state.process(F.log_softmax(logits.float(), dim=-1))
+        log_probs = state.process(F.log_softmax(apply_temperature(logits.float(), self.temperature), dim=-1))
         log_probs = (log_probs.view(B, nb, V) + s["running"][:, :, None]).view(B, nb * V)
         K = s["keep"]
         top_lp, top_idx = torch.topk(log_probs, K, dim=-1)
@@ -254,11 +563,13 @@ class BeamSampler(Sampler):
             cand[:, :, :g] = gen.gather(1, src[:, :, None].expand(B, K, g))
         cand[:, :, g] = tok
         merged_scores = torch.cat([s["fin_scores"], fin_lp], dim=1)
+        merged_lp = torch.cat([s["fin_log_probs"], top_lp], dim=1)
         merged_tokens = torch.cat([s["fin_tokens"], cand], dim=1)
         merged_len = torch.cat([s["fin_len"], torch.full_like(tok, g + 1)], dim=1)
         merged_fin = torch.cat([s["finished"], just], dim=1)
         best = torch.topk(merged_scores, nb, dim=-1)[1]
         s["fin_scores"] = merged_scores.gather(1, best)
+        s["fin_log_probs"] = merged_lp.gather(1, best)
         s["fin_tokens"] = merged_tokens.gather(1, best[:, :, None].expand(B, nb, merged_tokens.shape[-1]))
         s["fin_len"] = merged_len.gather(1, best)
         s["finished"] = merged_fin.gather(1, best)
@@ -284,12 +595,20 @@ class BeamSampler(Sampler):
         return state.sampler_state.get("done", False)
 
     def finalize(self, state):
+        return self._finished(state, state.num_return_sequences)[0]
+
+    def all_beams(self, state) -> tuple[list[list[list[int]]], torch.Tensor]:
+        """Every finished hypothesis per prompt, best first, and (batch, num_beams) their summed
+        log-probabilities (of the tempered, processed distributions)."""
+        return self._finished(state, self.num_beams)
+
+    def _finished(self, state, n: int):
         s = state.sampler_state
         out = []
         toks, lens = s["fin_tokens"].tolist(), s["fin_len"].tolist()
         for b in range(state.batch_size):
-            out.append([toks[b][j][:lens[b][j]] for j in range(state.num_return_sequences)])
-        return out
+            out.append([toks[b][j][:lens[b][j]] for j in range(n)])
+        return out, s["fin_log_probs"][:, :n]
 
 
 class ContrastiveSampler(Sampler):
@@ -300,10 +619,11 @@ class ContrastiveSampler(Sampler):
     needs_hidden = "all"
     deterministic = True
 
-    def __init__(self, k: int = 5, alpha: float = 0.6) -> None:
-        super().__init__(1.0)
+    def __init__(self, k: int = 5, alpha: float = 0.6, temperature: float = 1.0) -> None:
+        super().__init__(_check_positive_temperature(temperature, "contrastive"))
         self.k = _check_k(k)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        if (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)
+                or not 0 <= alpha <= 1):
             raise GenerationError(f"alpha (penalty_alpha) must be in [0, 1], got {alpha!r}.")
         self.alpha = float(alpha)
 
@@ -312,7 +632,8 @@ class ContrastiveSampler(Sampler):
 
     def start(self, state):
         s = state.sampler_state
-        s["context"] = None  # (rows, L, H) normalised hidden states of the committed tokens
+        s["primed"] = False
+        s["context"] = None  # (rows, L, H) normalised hidden states of the committed tokens (None: none yet)
         s["context_valid"] = None
         s["cand_probs"] = None
         s["cand_ids"] = None
@@ -321,20 +642,29 @@ class ContrastiveSampler(Sampler):
         s = state.sampler_state
         k, rows = self.k, state.num_rows
         B = rows // k
-        if s["context"] is None:  # after the prefill: hidden holds every prompt position
-            s["context"] = F.normalize(hidden.float(), dim=-1)
-            s["context_valid"] = state.valid[:, :state.cur].clone()
+        if not s["primed"]:  # after the prefill: hidden holds every prompt position (none at index 0)
+            s["primed"] = True
+            if hidden is not None and hidden.shape[1] > 0:
+                s["context"] = F.normalize(hidden.float(), dim=-1)
+                s["context_valid"] = state.valid[:, :state.cur].clone()
             return None, None
         h = F.normalize(hidden[:, -1].float(), dim=-1)  # (rows, H): candidate j of a prompt in row j
-        sims = torch.einsum("rlh,rh->rl", s["context"], h).masked_fill(~s["context_valid"], float("-inf"))
-        degeneration = sims.max(dim=-1).values.view(B, k)
+        ones = torch.ones(rows, 1, dtype=torch.bool, device=h.device)
+        if s["context"] is None:  # nothing to be similar to yet
+            degeneration = torch.zeros(B, k, device=h.device)
+        else:
+            sims = torch.einsum("rlh,rh->rl", s["context"], h).masked_fill(~s["context_valid"], float("-inf"))
+            degeneration = sims.max(dim=-1).values.view(B, k)
         score = (1 - self.alpha) * s["cand_probs"] - self.alpha * degeneration
+        score = score.masked_fill(s["cand_probs"] <= 0, float("-inf"))  # a banned token is never a candidate
         best = score.argmax(dim=-1)  # (B,)
         reorder = (best[:, None] + torch.arange(B, device=best.device)[:, None] * k).expand(B, k).reshape(-1)
         tokens = s["cand_ids"].gather(1, best[:, None]).expand(B, k).reshape(-1)
-        s["context"] = torch.cat([s["context"][reorder], h[reorder][:, None]], dim=1)
-        s["context_valid"] = torch.cat([s["context_valid"][reorder],
-                                        torch.ones(rows, 1, dtype=torch.bool, device=best.device)], dim=1)
+        if s["context"] is None:
+            s["context"], s["context_valid"] = h[reorder][:, None], ones
+        else:
+            s["context"] = torch.cat([s["context"][reorder], h[reorder][:, None]], dim=1)
+            s["context_valid"] = torch.cat([s["context_valid"][reorder], ones], dim=1)
         return tokens, reorder
 
     def feed(self, tokens, logits, state):
@@ -343,7 +673,7 @@ class ContrastiveSampler(Sampler):
         B = rows // k
         # Every row of a prompt holds the same context here; the first row speaks for all.
         scores = state.process(logits.float()).view(B, k, -1)[:, 0]
-        probs = torch.softmax(scores, dim=-1)
+        probs = torch.softmax(apply_temperature(scores, self.temperature), dim=-1)
         top_p, top_i = torch.topk(probs, k, dim=-1)
         s["cand_probs"], s["cand_ids"] = top_p, top_i
         return top_i.reshape(-1), state.cur  # candidate j goes to row j, in the next free slot

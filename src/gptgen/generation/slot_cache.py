@@ -65,6 +65,18 @@ def attention_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
     return (slots[None, None, :] <= positions[:, :, None])[:, None]
 
 
+def _run_blocks(model, idx, positions, mask, kv_len):
+    x = model.embed(idx, positions)
+    for block in model.blocks:
+        x = block(x, mask, positions, kv_len)
+    return model.ln_f(x)
+
+
+def _decode_step(model, idx, positions, mask):
+    """One token per row over the whole cache (fixed shapes): what a CUDA graph captures."""
+    return model.lm_head(_run_blocks(model, idx, positions, mask, None)[:, -1])
+
+
 class SlotModel:
     """The GPT's modules over a SlotKVCache of `slots` rows and `max_len` positions."""
 
@@ -90,13 +102,6 @@ class SlotModel:
         logits = x @ _head_t(m)
         return logits + m.lm_head.bias if m.lm_head.bias is not None else logits
 
-    def _run(self, idx, positions, mask, kv_len):
-        m = self.model
-        x = m.embed(idx, positions)
-        for block in m.blocks:
-            x = block(x, mask, positions, kv_len)
-        return m.ln_f(x)
-
     def forward(self, idx: torch.Tensor, positions: torch.Tensor, *, rows: torch.Tensor | None = None,
                 last: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (rows, vocab) of one token per row: the last column, or column `last[r]` of row r.
@@ -109,7 +114,7 @@ class SlotModel:
         for cache in self.caches:
             cache.rows, cache.read_len = rows, kv_len
         try:
-            x = self._run(idx, positions, mask, kv_len)
+            x = _run_blocks(self.model, idx, positions, mask, kv_len)
         finally:
             for cache in self.caches:
                 cache.rows, cache.read_len = None, None
@@ -132,13 +137,9 @@ class SlotModel:
             positions = torch.cat([positions, positions.new_full((pad, 1), L - 1)])
         mask = attention_mask(positions, L)
         if self._compiled is None:
-            self._compiled = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-        logits = self._compiled(idx, positions, mask)
+            self._compiled = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        logits = self._compiled(self.model, idx, positions, mask)
         return logits[:B].float().clone()  # a replay overwrites the graph's outputs
-
-    def _step(self, idx, positions, mask):
-        x = self._run(idx, positions, mask, None)
-        return self.model.lm_head(x[:, -1])
 
     # Row moves (the scheduler keeps decoding rows packed at the front) ------------------------------
     def move_row(self, src: int, dst: int, length: int) -> None:
