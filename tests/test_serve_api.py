@@ -379,3 +379,20 @@ def test_gptgen_serve_bad_flags_exit_2(tmp_path, capsys):
 
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_an_engine_passed_in_is_used_and_sets_the_context(gpt2_lm):
+    from fastapi.testclient import TestClient
+
+    from gptgen.generation.batcher import BatchEngine
+
+    with BatchEngine(gpt2_lm, max_batch=2, max_context=48) as engine:
+        app = create_app(gpt2_lm, engine=engine, served_model_name="shared")
+        with TestClient(app) as http:
+            assert http.get("/v1/models").json()["data"][0]["max_model_len"] == 48
+            ok = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+            assert ok.json()["choices"][0]["text"] == gpt2_lm.generate(PROMPT, max_new_tokens=4, include_prompt=False)
+            _assert_error(http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 47}), 400, "max_tokens",
+                          "context of 48 tokens")
+        assert engine.stats()["requests_finished"] == 1  # the app did not close the engine it was given
+        assert engine.generate(gpt2_lm.tokenizer.encode("x"))[0].completion_tokens == 16

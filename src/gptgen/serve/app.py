@@ -80,8 +80,8 @@ def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, ap
                 engine.close()
 
     app = FastAPI(title="gptgen", version=_version(), lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    state = _ServerState(lm, engine, model_name, template, template_error, api_key, max_body_bytes,
-                         max_context or lm.config.n_positions)
+    context = getattr(engine, "max_context", None) or max_context or lm.config.n_positions
+    state = _ServerState(lm, engine, model_name, template, template_error, api_key, max_body_bytes, context)
     app.state.gptgen = state
     if cors:
         from fastapi.middleware.cors import CORSMiddleware
