@@ -180,6 +180,47 @@ def test_long_prompt_is_prefilled_in_chunks_while_another_request_decodes(lm, to
     assert stats["prefill_chunks"] >= 100 // 8
 
 
+def test_churn_of_joins_leaves_cancels_and_choices_keeps_every_row_intact(lm, tok):
+    """Few slots, tiny prefill chunks, n > 1, cancellations: rows are moved and swapped all the time,
+    and every completed greedy choice still equals the per-call engine's tokens."""
+    import random
+
+    rng = random.Random(3)
+    words = " ".join(TEXTS[:4]).split()
+    jobs = []
+    for i in range(24):
+        prompt = tok.encode(" ".join(rng.sample(words, rng.randint(1, 12))))
+        jobs.append((prompt, rng.randint(1, 18), rng.choice([1, 1, 2, 3]), rng.random() < 0.2))
+    refs = {}
+    for prompt, new, _, _ in jobs:
+        refs[(tuple(prompt), new)] = generate_ids(lm.model, [prompt], max_new_tokens=new,
+                                                  eos_token_id=tok.eos_token_id)[0]
+    with BatchEngine(lm, max_batch=5, prefill_chunk=4) as eng:
+        submitted = []
+        for prompt, new, n, cancel in jobs:
+            sink = Collector()
+            req = eng.submit(prompt, SamplingParams(max_tokens=new, temperature=0.0, n=n), sink)
+            submitted.append((prompt, new, n, req, sink))
+            if cancel:
+                time.sleep(0.003)
+                eng.cancel(req)
+            if rng.random() < 0.5:
+                time.sleep(0.002)
+        for *_, req, _ in submitted:
+            assert req.done.wait(30)
+        stats = eng.stats()
+    assert stats["active_slots"] == 0 and stats["queue_depth"] == 0
+    completed = 0
+    for prompt, new, n, req, sink in submitted:
+        for i in range(n):
+            final = sink.events[i][-1]
+            assert final.finish_reason in ("stop", "length", "cancelled")
+            if final.finish_reason != "cancelled":
+                assert sink.tokens(i) == refs[(tuple(prompt), new)]
+                completed += 1
+    assert completed >= 20
+
+
 def test_cancel_frees_the_slot_within_one_step(engine, tok):
     sink = Collector()
     req = engine.submit(_prompt(tok, "a journey"), SamplingParams(max_tokens=100, ignore_eos=True), sink)
@@ -192,6 +233,28 @@ def test_cancel_frees_the_slot_within_one_step(engine, tok):
     assert after["steps"] - before <= 1
     assert sink.events[0][-1].finish_reason == "cancelled"
     assert req.finish_reasons == ["cancelled"]
+
+
+def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(lm, tok, caplog):
+    with BatchEngine(lm, max_batch=4) as eng:
+        real = eng.slots.forward
+        calls = {"n": 0}
+
+        def flaky(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("boom")
+            return real(*args, **kwargs)
+
+        eng.slots.forward = flaky
+        sink = Collector()
+        req = eng.submit(_prompt(tok, "the"), SamplingParams(max_tokens=20, temperature=0.0), sink)
+        assert req.done.wait(10)
+        assert sink.events[0][-1].finish_reason == "error"
+        again = eng.generate(_prompt(tok, "the"), SamplingParams(max_tokens=5, temperature=0.0))[0]
+        assert again.finish_reason == "length" and len(again.token_ids) == 5
+        assert eng.stats()["active_slots"] == 0
+    assert "boom" in caplog.text
 
 
 def test_queue_limit_raises_queue_full(lm, tok):
@@ -315,6 +378,41 @@ def test_logprobs_equal_log_softmax_of_the_model_logits(engine, lm, tok):
             assert [g[0] for g in got] == ids.tolist()
             assert [g[2] for g in got] == pytest.approx(vals.tolist(), abs=1e-4)
             assert [g[1] for g in got] == [tok.decode([t]) for t in ids.tolist()]
+
+
+def test_presence_and_frequency_penalties_follow_openai_per_row(engine, lm, tok):
+    """Greedy with OpenAI's penalties, checked step by step against the model's own logits."""
+    prompt = _prompt(tok, "to be or not to be")
+    params = SamplingParams(max_tokens=25, temperature=0.0, presence_penalty=1.5, frequency_penalty=0.7)
+    plain = SamplingParams(max_tokens=25, temperature=0.0)
+    sinks = [Collector(), Collector()]
+    reqs = [engine.submit(prompt, params, sinks[0]), engine.submit(prompt, plain, sinks[1])]
+    for r in reqs:
+        assert r.done.wait(20)
+    out = sinks[0].tokens()
+    assert out != sinks[1].tokens()  # the penalties change the text, and only in the row that asked
+    assert sinks[1].tokens() == generate_ids(lm.model, [prompt], max_new_tokens=25, eos_token_id=tok.eos_token_id)[0]
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([prompt + out]))[0].float()
+    for i, chosen in enumerate(out):
+        counts = torch.bincount(torch.tensor(out[:i], dtype=torch.long), minlength=logits.shape[-1]).float()
+        scores = logits[len(prompt) - 1 + i] - 1.5 * (counts > 0) - 0.7 * counts
+        assert chosen == int(torch.argmax(scores))
+
+
+def test_min_tokens_holds_back_eos(tok):
+    prompt = tok.encode("the quick")
+    brown = tok.encode(" brown")
+    script = brown + [tok.eos_token_id] + tok.encode(" fox jumps")
+    lm = scripted_lm(tok, prompt, script)
+    m = len(brown) + 2
+    with BatchEngine(lm, max_batch=2) as eng:
+        early = eng.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0))[0]
+        held = eng.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0, min_tokens=m))[0]
+    assert early.token_ids == brown + [tok.eos_token_id] and early.finish_reason == "stop"
+    assert held.token_ids[:len(brown)] == brown
+    assert tok.eos_token_id not in held.token_ids[:m] and len(held.token_ids) >= m
+    assert held.token_ids[len(brown) + 1:m] == script[len(brown) + 1:m]  # the script goes on after the ban
 
 
 def test_max_tokens_gives_length_and_eos_gives_stop(tok):

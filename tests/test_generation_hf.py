@@ -78,6 +78,9 @@ def test_greedy_with_controls_matches_hf(pair):
         dict(bad_words_ids=[[eos - 1], [30, 31], [p[-1], 2]]),
         dict(min_new_tokens=8),
         dict(eos_token_id=[eos, 2, 3]),
+        dict(min_length=len(p) + 9),
+        dict(min_length=len(p) + 3, min_new_tokens=6),
+        dict(bad_words_ids=[[eos], [30, 31]]),  # transformers drops EOS from the banned list
     ]
     for kw in cases:
         stop = kw.get("eos_token_id", eos)
@@ -177,3 +180,32 @@ def test_gpt2_124m_shape_text_matches_hf(tmp_path, gpt2_tokenizer_dir):
     beam = _hf(hf, [ids[0]], max_new_tokens=6, num_beams=4, num_return_sequences=2, do_sample=False)
     assert lm.generate(prompts[0], max_new_tokens=6, num_beams=4, num_return_sequences=2, include_prompt=False) == [
         tok.decode(_cut(r, 50256), skip_special_tokens=True).rstrip("\ufffd") for r in beam]
+
+
+@pytest.mark.parametrize("option", [dict(min_p=0.2), dict(typical_p=0.7), dict(epsilon_cutoff=0.02),
+                                    dict(eta_cutoff=0.02), dict(top_p=0.6, min_tokens_to_keep=5)])
+def test_first_sampled_token_follows_transformers_warpers(pair, option):
+    """The first sampled token's frequencies follow HF's logits after HF's own warper for the option."""
+    from transformers.generation import logits_process as lp
+
+    hf, ours, _ = pair
+    p, n = PROMPTS[0], 3000
+    keep = option.get("min_tokens_to_keep", 1)
+    warper = {"min_p": lambda v: lp.MinPLogitsWarper(v, min_tokens_to_keep=keep),
+              "typical_p": lambda v: lp.TypicalLogitsWarper(v, min_tokens_to_keep=keep),
+              "epsilon_cutoff": lambda v: lp.EpsilonLogitsWarper(v, min_tokens_to_keep=keep),
+              "eta_cutoff": lambda v: lp.EtaLogitsWarper(v, min_tokens_to_keep=keep),
+              "top_p": lambda v: lp.TopPLogitsWarper(v, min_tokens_to_keep=keep)}
+    name = next(k for k in option if k != "min_tokens_to_keep")
+    with torch.no_grad():
+        logits = hf(torch.tensor([p])).logits[0, -1:].float() / 0.9
+    filtered = warper[name](option[name])(None, logits)[0]
+    keep_mask = torch.isfinite(filtered)
+    expected = torch.softmax(filtered.double(), -1)
+    got = generate_ids(ours, [p] * n, max_new_tokens=1, do_sample=True, top_k=0, temperature=0.9, seed=1,
+                       eos_token_id=[], **option)
+    counts = torch.bincount(torch.tensor([g[0] for g in got]), minlength=len(expected)).double() / n
+    assert torch.all(counts[~keep_mask] == 0)
+    assert 1 < int(keep_mask.sum()) < len(expected), "the warper should remove some tokens and keep several"
+    sigma = torch.sqrt(expected * (1 - expected) / n)
+    assert torch.all((counts - expected).abs() <= 5 * sigma + 1e-3)

@@ -304,11 +304,18 @@ class Tokenizer:
         return ident
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return self.backend.decode(self._known_ids(ids), skip_special_tokens=skip_special_tokens)
 
     def decode_batch(self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
-        return self.backend.decode_batch([[int(i) for i in ids] for ids in batch],
+        return self.backend.decode_batch([self._known_ids(ids) for ids in batch],
                                          skip_special_tokens=skip_special_tokens)
+
+    def _known_ids(self, ids: Sequence[int]) -> list[int]:
+        out = [int(i) for i in ids]
+        if out and (min(out) < 0 or max(out) >= self.vocab_size):
+            bad = next(i for i in out if not 0 <= i < self.vocab_size)
+            raise TokenizerError(f"Token id {bad} is outside the tokenizer's vocabulary of {self.vocab_size}.")
+        return out
 
     def __len__(self) -> int:
         return self.vocab_size

@@ -38,14 +38,13 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import GenerationError
-from .processors import NoRepeatNGram
+from .processors import BadWords, MinNewTokens, NoRepeatNGram, PresenceFrequencyPenalty, RepetitionPenalty
 from .row_sampling import apply_temperature, choose_tokens
 from .slot_cache import SlotModel
 from .stopping import StreamEmitter, TextTracker
 
 log = logging.getLogger(__name__)
 
-NEG_INF = float("-inf")
 MAX_LOGPROBS = 20
 
 
@@ -236,8 +235,7 @@ class _RowsState:
         out.scatter_add_(1, torch.where(gen, hist, vocab_size), torch.ones_like(hist))
         return out[:, :vocab_size]
 
-    @property
-    def gen_count(self) -> torch.Tensor:
+    def generated_lengths(self) -> torch.Tensor:
         return torch.tensor([len(s.tokens) for s in self.seqs], device=self.device)
 
 
@@ -433,10 +431,11 @@ class BatchEngine:
             stop_ids.discard(self.eos_id)
         tracker = TextTracker(self.tokenizer, req.prompt_ids, p.stop) if self.tokenizer is not None else None
         bad = None
-        if p.bad_words:
-            from .processors import BadWords
-
-            bad = BadWords([self.tokenizer.encode(w) for w in p.bad_words if self.tokenizer.encode(w)], self.vocab_size)
+        # as transformers: a banned single token that ends the sequence stays allowed
+        words = [ids for ids in (self.tokenizer.encode(w) for w in p.bad_words) if ids]
+        words = [ids for ids in words if not (len(ids) == 1 and ids[0] in stop_ids)]
+        if words:
+            bad = BadWords(words, self.vocab_size)
         return _Seq(req, index, row, generator, tracker, stop_ids, bad)
 
     def _step(self, cancelled: list[Request], admitted: list[Request]) -> None:
@@ -537,36 +536,24 @@ class BatchEngine:
 
     # Choosing tokens ----------------------------------------------------------------------------------------
     def _process(self, scores: torch.Tensor, seqs: list[_Seq], state: _RowsState) -> torch.Tensor:
+        """The logits processors of generation/processors.py with one value per row (off: the neutral one)."""
         ps = [s.params for s in seqs]
-        dev = self.device
-        V = scores.shape[-1]
         if any(p.repetition_penalty != 1.0 for p in ps):
-            pen = torch.tensor([p.repetition_penalty for p in ps], device=dev)[:, None]
-            present = state.presence(V)
-            scores = torch.where(present, torch.where(scores < 0, scores * pen, scores / pen), scores)
+            scores = RepetitionPenalty(tuple(p.repetition_penalty for p in ps))(scores, state)
         if any(p.presence_penalty or p.frequency_penalty for p in ps):
-            counts = state.generated_counts(V).float()
-            pres = torch.tensor([p.presence_penalty for p in ps], device=dev)[:, None]
-            freq = torch.tensor([p.frequency_penalty for p in ps], device=dev)[:, None]
-            scores = scores - pres * (counts > 0) - freq * counts
-        rows, cols = [], []
-        lists = None
-        for r, (s, p) in enumerate(zip(seqs, ps)):
-            if p.no_repeat_ngram_size:
-                lists = lists or state.row_lists()
-                for tok in NoRepeatNGram(p.no_repeat_ngram_size).banned(lists[r]):
-                    rows.append(r)
-                    cols.append(tok)
-            if p.min_tokens and len(s.tokens) < p.min_tokens:
-                for tok in s.stop_ids:
-                    rows.append(r)
-                    cols.append(tok)
-        if rows:
+            scores = PresenceFrequencyPenalty(tuple(p.presence_penalty for p in ps),
+                                              tuple(p.frequency_penalty for p in ps))(scores, state)
+        if any(p.no_repeat_ngram_size for p in ps):
+            scores = NoRepeatNGram(tuple(p.no_repeat_ngram_size for p in ps))(scores, state)
+        if any(s.bad_words is not None for s in seqs):
             scores = scores.clone()
-            scores[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = NEG_INF
         for r, s in enumerate(seqs):
             if s.bad_words is not None:
                 scores[r:r + 1] = s.bad_words(scores[r:r + 1], _OneRow(state.row_lists()[r]))
+        short = [s for s, p in zip(seqs, ps) if p.min_tokens and len(s.tokens) < p.min_tokens]
+        for stop_ids in {frozenset(s.stop_ids) for s in short}:  # rows that share a stop set, together
+            mins = tuple(p.min_tokens if frozenset(s.stop_ids) == stop_ids else 0 for s, p in zip(seqs, ps))
+            scores = MinNewTokens(mins, sorted(stop_ids))(scores, state)
         return scores
 
     def _sample_and_commit(self, logits: torch.Tensor, seqs: list[_Seq]) -> None:

@@ -14,6 +14,7 @@ compiles, later calls of the same batch shape replay it.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -274,6 +275,11 @@ def _prepare(model, input_ids, *, max_length=None, max_new_tokens=None, sampler=
     procs = build_processors(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                              bad_words_ids=bad_words_ids, min_new_tokens=min_new_tokens, eos_ids=eos,
                              vocab_size=vocab)
+    if not 0 <= pad < vocab:
+        raise GenerationError(f"pad_token_id {pad} is outside the model's vocabulary of {vocab}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not -2**63 <= int(seed) < 2**64):
+        raise GenerationError(f"seed must be an integer of at most 64 bits, got {seed!r}.")
     device = model.embed.wte.weight.device
     generator = None
     if seed is not None:
@@ -389,6 +395,9 @@ def _texts(run, trackers) -> list[list[str]]:
     return out
 
 
+_MORE_OPTIONS = {"min_length", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_tokens_to_keep", "pad_token_id"}
+
+
 def generate(lm, prompts, *, max_length=None, max_new_tokens=None, sampler=None, do_sample=None, temperature=None,
              top_k=None, top_p=None, num_beams=None, length_penalty=1.0, early_stopping=False, penalty_alpha=None,
              no_repeat_ngram_size=0, repetition_penalty=1.0, bad_words_ids=None, bad_words=None, min_new_tokens=0,
@@ -399,6 +408,9 @@ def generate(lm, prompts, *, max_length=None, max_new_tokens=None, sampler=None,
     (max_new_tokens, do_sample, top_k (0 = off), top_p, temperature, num_beams, ...).
     callback(index, text_piece) receives text as it is produced; index numbers the returned sequences.
     Further HF options (min_length, min_p, typical_p, epsilon_cutoff, eta_cutoff, min_tokens_to_keep) pass on."""
+    unknown = sorted(set(options) - _MORE_OPTIONS)
+    if unknown:
+        raise GenerationError(f"generate() has no option {unknown[0]!r}.")
     single = isinstance(prompts, str)
     if prompts is None or not (single or isinstance(prompts, Iterable)):
         raise GenerationError(f"Prompts must be a string or a list of strings, got {type(prompts).__name__}.")

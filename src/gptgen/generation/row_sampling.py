@@ -3,17 +3,20 @@
     tokens = choose_tokens(scores, temperature=[...], top_k=[...], top_p=[...], min_p=[...],
                            generators=[...])
 
-`scores` are the processed logits (rows, vocab). Rows with temperature 0 take the argmax. The others
-go through temperature -> top-k -> top-p -> min-p -> one draw, in one vectorised pass per group:
+`scores` are the processed logits (rows, vocab). Rows with temperature 0 take the argmax; the others
+go through gptgen.generation.samplers.sample (temperature -> top-k -> top-p -> min-p -> one draw per
+row, every parameter per row), in at most three vectorised calls:
 
-* candidate rows: rows whose filters provably keep only tokens among their CANDIDATES most likely
-  ones (top_k <= CANDIDATES, or a nucleus that the CANDIDATES most likely tokens already cover). They
-  are filtered and drawn over those (rows, CANDIDATES) columns, which costs a top-k instead of a sort
-  of the whole vocabulary. A nucleus over candidates uses p / (mass of the candidates), which keeps
-  exactly the tokens the full-vocabulary filter keeps.
-* full rows: everything else, over the whole vocabulary.
-Which group a row falls in depends only on that row's parameters and distribution, and each group
-has a fixed width, so a seeded row draws the same token alone or beside any other rows.
+* rows with top-k on: `sample` narrows them to their top-k candidates itself;
+* rows with only a nucleus (top-p) whose CANDIDATES most likely tokens already hold probability p: they
+  are sampled over those candidates with p / (mass of the candidates), which keeps exactly the tokens
+  the whole-vocabulary nucleus keeps (a token goes when the mass of it and every less likely token is
+  at most 1 - p, over the vocabulary as over the candidates) - a top-k instead of a 50k sort per row;
+* every other row, over the whole vocabulary.
+`draw` inverts each row's CDF in token-id order with one uniform number from the row's own generator,
+over weights that are the same numbers for a token whether the row holds the vocabulary or only its
+candidates, so the group a row lands in does not change its token: a seeded row draws the same tokens
+alone or beside any other rows.
 """
 
 from __future__ import annotations
@@ -22,66 +25,15 @@ from typing import Sequence
 
 import torch
 
-NEG_INF = float("-inf")
+from .samplers import apply_temperature, sample
+
 CANDIDATES = 256
 
 
-# Per-row filters (local stand-ins with the shared interface until samplers.py provides them) ---------
-def apply_temperature(scores, t):
-    t = torch.as_tensor(t, dtype=scores.dtype, device=scores.device)
-    if t.dim() == 0:
-        return scores if t == 0 else scores / t
-    return scores / torch.where(t == 0, torch.ones_like(t), t)[:, None]
-
-
-def _per_row(value, scores, dtype=None):
-    v = torch.as_tensor(value, device=scores.device, dtype=dtype)
-    return v.expand(scores.shape[0]) if v.dim() == 0 else v
-
-
-def top_k_filter(scores, k, min_tokens_to_keep=1):
-    V = scores.shape[-1]
-    k = _per_row(k, scores, torch.long)
-    k = torch.where(k <= 0, torch.full_like(k, V), k.clamp(min=min_tokens_to_keep, max=V))
-    kth = torch.topk(scores, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
-    return scores.masked_fill(scores < kth, NEG_INF)
-
-
-def top_p_filter(scores, p, min_tokens_to_keep=1):
-    p = _per_row(p, scores, scores.dtype)
-    values, ids = torch.sort(scores, dim=-1, descending=True)
-    probs = torch.softmax(values, dim=-1)
-    before = torch.cumsum(probs, dim=-1) - probs
-    drop = (before >= p[:, None]) & (p[:, None] < 1.0)
-    drop[:, :min_tokens_to_keep] = False
-    return scores.masked_fill(torch.zeros_like(drop).scatter(1, ids, drop), NEG_INF)
-
-
-def min_p_filter(scores, min_p, min_tokens_to_keep=1):
-    min_p = _per_row(min_p, scores, scores.dtype)
-    probs = torch.softmax(scores, dim=-1)
-    top = probs.max(dim=-1, keepdim=True).values
-    drop = (probs < min_p[:, None] * top) & (min_p[:, None] > 0)
-    return scores.masked_fill(drop, NEG_INF)
-
-
-def draw(probs, generator=None):
-    """One sample per row by inverting the row's CDF with one uniform number drawn from that row's
-    generator (or the shared one): a row consumes the same random numbers whatever the batch."""
-    rows, n = probs.shape
-    if isinstance(generator, (list, tuple)):
-        gens = list(generator)
-    else:
-        gens = [generator] * rows
-    u = torch.empty(rows, 1, dtype=torch.float64, device=probs.device)
-    shared = [i for i, g in enumerate(gens) if g is None]
-    if shared:
-        u[shared] = torch.rand(len(shared), 1, dtype=torch.float64, device=probs.device)
-    for i, g in enumerate(gens):
-        if g is not None:
-            u[i] = torch.rand(1, dtype=torch.float64, device=probs.device, generator=g)
-    cdf = probs.double().cumsum(dim=-1)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp(max=n - 1)
+def _one(values: list):
+    """One Python number when every row has the same value (the samplers' cheaper scalar path, which
+    gives a row the same result as per-row values do), else the per-row list."""
+    return values[0] if all(v == values[0] for v in values) else values
 
 
 # The per-row choice -------------------------------------------------------------------------------
@@ -98,43 +50,38 @@ def choose_tokens(scores: torch.Tensor, *, temperature: Sequence[float], top_k: 
         return out
     V = scores.shape[-1]
     K = min(CANDIDATES, V)
-    idx = torch.tensor(sampled, device=dev)
-    raw = scores if len(sampled) == scores.shape[0] else scores.index_select(0, idx)
-    temps = [float(temperature[i]) for i in sampled]
-    ks = [top_k[i] if top_k[i] > 0 else 0 for i in sampled]
-    ps = [top_p[i] for i in sampled]
-    mps = [min_p[i] for i in sampled]
-    by_k = [0 < k <= K for k in ks]
-    maybe_p = [not bk and k == 0 and p < 1.0 for bk, k, p in zip(by_k, ks, ps)]
-    narrow = list(by_k)
-    cand_vals = cand_ids = None
-    mass = [1.0] * len(sampled)
-    if any(by_k) or any(maybe_p):
-        # temperature keeps the order, so the candidates come from the raw scores
-        cand_vals, cand_ids = torch.topk(raw, K, dim=-1)
-        if any(maybe_p):  # does the candidates' probability mass reach the row's p?
-            t = torch.tensor(temps, device=dev)
-            full = torch.logsumexp(apply_temperature(raw, t), dim=-1)
-            mass = torch.exp(torch.logsumexp(apply_temperature(cand_vals, t), dim=-1) - full).tolist()
-            narrow = [bk or (mp and mass[j] >= ps[j]) for j, (bk, mp) in enumerate(zip(by_k, maybe_p))]
-    for group in (True, False):
-        rows = [j for j, nb in enumerate(narrow) if nb == group]
+    by_k = [i for i in sampled if top_k[i] > 0]
+    p_only = [i for i in sampled if top_k[i] <= 0 and top_p[i] < 1.0]
+    narrow_p, mass = [], {}
+    if p_only and K < V:
+        # does each row's CANDIDATES most likely tokens' probability reach its p?
+        sel = torch.tensor(p_only, device=dev)
+        t = torch.tensor([float(temperature[i]) for i in p_only], device=dev, dtype=torch.float64)
+        sub = apply_temperature(scores.index_select(0, sel), t)
+        vals, ids = torch.topk(sub, K, dim=-1)
+        covered = torch.exp(torch.logsumexp(vals, dim=-1) - torch.logsumexp(sub, dim=-1)).tolist()
+        cand_ids = {}
+        for j, i in enumerate(p_only):
+            if covered[j] >= top_p[i]:
+                narrow_p.append(i)
+                mass[i] = covered[j]
+                cand_ids[i] = ids[j]
+    taken = set(by_k) | set(narrow_p)
+    rest = [i for i in sampled if i not in taken]
+    for rows, narrowed in ((by_k, False), (narrow_p, True), (rest, False)):
         if not rows:
             continue
         sel = torch.tensor(rows, device=dev)
-        g = (cand_vals if group else raw).index_select(0, sel)
-        g = apply_temperature(g, torch.tensor([temps[j] for j in rows], device=dev, dtype=g.dtype))
-        p_eff = [min(1.0, ps[j] / mass[j]) if group and maybe_p[j] else ps[j] for j in rows]
-        k_row = [ks[j] for j in rows]
-        if any(k_row):
-            g = top_k_filter(g, torch.tensor(k_row, device=dev))
-        if any(p < 1.0 for p in p_eff):
-            g = top_p_filter(g, torch.tensor(p_eff, device=dev, dtype=g.dtype))
-        m_row = [mps[j] for j in rows]
-        if any(m > 0 for m in m_row):
-            g = min_p_filter(g, torch.tensor(m_row, device=dev, dtype=g.dtype))
-        pick = draw(torch.softmax(g, dim=-1), [generators[sampled[j]] for j in rows])
-        if group:
-            pick = cand_ids.index_select(0, sel).gather(1, pick[:, None])[:, 0]
-        out[idx.index_select(0, sel)] = pick
+        sub = scores if len(rows) == scores.shape[0] else scores.index_select(0, sel)
+        if narrowed:  # candidates in token-id order, so draw() meets them in the whole row's order
+            ids = torch.sort(torch.stack([cand_ids[i] for i in rows]), dim=-1).values
+            sub = sub.gather(1, ids)
+        options = dict(temperature=_one([float(temperature[i]) for i in rows]),
+                       top_k=_one([max(0, int(top_k[i])) for i in rows]),
+                       top_p=_one([min(1.0, top_p[i] / mass[i]) if narrowed else float(top_p[i]) for i in rows]),
+                       min_p=_one([float(min_p[i]) for i in rows]))
+        pick = sample(sub, [generators[i] for i in rows], **options)
+        if narrowed:
+            pick = ids.gather(1, pick[:, None])[:, 0]
+        out[sel] = pick
     return out

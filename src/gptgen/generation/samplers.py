@@ -134,7 +134,7 @@ def top_p_filter(scores: torch.Tensor, p, min_tokens_to_keep: int = 1) -> torch.
         return scores
     probs = torch.softmax(scores, dim=-1)
     V = scores.shape[-1]
-    finite = int(torch.isfinite(scores).sum(dim=-1).max()) if scores.device.type == "cpu" else V
+    finite = int(torch.isfinite(scores).sum(dim=-1).max()) if scores.device.type == "cpu" and V >= 1024 else V
     if finite < V // 4:
         # After a top-k filter most tokens are -inf: sort only the finite ones. Tokens of probability 0
         # add nothing to the running sum, so the result is the same as sorting the whole row.
@@ -324,6 +324,8 @@ def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, top_k=0, mi
         k = k[:, 0]
     ids = _candidates(scores, k[:, None] if isinstance(k, torch.Tensor) else k, min_tokens_to_keep)
     sub = scores if ids is None else scores.gather(1, ids)
+    if ids is not None and not isinstance(k, torch.Tensor):
+        k = 0  # the candidates are exactly the tokens one top-k keeps
     warped = warp(sub, temperature=temperature, top_k=k, min_tokens_to_keep=min_tokens_to_keep, **filters)
     picks = draw(_weights(warped), generator)
     if ids is not None:

@@ -41,14 +41,26 @@ class TextTracker:
         self.stop = list(stop)
         self.skip = skip_special_tokens
         self.hold = max((len(s) for s in self.stop), default=1) - 1
+        # A model may have more ids than its tokenizer (a padded vocabulary); those decode to nothing, as
+        # the tokenizers library always made them, while Tokenizer.decode refuses them.
+        self._vocab = getattr(tokenizer, "vocab_size", None)
+        self.anchor = self._known(self.anchor)
         self._base = {flag: tokenizer.decode(self.anchor, skip_special_tokens=flag) for flag in (False, True)}
 
+    def _known(self, ids: Sequence[int]) -> list[int]:
+        ids = list(ids)
+        n = self._vocab
+        if n is None or not ids or (min(ids) >= 0 and max(ids) < n):
+            return ids
+        return [t for t in ids if 0 <= t < n]
+
     def _text(self, gen: Sequence[int], skip: bool) -> str:
-        full = self.tokenizer.decode(self.anchor + list(gen), skip_special_tokens=skip)
+        gen = self._known(gen)
+        full = self.tokenizer.decode(self.anchor + gen, skip_special_tokens=skip)
         base = self._base[skip]
         if full.startswith(base):
             return full[len(base):]
-        return self.tokenizer.decode(list(gen), skip_special_tokens=skip)
+        return self.tokenizer.decode(gen, skip_special_tokens=skip)
 
     def stop_hit(self, gen: Sequence[int]) -> bool:
         """Whether the generated text (special tokens included) contains a stop string."""
