@@ -14,8 +14,8 @@ Servers (each a subprocess on a loopback port, streaming over the OpenAI API):
 A peer that cannot start here is skipped with the reason printed.
 
 Per server and concurrency C, C clients each send `--requests` rounds of streaming requests (C * rounds in
-all; at least --min-requests), every request asking for --max-tokens tokens (ignore_eos where the server has it). Printed:
-aggregate output tokens/s (all completion tokens / wall time), time to first token p50/p99, and per-token
+all; at least --min-requests), every request asking for --max-tokens tokens (ignore_eos where the server
+has it). Printed: aggregate output tokens/s (all completion tokens / wall time), time to first token p50/p99, and per-token
 latency p50/p99 (each request's (last token - first token) / (tokens - 1)), then ratios.
 """
 

@@ -34,7 +34,8 @@ def run_serve(args) -> int:
     try:
         import uvicorn
     except ImportError:
-        raise GptgenError("gptgen serve needs FastAPI and uvicorn; install them with pip install 'gptgen[serve]'.") from None
+        raise GptgenError("gptgen serve needs FastAPI and uvicorn; "
+                          "install them with pip install 'gptgen[serve]'.") from None
     import torch
 
     from ..lm import load

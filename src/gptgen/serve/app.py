@@ -355,7 +355,8 @@ class _ServerState:
             raise APIError(400, "Contrastive search is not available in the batching server; use gptgen generate "
                                 "--penalty-alpha or LanguageModel.generate(penalty_alpha=...).", param="penalty_alpha")
         if prompt_len + max_tokens > self.context:
-            raise APIError(400, f"The prompt has {prompt_len} token{'' if prompt_len == 1 else 's'} and max_tokens is {max_tokens}, more than the "
+            tokens = f"{prompt_len} token{'' if prompt_len == 1 else 's'}"
+            raise APIError(400, f"The prompt has {tokens} and max_tokens is {max_tokens}, more than the "
                                 f"model's context of {self.context} tokens; shorten the prompt or lower max_tokens.",
                            param="max_tokens", code="context_length_exceeded")
         temperature = 1.0 if req.temperature is None else float(req.temperature)
