@@ -245,6 +245,13 @@ def test_bad_chat_requests_and_malformed_bodies(chat_server, server):
                   "last message")
     _assert_error(httpx.post(url, json={"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), 400,
                   None, "needs logprobs")
+    user = [{"role": "user", "content": "x"}]
+    _assert_error(httpx.post(url, json={"messages": user, "tools": [{"type": "function"}]}), 400, "tools")
+    _assert_error(httpx.post(url, json={"messages": user, "response_format": {"type": "json_object"}}), 400,
+                  "response_format")
+    _assert_error(httpx.post(url, json={"messages": user, "logit_bias": {"5": 100}}), 400, "logit_bias")
+    ok = httpx.post(url, json={"messages": user, "max_tokens": 2, "response_format": {"type": "text"}, "tools": []})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
     for raw in (b"{", b"[1, 2]", b"\xff\xfe", b""):
         _assert_error(httpx.post(url, content=raw), 400, None, "json")
     _assert_error(httpx.get(server.url + "/v1/nothing"), 404, None, "no GET /v1/nothing")

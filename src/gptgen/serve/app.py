@@ -354,6 +354,15 @@ class _ServerState:
         if req.penalty_alpha:
             raise APIError(400, "Contrastive search is not available in the batching server; use gptgen generate "
                                 "--penalty-alpha or LanguageModel.generate(penalty_alpha=...).", param="penalty_alpha")
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported by this server; use bad_words to ban text.",
+                           param="logit_bias")
+        for name in ("tools", "functions"):
+            if getattr(req, name, None):
+                raise APIError(400, f"{name} (function calling) is not supported by this model.", param=name)
+        response_format = getattr(req, "response_format", None)
+        if response_format and response_format.get("type", "text") != "text":
+            raise APIError(400, "Only the text response_format is supported by this model.", param="response_format")
         if prompt_len + max_tokens > self.context:
             tokens = f"{prompt_len} token{'' if prompt_len == 1 else 's'}"
             raise APIError(400, f"The prompt has {tokens} and max_tokens is {max_tokens}, more than the "

@@ -62,6 +62,8 @@ class _Sampling(_Strict):
     min_tokens: Optional[int] = Field(None, ge=0)
     bad_words: Optional[list[str]] = None
     ignore_eos: bool = False
+    # OpenAI fields this server cannot honour: refused when set rather than silently ignored.
+    logit_bias: Optional[dict[str, float]] = None
 
     @model_validator(mode="after")
     def _check_combinations(self):
@@ -102,6 +104,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[list[Any]] = None
+    functions: Optional[list[Any]] = None
+    response_format: Optional[dict[str, Any]] = None
 
     @model_validator(mode="after")
     def _check_logprobs(self):
