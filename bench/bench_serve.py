@@ -377,6 +377,8 @@ def main(argv=None) -> int:
 
 
 def report(results: list[dict], levels: list[int], names: list[str]) -> None:
+    """The table and the ratios; a level given twice (--levels 1,32,1,32) reports its last run."""
+    levels = list(dict.fromkeys(levels))
     by = {(r["server"], r["concurrency"]): r for r in results}
     print("\nserver        conc   tok/s   TTFT p50   TTFT p99   tok-lat p50   tok-lat p99   (ms)")
     for name in names:
