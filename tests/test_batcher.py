@@ -273,6 +273,25 @@ def test_max_tokens_none_runs_to_the_context_and_close_cancels_the_rest(lm, tok)
         eng.submit(prompt, SamplingParams(), lambda ev: None)
 
 
+def test_callbacks_may_call_back_into_the_engine(lm, tok):
+    """on_event runs on the engine thread without the engine's lock: it may cancel or read stats."""
+    with BatchEngine(lm, max_batch=1, max_queue=4) as eng:
+        seen = []
+        holder = {}
+
+        def on_event(ev):
+            seen.append(eng.stats()["active_slots"])
+            if ev.completion_tokens == 3 and ev.token_id is not None:
+                eng.cancel(holder["req"])
+
+        holder["req"] = eng.submit(_prompt(tok, "the"), SamplingParams(max_tokens=50, ignore_eos=True), on_event)
+        waiting = eng.submit(_prompt(tok, "a"), SamplingParams(max_tokens=5), lambda ev: seen.append(eng.stats()))
+        eng.cancel(waiting)
+        assert holder["req"].done.wait(10) and waiting.done.wait(10)
+        assert holder["req"].finish_reasons == ["cancelled"] and waiting.finish_reasons == ["cancelled"]
+        assert 3 <= sum(isinstance(x, int) for x in seen) <= 5
+
+
 def test_queue_limit_raises_queue_full(lm, tok):
     with BatchEngine(lm, max_batch=1, max_queue=2) as eng:
         reqs = []

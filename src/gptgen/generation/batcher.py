@@ -392,7 +392,12 @@ class BatchEngine:
                     if self._closed:
                         break
                     cancelled = [r for r in self._active if r.cancelled]
+                    dropped = [r for r in self._waiting if r.cancelled]
+                    for req in dropped:
+                        self._waiting.remove(req)
                     admitted = self._admit_locked()
+                for req in dropped:  # callbacks run outside the lock: they may call cancel() or stats()
+                    self._finish_request_unadmitted(req)
                 try:
                     self._step(cancelled, admitted)
                 except Exception:  # a bug must not hang the clients: end every request
@@ -402,9 +407,6 @@ class BatchEngine:
 
     def _admit_locked(self) -> list[Request]:
         """Move waiting requests into free rows (FIFO), reserving one row per choice."""
-        for req in [r for r in self._waiting if r.cancelled]:
-            self._waiting.remove(req)
-            self._finish_request_unadmitted(req)
         admitted = []
         free = [r for r in range(self.max_batch - 1, self._n_dec - 1, -1) if self._rows[r] is None]
         while self._waiting and len(free) >= self._waiting[0].params.n:
@@ -680,8 +682,9 @@ class BatchEngine:
                 req.on_event(TokenEvent(i, None, "", None, None, "cancelled", req.prompt_tokens, 0))
             except Exception:
                 log.exception("on_event of request %s raised", req.id)
-        self._stats["requests_finished"] += 1
-        self._stats["requests_cancelled"] += 1
+        with self._lock:
+            self._stats["requests_finished"] += 1
+            self._stats["requests_cancelled"] += 1
         req.done.set()
 
     def _fail_all(self, reason: str = "error") -> None:
