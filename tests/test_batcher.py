@@ -221,6 +221,24 @@ def test_churn_of_joins_leaves_cancels_and_choices_keeps_every_row_intact(lm, to
     assert completed >= 20
 
 
+def test_prompts_of_different_lengths_joining_in_one_prefill_keep_their_caches(lm, tok):
+    """Rows that finish their prefill in the same step swap places as they join the decoding rows; each must
+    carry its whole prompt cache along (a row moved before its own length was set lost its last positions)."""
+    words = " ".join(TEXTS[:4]).split()
+    prompts = [tok.encode(" ".join(words[i:i + 1 + (5 * i) % 13])) for i in range(20)]
+    refs = [generate_ids(lm.model, [p], max_new_tokens=10, eos_token_id=tok.eos_token_id)[0] for p in prompts]
+    eng = BatchEngine(lm, max_batch=8, prefill_chunk=128)
+    sinks = [Collector() for _ in prompts]
+    reqs = [eng.submit(p, SamplingParams(max_tokens=10, temperature=0), s) for p, s in zip(prompts, sinks)]
+    eng.start()  # all queued before the first step: each wave of 8 joins in one prefill
+    try:
+        for r in reqs:
+            assert r.done.wait(30)
+    finally:
+        eng.close()
+    assert [s.tokens() for s in sinks] == refs
+
+
 def test_cancel_frees_the_slot_within_one_step(engine, tok):
     sink = Collector()
     req = engine.submit(_prompt(tok, "a journey"), SamplingParams(max_tokens=100, ignore_eos=True), sink)

@@ -13,7 +13,7 @@ import sys
 from ..errors import GptgenError
 
 # Command modules, in the order their commands appear in --help.
-COMMAND_MODULES = ["model", "tokenizer", "data", "train", "generate", "chat"]
+COMMAND_MODULES = ["model", "tokenizer", "data", "train", "generate", "chat", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

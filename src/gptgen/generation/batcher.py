@@ -500,9 +500,10 @@ class BatchEngine:
             self._stats["prefill_chunks"] += 1
             self._stats["prompt_tokens"] += sum(end - start for _, start, end in parts)
         joined_logits, joined = [], []
-        for i, (req, start, end) in enumerate(parts):
+        for req, start, end in parts:  # every row's cache length first: joining rows swap places below
             req.prefilled = end
             req.seqs[0].cache_len = end
+        for i, (req, start, end) in enumerate(parts):
             if end < req.prompt_tokens:
                 continue
             self._prefilling.remove(req)

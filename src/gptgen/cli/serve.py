@@ -1,0 +1,55 @@
+"""`gptgen serve`: an OpenAI-compatible HTTP server and web playground for a model directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import GptgenError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with a web playground")
+    p.add_argument("--model", required=True, help="model directory (gptgen or Hugging Face GPT-2)")
+    p.add_argument("--tokenizer", help="tokenizer directory or file, when the model directory has none")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots, default 16)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a slot before new ones get 429 (default 256)")
+    p.add_argument("--max-body-size", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: open)")
+    p.add_argument("--cors", action="append", metavar="ORIGIN",
+                   help="allow browser calls from this origin (repeatable; '*' for any; default: none)")
+    p.add_argument("--served-model-name", help="the model name clients send (default: the directory's name)")
+    p.add_argument("--chat-template", default="auto",
+                   help="auto (the tokenizer's BOS/EOS, KoGPT-2's <s>{text}</s>), kogpt2, plain, or none")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(handler=run_serve)
+
+
+def run_serve(args) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise GptgenError("gptgen serve needs FastAPI and uvicorn; "
+                          "install them with pip install 'gptgen[serve]'.") from None
+    import torch
+
+    from ..lm import load
+    from ..serve import create_app
+
+    if not 0 < args.port < 65536:
+        raise GptgenError(f"--port must be between 1 and 65535, got {args.port}.")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
+    template = None if args.chat_template == "none" else args.chat_template
+    name = args.served_model_name or Path(args.model).resolve().name
+    app = create_app(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key, cors=args.cors,
+                     served_model_name=name, chat_template=template, max_body_bytes=args.max_body_size)
+    print(f"gptgen: serving {name} ({lm.num_parameters():,} parameters) at http://{args.host}:{args.port}/ "
+          f"(playground at /, API at /v1)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

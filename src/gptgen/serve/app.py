@@ -1,0 +1,708 @@
+"""The OpenAI-compatible HTTP API and the playground, over the continuous-batching engine.
+
+This module only translates: HTTP bodies to SamplingParams and engine submissions, engine TokenEvents
+(delivered on the engine's thread) back to JSON or server-sent events on the event loop. Each request has
+a deque the engine thread fills, and an asyncio.Event it sets through loop.call_soon_threadsafe when the
+deque was empty; a task watching the connection cancels the engine request as soon as the client goes
+away, so its slot is freed at the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..chat import ChatTemplate, get_template
+from ..errors import GenerationError, GptgenError
+from .errors import APIError, error_body
+from .metrics import Metrics
+from .protocol import ChatCompletionRequest, CompletionRequest, error_sentence
+
+log = logging.getLogger("gptgen.serve")
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+DEFAULT_MAX_BODY = 1 << 20  # bytes
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI's /v1/completions
+
+
+def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, api_key: str | None = None,
+               cors: str | list[str] | None = None, served_model_name: str | None = None,
+               chat_template: ChatTemplate | str | None = "auto", max_body_bytes: int = DEFAULT_MAX_BODY,
+               max_context: int | None = None):
+    """The FastAPI app serving `lm` (a LanguageModel): /v1/completions, /v1/chat/completions, /v1/models,
+    /health, /metrics and the playground at /.
+
+    The app builds a BatchEngine(lm, max_batch=, max_queue=) and runs it for its lifetime, unless an
+    `engine` is passed (then the caller starts and closes it). `api_key` guards /v1/*; `cors` lists the
+    origins allowed to call the API from a browser (none by default). `chat_template` is a ChatTemplate,
+    a name of gptgen.chat.TEMPLATES, "auto" (the tokenizer's BOS/EOS) or None (chat refused).
+    """
+    from ..generation.batcher import BatchEngine
+
+    for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_body_bytes", max_body_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GptgenError(f"{name} must be a positive integer, got {value!r}.")
+    owns_engine = engine is None
+    if engine is None:
+        engine = BatchEngine(lm, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
+    model_name = served_model_name or "gptgen"
+    template, template_error = None, None
+    if chat_template is None:
+        template_error = "This server has no chat template; use /v1/completions."
+    else:
+        try:
+            template = get_template(chat_template, lm.tokenizer)
+        except GenerationError as exc:
+            template_error = f"This model has no chat template, so /v1/chat/completions is unavailable: {exc}"
+    if isinstance(cors, str):
+        cors = [cors]
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if owns_engine:
+            engine.start()
+        try:
+            yield
+        finally:
+            if owns_engine:
+                engine.close()
+
+    app = FastAPI(title="gptgen", version=_version(), lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    context = getattr(engine, "max_context", None) or max_context or lm.config.n_positions
+    state = _ServerState(lm, engine, model_name, template, template_error, api_key, max_body_bytes, context)
+    app.state.gptgen = state
+    if cors:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors), allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(_StatusCounter, metrics=state.metrics)
+
+    # Errors: always OpenAI's shape, never a traceback --------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        message = {404: f"There is no {request.method} {request.url.path} on this server.",
+                   405: f"{request.method} is not allowed on {request.url.path}."}.get(
+            exc.status_code, str(exc.detail))
+        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, exc):
+        log.exception("internal error answering %s", request.url.path)
+        return JSONResponse(error_body(500, "The server hit an internal error; see its log."), status_code=500)
+
+    # Routes ------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(engine.stats(), model_name),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        state.check_key(request)
+        return {"object": "list", "data": [state.model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request):
+        state.check_key(request)
+        state.check_model(name)
+        return state.model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        state.check_key(request)
+        body = await state.read_json(request)
+        req = state.validate(CompletionRequest, body)
+        job = state.completion_job(req, request)
+        if req.stream:
+            return _sse(StreamingResponse, job.stream_completion(request))
+        return _answer(JSONResponse, await job.collect_completion(request))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        state.check_key(request)
+        body = await state.read_json(request)
+        req = state.validate(ChatCompletionRequest, body)
+        job = state.chat_job(req, request)
+        if req.stream:
+            return _sse(StreamingResponse, job.stream_chat(request))
+        return _answer(JSONResponse, await job.collect_chat(request))
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _answer(response_cls, body):
+    # 499 (nginx's "client closed request"): counted in /metrics, read by nobody.
+    return response_cls(body, status_code=200) if body is not None else response_cls(None, status_code=499)
+
+
+def _sse(response_cls, chunks: AsyncIterator[str]):
+    return response_cls(chunks, media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+class _StatusCounter:
+    """Pure ASGI middleware counting answered requests by path and status (streams untouched)."""
+
+    ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/")
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = path if path in self.ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.count_request(endpoint, int(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+class _ServerState:
+    """What the routes share: the model, the engine, the chat template, the key, the metrics."""
+
+    def __init__(self, lm, engine, model_name, template, template_error, api_key, max_body, context) -> None:
+        self.lm = lm
+        self.tokenizer = lm.tokenizer
+        self.engine = engine
+        self.model_name = model_name
+        self.template = template
+        self.template_error = template_error
+        self.api_key = api_key
+        self.max_body = max_body
+        self.context = context
+        self.metrics = Metrics()
+        self.created = int(time.time())
+
+    # Edge checks ----------------------------------------------------------------------------------
+    def check_key(self, request) -> None:
+        if not self.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
+            message = ("The request has no API key; send it as 'Authorization: Bearer KEY'." if not header
+                       else "The API key is not valid for this server.")
+            raise APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
+                           param="model", code="model_not_found")
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "gptgen",
+                "max_model_len": self.context}
+
+    async def read_json(self, request) -> dict[str, Any]:
+        limit = self.max_body
+        length = request.headers.get("content-length")
+        too_big = APIError(413, f"The request body is larger than this server's limit of {limit:,} bytes.")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_big
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise too_big
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+        return data
+
+    def validate(self, model_cls, body: dict[str, Any]):
+        from pydantic import ValidationError
+
+        try:
+            req = model_cls.model_validate(body)
+        except ValidationError as exc:
+            message, param = error_sentence(exc)
+            raise APIError(400, message, param=param, code="invalid_value") from None
+        self.check_model(req.model)
+        return req
+
+    # Requests to jobs -----------------------------------------------------------------------------
+    def completion_job(self, req: CompletionRequest, http_request) -> "_Job":
+        if req.suffix:
+            raise APIError(400, "suffix (insertion) is not supported by this model.", param="suffix")
+        prompts, texts = self._completion_prompts(req.prompt)
+        max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
+        params = self._params(req, max_tokens=max_tokens, logprobs=req.logprobs, prompt_len=max(map(len, prompts)))
+        job = _Job(self, prompts, params, req, http_request)
+        job.prompt_texts = texts
+        return job
+
+    def chat_job(self, req: ChatCompletionRequest, http_request) -> "_Job":
+        if self.template is None:
+            raise APIError(400, self.template_error, param="messages", code="no_chat_template")
+        prompt = self._render_chat(req.messages)
+        tok = self.tokenizer
+        add_bos = bool(self.lm.config.extra.get("add_bos", False))
+        if tok.bos_token and prompt.startswith(tok.bos_token):
+            add_bos = False  # the template writes BOS itself
+        ids = tok.encode(prompt, add_bos=add_bos) or self._start_ids()
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:  # as OpenAI: the rest of the context
+            max_tokens = max(1, self.context - len(ids))
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._params(req, max_tokens=max_tokens, logprobs=logprobs, prompt_len=len(ids))
+        marker = self.template.end_marker
+        if marker in tok.special_tokens.values() and tok.token_to_id(marker) is not None:
+            eos = params.stop_token_ids if params.stop_token_ids is not None else (
+                [tok.eos_token_id] if tok.eos_token_id is not None else [])
+            params.stop_token_ids = sorted(set(eos) | {tok.token_to_id(marker)})
+        else:
+            params.stop = list(params.stop) + [marker]
+        return _Job(self, [ids], params, req, http_request)
+
+    def _render_chat(self, messages) -> str:
+        system = "".join(m.text() for m in messages if m.role in ("system", "developer"))
+        turns = [m for m in messages if m.role in ("user", "assistant")]
+        if not turns or turns[-1].role != "user":
+            raise APIError(400, "The last message must have the role 'user'.", param="messages")
+        parts = [system or self.template.system]
+        parts += [self.template.turn(m.role, m.text()) for m in turns]
+        parts.append(self.template.assistant_prefix)
+        return "".join(parts)
+
+    def _start_ids(self) -> list[int]:
+        tok = self.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if start is None:
+            raise APIError(400, "An empty prompt needs a BOS or EOS token, and this model's tokenizer has neither.",
+                           param="prompt")
+        return [start]
+
+    def _completion_prompts(self, prompt) -> tuple[list[list[int]], list[str]]:
+        tok = self.tokenizer
+        vocab = self.lm.config.vocab_size
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "The prompt list is empty; give at least one prompt.", param="prompt")
+        add_bos = bool(self.lm.config.extra.get("add_bos", False))
+        ids, texts = [], []
+        for p in prompt:
+            if isinstance(p, str):
+                ids.append(tok.encode(p, add_bos=add_bos) or self._start_ids())
+                texts.append(p)
+            else:
+                bad = [t for t in p if not 0 <= t < vocab]
+                if bad:
+                    raise APIError(400, f"Prompt token id {bad[0]} is outside the model's vocabulary of {vocab}.",
+                                   param="prompt")
+                ids.append(list(p) or self._start_ids())
+                texts.append(tok.decode(list(p)))
+        return ids, texts
+
+    def _params(self, req, *, max_tokens: int, logprobs: int | None, prompt_len: int):
+        from ..generation.batcher import SamplingParams
+
+        for name in ("use_beam_search",):
+            if getattr(req, name):
+                raise APIError(400, "Beam search is not available in the batching server; use gptgen generate "
+                                    "--num-beams or LanguageModel.generate(num_beams=...).", param=name)
+        if req.num_beams is not None and req.num_beams > 1:
+            raise APIError(400, "Beam search is not available in the batching server; use gptgen generate "
+                                "--num-beams or LanguageModel.generate(num_beams=...).", param="num_beams")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of is not supported by the batching server; ask for n choices instead.",
+                           param="best_of")
+        if req.penalty_alpha:
+            raise APIError(400, "Contrastive search is not available in the batching server; use gptgen generate "
+                                "--penalty-alpha or LanguageModel.generate(penalty_alpha=...).", param="penalty_alpha")
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported by this server; use bad_words to ban text.",
+                           param="logit_bias")
+        for name in ("tools", "functions"):
+            if getattr(req, name, None):
+                raise APIError(400, f"{name} (function calling) is not supported by this model.", param=name)
+        response_format = getattr(req, "response_format", None)
+        if response_format and response_format.get("type", "text") != "text":
+            raise APIError(400, "Only the text response_format is supported by this model.", param="response_format")
+        if prompt_len + max_tokens > self.context:
+            tokens = f"{prompt_len} token{'' if prompt_len == 1 else 's'}"
+            raise APIError(400, f"The prompt has {tokens} and max_tokens is {max_tokens}, more than the "
+                                f"model's context of {self.context} tokens; shorten the prompt or lower max_tokens.",
+                           param="max_tokens", code="context_length_exceeded")
+        temperature = 1.0 if req.temperature is None else float(req.temperature)
+        top_p = 1.0 if req.top_p is None else float(req.top_p)
+        if top_p == 0.0:  # an empty nucleus keeps only the most likely token
+            temperature, top_p = 0.0, 1.0
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if any(not s for s in stop):
+            raise APIError(400, "Stop strings must not be empty.", param="stop")
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_k=max(0, req.top_k or 0), top_p=top_p,
+            min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            no_repeat_ngram_size=req.no_repeat_ngram_size or 0, min_tokens=req.min_tokens or 0, stop=stop,
+            ignore_eos=req.ignore_eos, bad_words=list(req.bad_words or []), seed=req.seed, logprobs=logprobs,
+            n=req.n)
+        try:
+            params.validate(self.lm.config.vocab_size)
+        except GenerationError as exc:
+            raise APIError(400, str(exc), code="invalid_value") from None
+        return params
+
+
+class _Job:
+    """One API request in the engine: its submissions, the queue of their events, and the response."""
+
+    def __init__(self, server: _ServerState, prompts: list[list[int]], params, req, http_request) -> None:
+        from ..generation.batcher import PromptTooLong, QueueFull
+
+        self.server = server
+        self.engine = server.engine
+        self.prompts = prompts
+        self.params = params
+        self.req = req
+        self.n = params.n
+        self.prompt_texts: list[str] = []
+        self.arrival = time.perf_counter()
+        self.created = int(time.time())
+        # Events cross from the engine thread in a deque; the loop is woken once per batch of events
+        # (one decode step of many rows costs one wake-up, not one per token).
+        self.pending: collections.deque = collections.deque()
+        self.wake = asyncio.Event()
+        self.signalled = False
+        self.gone = False
+        self.requests = []
+        self.finished = False
+        self.failed = False  # the engine ended a choice with finish_reason "error"
+        loop = asyncio.get_running_loop()
+        for p_i, ids in enumerate(prompts):
+            def on_event(event, p_i=p_i):  # engine thread: hand over, never block
+                self.pending.append((p_i, event))
+                if not self.signalled:  # checked after the append: the consumer clears it before draining
+                    self.signalled = True
+                    try:
+                        loop.call_soon_threadsafe(self.wake.set)
+                    except RuntimeError:  # the loop has closed (server shutting down)
+                        pass
+            try:
+                self.requests.append(self.engine.submit(ids, params, on_event))
+            except QueueFull as exc:
+                self.cancel()
+                raise APIError(429, str(exc) or "The server is busy; retry later.", code="queue_full",
+                               headers={"Retry-After": "1"}) from None
+            except PromptTooLong as exc:
+                self.cancel()
+                raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
+            except GptgenError as exc:
+                self.cancel()
+                raise APIError(400, str(exc), code="invalid_value") from None
+        # Watch the connection from now on, with a callback rather than a check in the event loop below:
+        # a response that is never started, or a stream the server stops reading after a failed send,
+        # must still free its slots.
+        self.watcher = asyncio.ensure_future(_wait_disconnect(http_request))
+        self.watcher.add_done_callback(lambda t: None if t.cancelled() else self._client_gone())
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.completion_tokens: dict[int, int] = {}
+        self.first_token: float | None = None
+        self.last_token: dict[int, float] = {}
+
+    def cancel(self) -> None:
+        if self.finished:
+            return
+        for request in self.requests:
+            self.engine.cancel(request)
+
+    # Events ---------------------------------------------------------------------------------------
+    async def events(self, request) -> AsyncIterator[tuple[int, Any]]:
+        """(choice index, TokenEvent) until every choice has finished; cancels on disconnect."""
+        remaining = len(self.prompts) * self.n
+        metrics = self.server.metrics
+        metrics.running += 1
+        try:
+            while remaining:
+                if not self.pending:
+                    await self.wake.wait()
+                    self.wake.clear()
+                    self.signalled = False
+                if self.gone:
+                    return
+                if not self.pending:
+                    continue
+                p_i, event = self.pending.popleft()
+                choice = p_i * self.n + event.index
+                now = time.perf_counter()
+                if event.token_id is not None:
+                    if self.first_token is None:
+                        self.first_token = now
+                        metrics.ttft.observe(now - self.arrival)
+                    elif choice in self.last_token:
+                        metrics.tpot.observe(now - self.last_token[choice])
+                    self.last_token[choice] = now
+                if event.finish_reason is not None:
+                    remaining -= 1
+                    self.completion_tokens[choice] = event.completion_tokens
+                    if event.finish_reason == "error":
+                        self.failed = True
+                yield choice, event
+            self.finished = True
+            metrics.e2e.observe(time.perf_counter() - self.arrival)
+        finally:
+            self.watcher.cancel()
+            if not self.finished:
+                self.cancel()
+            metrics.running -= 1
+            metrics.prompt_tokens += self.prompt_tokens
+            metrics.generation_tokens += sum(self.completion_tokens.values())
+
+    def _client_gone(self) -> None:
+        self.gone = True
+        self.wake.set()
+        if not self.finished:
+            self.server.metrics.cancelled += 1
+            self.cancel()
+
+    def _raise_if_failed(self) -> None:
+        if self.failed:
+            raise APIError(500, "The engine failed while generating this answer; see the server log.")
+
+    def _failure_event(self) -> str:
+        return _event(error_body(500, "The engine failed while generating this answer; see the server log."))
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(self.completion_tokens.values())
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    def _choices(self) -> int:
+        return len(self.prompts) * self.n
+
+    # Token text for logprobs -------------------------------------------------------------------------
+    def _token_text(self, token_id: int) -> str:
+        return self.server.tokenizer.decode([token_id])
+
+    # /v1/completions ---------------------------------------------------------------------------------
+    def _completion_logprobs(self, tokens, offset: int) -> dict[str, Any]:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, logprob, top in tokens:
+            text = self._token_text(token_id)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(logprob)
+            out["top_logprobs"].append(None if top is None else {t_text: lp for _, t_text, lp in top})
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+    async def _echo_logprobs(self, p_i: int) -> list[tuple[int, float | None, list | None]]:
+        """The prompt's tokens with their log-probabilities (the first has none), for echo with logprobs."""
+        ids = self.prompts[p_i]
+        top = self.params.logprobs or 0
+        return await asyncio.to_thread(_prompt_logprobs, self.server.lm, self.server.tokenizer, ids, top)
+
+    async def collect_completion(self, request) -> dict[str, Any]:
+        texts = [""] * self._choices()
+        finish = [None] * self._choices()
+        tokens: list[list] = [[] for _ in range(self._choices())]
+        want_logprobs = self.params.logprobs is not None
+        async with aclosing(self.events(request)) as events:
+            async for choice, event in events:
+                texts[choice] += event.text
+                if want_logprobs and event.token_id is not None and event.logprob is not None:
+                    tokens[choice].append((event.token_id, event.logprob, event.top_logprobs))
+                if event.finish_reason is not None:
+                    finish[choice] = event.finish_reason
+        if not self.finished:
+            return None  # the client is gone; nobody reads an answer
+        self._raise_if_failed()
+        choices = []
+        for c in range(self._choices()):
+            p_i = c // self.n
+            text = texts[c]
+            logprobs = None
+            if self.req.echo:
+                text = self.prompt_texts[p_i] + text
+            if want_logprobs:
+                toks = (await self._echo_logprobs(p_i) if self.req.echo else []) + tokens[c]
+                logprobs = self._completion_logprobs(toks, 0)
+            choices.append({"index": c, "text": text, "logprobs": logprobs, "finish_reason": finish[c]})
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": self.created,
+                "model": self.server.model_name, "choices": choices, "usage": self.usage()}
+
+    async def stream_completion(self, request) -> AsyncIterator[str]:
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        base = {"id": rid, "object": "text_completion", "created": self.created, "model": self.server.model_name}
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        want_logprobs = self.params.logprobs is not None
+        offsets = [0] * self._choices()
+
+        def chunk(choice: int, text: str, toks, finish) -> str:
+            logprobs = None
+            if want_logprobs:
+                logprobs = self._completion_logprobs(toks, offsets[choice])
+                offsets[choice] += len(text)
+            body = dict(base, choices=[{"index": choice, "text": text, "logprobs": logprobs, "finish_reason": finish}])
+            if include_usage:
+                body["usage"] = None
+            return _event(body)
+
+        if self.req.echo:
+            for c in range(self._choices()):
+                p_i = c // self.n
+                toks = await self._echo_logprobs(p_i) if want_logprobs else []
+                yield chunk(c, self.prompt_texts[p_i], toks, None)
+        async with aclosing(self.events(request)) as events:
+            async for choice, event in events:
+                toks = []
+                if want_logprobs and event.token_id is not None and event.logprob is not None:
+                    toks = [(event.token_id, event.logprob, event.top_logprobs)]
+                if event.finish_reason == "error":
+                    yield self._failure_event()
+                    return
+                if event.text or toks or event.finish_reason is not None:
+                    yield chunk(choice, event.text, toks, event.finish_reason)
+        if not self.finished:
+            return
+        if include_usage:
+            yield _event(dict(base, choices=[], usage=self.usage()))
+        yield "data: [DONE]\n\n"
+
+    # /v1/chat/completions ---------------------------------------------------------------------------
+    def _chat_logprobs(self, tokens) -> dict[str, Any]:
+        content = []
+        for token_id, logprob, top in tokens:
+            text = self._token_text(token_id)
+            alternatives = [{"token": t_text, "logprob": lp, "bytes": list(t_text.encode("utf-8"))}
+                            for _, t_text, lp in (top or [])]
+            content.append({"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
+                            "top_logprobs": alternatives})
+        return {"content": content, "refusal": None}
+
+    async def collect_chat(self, request) -> dict[str, Any]:
+        texts = [""] * self.n
+        finish = [None] * self.n
+        tokens: list[list] = [[] for _ in range(self.n)]
+        async with aclosing(self.events(request)) as events:
+            async for choice, event in events:
+                texts[choice] += event.text
+                if self.req.logprobs and event.token_id is not None and event.logprob is not None:
+                    tokens[choice].append((event.token_id, event.logprob, event.top_logprobs))
+                if event.finish_reason is not None:
+                    finish[choice] = event.finish_reason
+        if not self.finished:
+            return None
+        self._raise_if_failed()
+        choices = [{"index": c, "message": {"role": "assistant", "content": texts[c].lstrip(), "refusal": None},
+                    "logprobs": self._chat_logprobs(tokens[c]) if self.req.logprobs else None,
+                    "finish_reason": finish[c]} for c in range(self.n)]
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": self.created,
+                "model": self.server.model_name, "choices": choices, "usage": self.usage()}
+
+    async def stream_chat(self, request) -> AsyncIterator[str]:
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        base = {"id": rid, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.server.model_name}
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+
+        def chunk(choice: int, delta: dict, toks, finish) -> str:
+            logprobs = self._chat_logprobs(toks) if (self.req.logprobs and toks) else None
+            body = dict(base, choices=[{"index": choice, "delta": delta, "logprobs": logprobs,
+                                        "finish_reason": finish}])
+            if include_usage:
+                body["usage"] = None
+            return _event(body)
+
+        for c in range(self.n):
+            yield chunk(c, {"role": "assistant", "content": ""}, [], None)
+        # Answers lose their leading white space (the template's turn prefix is often followed by a space).
+        started = [False] * self.n
+        async with aclosing(self.events(request)) as events:
+            async for choice, event in events:
+                toks = []
+                if self.req.logprobs and event.token_id is not None and event.logprob is not None:
+                    toks = [(event.token_id, event.logprob, event.top_logprobs)]
+                if event.finish_reason == "error":
+                    yield self._failure_event()
+                    return
+                text = event.text
+                if not started[choice]:
+                    text = text.lstrip()
+                    started[choice] = bool(text)
+                if text or toks:
+                    yield chunk(choice, {"content": text}, toks, None)
+                if event.finish_reason is not None:
+                    yield chunk(choice, {}, [], event.finish_reason)
+        if not self.finished:
+            return
+        if include_usage:
+            yield _event(dict(base, choices=[], usage=self.usage()))
+        yield "data: [DONE]\n\n"
+
+
+def _event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _wait_disconnect(request) -> None:
+    """Return when the client has gone away (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _prompt_logprobs(lm, tokenizer, ids: list[int], top: int):
+    """(token, logprob, top alternatives) for each prompt token; the first token has no logprob."""
+    import torch
+
+    with torch.inference_mode():
+        logits = lm.model(torch.tensor([ids], device=lm.device))
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+    out = [(ids[0], None, None)]
+    for i in range(1, len(ids)):
+        row = logprobs[i - 1]
+        alternatives = None
+        if top:
+            values, index = row.topk(top)
+            alternatives = [(int(t), tokenizer.decode([int(t)]), float(v)) for v, t in zip(values, index)]
+        out.append((ids[i], float(row[ids[i]]), alternatives))
+    return out

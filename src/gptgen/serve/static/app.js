@@ -1,0 +1,194 @@
+// The gptgen playground: talks to the public OpenAI-compatible API only (/v1/models,
+// /v1/completions, /v1/chat/completions with stream: true), parses the server-sent events itself.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { mode: "complete", model: null, controller: null, conversation: [] };
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api_key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+async function loadModel() {
+  try {
+    const r = await fetch("/v1/models", { headers: headers() });
+    const body = await r.json();
+    if (!r.ok) throw new Error(body.error ? body.error.message : r.statusText);
+    state.model = body.data[0].id;
+    $("model").textContent = "model: " + state.model + " (context " + body.data[0].max_model_len + ")";
+  } catch (e) {
+    $("model").textContent = "model: unknown (" + e.message + ")";
+  }
+}
+
+function samplingFields() {
+  const sampler = $("sampler").value;
+  const body = { max_tokens: parseInt($("max_tokens").value, 10) || 16 };
+  if (sampler === "greedy") {
+    body.temperature = 0;
+  } else {
+    body.temperature = parseFloat($("temperature").value);
+    if (sampler === "top_k") body.top_k = parseInt($("top_k").value, 10) || 40;
+    if (sampler === "top_p") body.top_p = parseFloat($("top_p").value) || 0.9;
+  }
+  const seed = $("seed").value.trim();
+  if (seed !== "") body.seed = parseInt(seed, 10);
+  const stops = $("stop_text").value.split("\n").filter((s) => s.length > 0);
+  if (stops.length) body.stop = stops;
+  body.stream = true;
+  body.stream_options = { include_usage: true };
+  if (state.model) body.model = state.model;
+  return body;
+}
+
+// Reads an SSE response, calling onData(object) for each `data:` event until [DONE].
+async function readEvents(response, onData) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      for (const line of block.split("\n")) {
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") return;
+        onData(JSON.parse(data));
+      }
+    }
+  }
+}
+
+function setBusy(busy, text) {
+  $("generate").disabled = busy;
+  $("stop").disabled = !busy;
+  $("status").textContent = text;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+async function generate() {
+  showError("");
+  const body = samplingFields();
+  let path, sink;
+  if (state.mode === "complete") {
+    path = "/v1/completions";
+    body.prompt = $("prompt").value;
+    $("out-prompt").textContent = body.prompt;
+    $("out-text").textContent = "";
+    sink = (piece) => { $("out-text").textContent += piece; };
+  } else {
+    const text = $("message").value.trim();
+    if (!text) return;
+    path = "/v1/chat/completions";
+    state.conversation.push({ role: "user", content: text });
+    addBubble("user", text);
+    $("message").value = "";
+    body.messages = state.conversation.slice();
+    const bubble = addBubble("assistant", "");
+    sink = (piece) => { bubble.textContent += piece; scrollChat(); };
+  }
+  state.controller = new AbortController();
+  setBusy(true, "generating…");
+  const started = performance.now();
+  let firstAt = null, tokens = 0, reply = "", finish = null;
+  try {
+    const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body),
+                                         signal: state.controller.signal });
+    if (!response.ok) {
+      const err = await response.json().catch(() => ({}));
+      throw new Error(err.error ? err.error.message : response.status + " " + response.statusText);
+    }
+    await readEvents(response, (chunk) => {
+      if (chunk.usage) tokens = chunk.usage.completion_tokens;
+      for (const choice of chunk.choices || []) {
+        const piece = state.mode === "complete" ? choice.text : (choice.delta && choice.delta.content);
+        if (piece) {
+          if (firstAt === null) firstAt = performance.now();
+          if (!chunk.usage) tokens += 1;
+          reply += piece;
+          sink(piece);
+        }
+        if (choice.finish_reason) finish = choice.finish_reason;
+      }
+      showSpeed(tokens, started, firstAt);
+    });
+    setBusy(false, finish ? "done (" + finish + ")" : "done");
+  } catch (e) {
+    if (e.name === "AbortError") {
+      setBusy(false, "stopped");
+    } else {
+      setBusy(false, "error");
+      showError(e.message);
+    }
+  } finally {
+    state.controller = null;
+    if (state.mode === "chat") {
+      if (reply) state.conversation.push({ role: "assistant", content: reply });
+      else state.conversation.pop();  // no answer: forget the question too
+    }
+    showSpeed(tokens, started, firstAt);
+  }
+}
+
+function showSpeed(tokens, started, firstAt) {
+  if (!tokens) return;
+  const now = performance.now();
+  const seconds = Math.max((now - started) / 1000, 1e-3);
+  const ttft = firstAt === null ? "" : ", first token " + Math.round(firstAt - started) + " ms";
+  $("speed").textContent = tokens + " tokens, " + (tokens / seconds).toFixed(1) + " tokens/s" + ttft;
+}
+
+function addBubble(role, text) {
+  const div = document.createElement("div");
+  div.className = "msg " + role;
+  div.textContent = text;
+  $("conversation").appendChild(div);
+  scrollChat();
+  return div;
+}
+
+function scrollChat() {
+  const c = $("conversation");
+  c.scrollTop = c.scrollHeight;
+}
+
+function setMode(mode) {
+  state.mode = mode;
+  $("mode-complete").classList.toggle("active", mode === "complete");
+  $("mode-chat").classList.toggle("active", mode === "chat");
+  $("mode-complete").setAttribute("aria-selected", String(mode === "complete"));
+  $("mode-chat").setAttribute("aria-selected", String(mode === "chat"));
+  $("complete-pane").hidden = mode !== "complete";
+  $("chat-pane").hidden = mode !== "chat";
+  $("reset").hidden = mode !== "chat";
+  $("generate").textContent = mode === "chat" ? "Send" : "Generate";
+}
+
+$("generate").addEventListener("click", generate);
+$("stop").addEventListener("click", () => { if (state.controller) state.controller.abort(); });
+$("reset").addEventListener("click", () => { state.conversation = []; $("conversation").textContent = ""; });
+$("mode-complete").addEventListener("click", () => setMode("complete"));
+$("mode-chat").addEventListener("click", () => setMode("chat"));
+$("temperature").addEventListener("input", () => { $("temperature-value").textContent = $("temperature").value; });
+$("api_key").addEventListener("change", loadModel);
+for (const id of ["prompt", "message"]) {
+  $(id).addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey || (id === "message" && !e.shiftKey))) {
+      e.preventDefault();
+      if (!$("generate").disabled) generate();
+    }
+  });
+}
+loadModel();
