@@ -10,7 +10,7 @@ from ..errors import GptgenError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with a web playground")
-    p.add_argument("--model", required=True, help="model directory (gptgen or Hugging Face GPT-2)")
+    p.add_argument("--model", required=True, help="a model directory or a Hub name (gpt2, skt/kogpt2-base-v2)")
     p.add_argument("--tokenizer", help="tokenizer directory or file, when the model directory has none")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
