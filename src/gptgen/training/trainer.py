@@ -182,7 +182,7 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg.schedule, self.total_steps, cfg.warmup_steps,
                                         cfg.min_lr_ratio)
 
-    # Checkpoints (see checkpointing.py) ------------------------------------------------------------
+    # Checkpoints (checkpointing.py) ----------------------------------------------------------------
     def save_checkpoint(self, finished: bool = False) -> Path | None:
         return checkpointing.save_last(self, finished)
 
