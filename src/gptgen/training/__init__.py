@@ -1,4 +1,5 @@
-"""Training: fit() and evaluate(), the Trainer, LR schedules, callbacks, metrics, DDP helpers."""
+"""Training: fit() and evaluate(), the Trainer, its options (TrainConfig), checkpoints, LR schedules, callbacks,
+metrics, DDP helpers."""
 
 from .callbacks import (Callback, EarlyStopping, LossCurvePlot, PrintEpochs, SampleText, plot_curves,
                         read_metrics)

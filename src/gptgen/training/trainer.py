@@ -11,6 +11,10 @@ Output directory (rank 0 writes it):
     best/            model directory with the best validation loss so far
     metrics.jsonl    one JSON record per step, evaluation, epoch and text sample
     curves.png       loss and perplexity curves (needs matplotlib)
+
+This file holds the step loop; its parts live beside it: the options in config.py (TrainConfig), the data
+forms in examples.py, the loss module in loss.py, and the checkpoint, resume and metrics-log files in
+checkpointing.py.
 """
 
 from __future__ import annotations
@@ -19,165 +23,31 @@ import dataclasses
 import json
 import logging
 import math
-import numbers
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
 import torch
-import torch.nn as nn
 
-from .. import checkpoint
 from ..config import check_vocab_fits
-from ..errors import DataError, TrainingError
+from ..errors import TrainingError
+from . import checkpointing
 from . import distributed as D
 from .callbacks import Callback, EarlyStopping, LossCurvePlot
-from .metrics import TokenMetrics, linear_cross_entropy
+from .checkpointing import METRICS_FILE, STATE_FILE, STATE_JSON  # noqa: F401  (re-exported)
+from .config import MAX_SEED, PRECISIONS, TrainConfig, _int_option, _number, check_device  # noqa: F401
+from .examples import _Examples, as_examples, check_examples
+from .loss import LossModule, hidden_states  # noqa: F401  (re-exported)
+from .metrics import TokenMetrics
 from .rundir import check_run_dir, claim_run_dir
-from .schedules import SCHEDULES, make_scheduler
+from .schedules import make_scheduler
 
 logger = logging.getLogger("gptgen.training")
 
 if TYPE_CHECKING:  # the training package does not import lm.py (lm.py imports it)
     from ..lm import LanguageModel
-
-STATE_FILE = "training_state.pt"
-STATE_JSON = "training_state.json"
-METRICS_FILE = "metrics.jsonl"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MAX_SEED = (2**64 - 1) // 1_000_003 - 1_000_000  # the epoch order seeds a generator with seed * 1_000_003 + epoch
-
-
-@dataclass
-class TrainConfig:
-    """Options of fit(); every field can be passed to fit() / LanguageModel.fit() by name."""
-
-    epochs: int = 1
-    max_steps: int | None = None  # stop after this many optimizer steps (over all epochs)
-    max_time: float | None = None  # seconds of training after which to stop at a step boundary
-    batch_size: int = 32  # examples per optimizer step, over all ranks and accumulation micro-batches
-    grad_accum: int = 1
-    seq_len: int | None = None  # for raw text inputs; default the model's context
-    add_bos: bool | None = None  # for raw text inputs; default config.extra["add_bos"]
-    add_eos: bool = False
-    lr: float = 3e-4
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0  # 0 reproduces plain Adam; decay applies to matrices only
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float | None = None
-    precision: str = "auto"  # fp32 | bf16 (autocast) | fp16 (autocast + grad scaler) | auto
-    compile: bool = False
-    device: str = "auto"
-    num_threads: int | None = None
-    eval_every: int | None = None  # steps; evaluation also runs at each epoch end (eval_each_epoch)
-    eval_each_epoch: bool = True
-    eval_batch_size: int | None = None
-    save_every: int | None = None  # steps; a checkpoint is also written at each epoch end
-    output_dir: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    early_stopping: int | None = None  # patience, in evaluations of the validation loss
-    seed: int = 0
-    shuffle: bool = True
-    progress: bool = True
-    chunk_rows: int | None = None  # rows per chunk of the fused head + cross-entropy
-
-    def validate(self) -> None:
-        """Raise TrainingError (one sentence naming the option) for any value training cannot use."""
-        _int_option("epochs", self.epochs, 0 if self.max_steps else 1)  # max_steps alone may bound the run
-        for name in ("max_steps", "eval_batch_size", "num_threads", "seq_len"):
-            if getattr(self, name) is not None:
-                _int_option(name, getattr(self, name), 1)
-        _int_option("batch_size", self.batch_size, 1)
-        _int_option("grad_accum", self.grad_accum, 1)
-        for name in ("eval_every", "save_every", "early_stopping", "chunk_rows"):  # 0 or None: off
-            if getattr(self, name) is not None:
-                _int_option(name, getattr(self, name), 0)
-        _int_option("warmup_steps", self.warmup_steps, 0)
-        _int_option("seed", self.seed, 0)
-        if self.seed > MAX_SEED:
-            raise TrainingError(f"seed must be at most {MAX_SEED:,}, got {self.seed}.")
-        if self.schedule not in SCHEDULES:
-            raise TrainingError(f"Unknown learning-rate schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
-        if self.precision not in PRECISIONS:
-            raise TrainingError(f"Unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
-        if not (_number("lr", self.lr) > 0 and math.isfinite(self.lr)):
-            raise TrainingError(f"The learning rate must be a positive number, got {self.lr}.")
-        if not (_number("eps", self.eps) > 0 and math.isfinite(self.eps)):
-            raise TrainingError(f"The Adam epsilon (eps, --adam-eps) must be a positive number, got {self.eps}.")
-        if not (0 <= _number("weight_decay", self.weight_decay) and math.isfinite(self.weight_decay)):
-            raise TrainingError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}.")
-        if not 0 <= _number("min_lr_ratio", self.min_lr_ratio) <= 1:
-            raise TrainingError(f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}.")
-        if self.grad_clip is not None and not (0 <= _number("grad_clip", self.grad_clip) and math.isfinite(self.grad_clip)):
-            raise TrainingError(f"grad_clip must be a positive number (or 0/None for no clipping), got {self.grad_clip}.")
-        if self.max_time is not None and not (_number("max_time", self.max_time) > 0):
-            raise TrainingError(f"The time budget (max_time, --minutes) must be positive, got {self.max_time}.")
-        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
-            raise TrainingError(f"betas must be a pair (beta1, beta2), got {self.betas!r}.")
-        for i, beta in enumerate(self.betas, 1):
-            if not 0 <= _number(f"beta{i}", beta) < 1:
-                raise TrainingError(f"beta{i} (--beta{i}) must be in [0, 1), got {beta}.")
-        check_device(self.device)
-        if self.resume and not self.output_dir:
-            raise TrainingError("resume needs an output directory to resume from (output_dir, --output).")
-        if self.resume and self.overwrite:
-            raise TrainingError("resume=True (--resume) continues a run and overwrite=True (--overwrite) replaces "
-                                "it; pass only one of them.")
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(options) - known)
-        if bad:
-            raise TrainingError(f"Unknown training option(s): {', '.join(bad)}; see gptgen.training.TrainConfig.")
-        cfg = cls(**options)
-        if isinstance(cfg.betas, list):
-            cfg.betas = tuple(cfg.betas)
-        cfg.validate()
-        return cfg
-
-
-def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # NaN fails the range checks
-        raise TrainingError(f"{name} must be a number, got {value!r}.")
-    return value
-
-
-def _int_option(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TrainingError(f"{name} must be a whole number, got {value!r}.")
-    if value < minimum:
-        raise TrainingError(f"{name} must be at least {minimum}, got {value}.")
-
-
-def check_device(device) -> None:
-    """TrainingError for a device string torch cannot parse or a device this machine does not have."""
-    if device in (None, "auto") or isinstance(device, torch.device) and device.type == "cpu":
-        return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise TrainingError(f"Unknown device {device!r}; use auto, cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise TrainingError(f"Device {device!r} was asked for but this machine has no usable CUDA GPU; use "
-                                "--device cpu (device='cpu').")
-        if dev.index is not None and dev.index >= count:
-            raise TrainingError(f"Device {device!r} does not exist: this machine has {count} CUDA GPU(s).")
-    elif dev.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise TrainingError(f"Device {device!r} was asked for but MPS is not available here; use cpu.")
-    elif dev.type != "cpu":
-        raise TrainingError(f"Device type {dev.type!r} is not supported; use auto, cpu, cuda or cuda:N.")
 
 
 @dataclass
@@ -192,122 +62,6 @@ class FitResult:
     last_dir: Path | None = None
     best_dir: Path | None = None
     curves_path: Path | None = None
-
-
-# Data --------------------------------------------------------------------------------------------
-class _Examples:
-    """Packed examples as three tensors (input_ids, labels, loss_mask), or any map-style dataset of dicts."""
-
-    def __init__(self, data) -> None:
-        self.tensors = None
-        self.dataset = None
-        if all(hasattr(data, k) for k in ("input_ids", "labels")) and isinstance(getattr(data, "input_ids"), torch.Tensor):
-            self.tensors = self._check(data.input_ids, data.labels, getattr(data, "loss_mask", None))
-        elif isinstance(data, dict):
-            if "input_ids" not in data or "labels" not in data:
-                raise TrainingError("A dict of training data needs 'input_ids' and 'labels' tensors.")
-            self.tensors = self._check(data["input_ids"], data["labels"], data.get("loss_mask"))
-        elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
-            self.dataset = data
-        else:
-            raise TrainingError(
-                f"Cannot train on a {type(data).__name__}; pass texts, gptgen.data PackedExamples, "
-                "a dict of tensors or a map-style dataset of dicts."
-            )
-
-    @staticmethod
-    def _check(input_ids, labels, loss_mask):
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
-        labels = torch.as_tensor(labels, dtype=torch.long)
-        if input_ids.dim() != 2 or input_ids.shape != labels.shape:
-            raise TrainingError(
-                f"input_ids and labels must be (examples, seq_len) tensors of one shape, got "
-                f"{tuple(input_ids.shape)} and {tuple(labels.shape)}."
-            )
-        if loss_mask is None:
-            loss_mask = labels >= 0
-        loss_mask = torch.as_tensor(loss_mask, dtype=torch.bool)
-        labels = labels.clamp_min(0)  # ignore_index-style labels (-100) are masked out
-        return input_ids.contiguous(), labels.contiguous(), loss_mask.contiguous()
-
-    def __len__(self) -> int:
-        return self.tensors[0].shape[0] if self.tensors is not None else len(self.dataset)
-
-    @property
-    def seq_len(self) -> int:
-        return self.get(torch.tensor([0]))["input_ids"].shape[1]
-
-    def get(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.tensors is not None:
-            x, y, m = self.tensors
-            return {"input_ids": x[idx], "labels": y[idx], "loss_mask": m[idx]}
-        items = [self.dataset[int(i)] for i in idx]
-        out = {}
-        for key in ("input_ids", "labels", "loss_mask"):
-            if key in items[0]:
-                out[key] = torch.stack([torch.as_tensor(it[key]) for it in items])
-        if "loss_mask" not in out:
-            out["loss_mask"] = out["labels"] >= 0
-        out["labels"] = out["labels"].clamp_min(0)
-        out["loss_mask"] = out["loss_mask"].bool()
-        return out
-
-    def max_token_id(self) -> int:
-        if self.tensors is None:
-            return -1
-        return int(max(self.tensors[0].max(), self.tensors[1].max())) if self.tensors[0].numel() else -1
-
-
-def as_examples(lm: LanguageModel, data, seq_len: int | None = None, add_bos: bool | None = None,
-                add_eos: bool = False, what: str = "training") -> _Examples:
-    """Texts (a list of str) are tokenised and packed; other forms are used as they are."""
-    if isinstance(data, _Examples):
-        return data
-    if isinstance(data, str):
-        raise TrainingError("Pass a list of texts (or packed examples), not a single string.")
-    if isinstance(data, (list, tuple)) and data and all(isinstance(t, str) for t in data):
-        from ..data.packing import pack_texts
-
-        if add_bos is None:
-            add_bos = bool(lm.config.extra.get("add_bos", False))
-        return _Examples(pack_texts(list(data), lm.tokenizer, seq_len or lm.config.n_positions, "pad",
-                                    add_bos, add_eos))
-    if isinstance(data, (list, tuple)) and not data:
-        if what == "validation":
-            raise DataError("The validation data is empty (an empty list); pass val_data=None to train without "
-                            "validation.")
-        raise DataError(f"There are no {what} examples (the list of texts is empty).")
-    return _Examples(data)
-
-
-# The loss module: the model body, then the fused head + masked cross-entropy ------------------
-def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """The final hidden states of GPT (causal attention; right padding needs no mask)."""
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    x = model.embed(input_ids, positions)
-    for block in model.blocks:
-        x = block(x)
-    return model.ln_f(x)
-
-
-class LossModule(nn.Module):
-    """forward(input_ids, labels, loss_mask) -> (sum of token losses, correct predictions)."""
-
-    def __init__(self, model: nn.Module, compile: bool = False, chunk_rows: int | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.chunk_rows = chunk_rows
-        body = lambda ids: hidden_states(self.model, ids)  # noqa: E731
-        self.body = torch.compile(body, dynamic=False) if compile else body
-
-    def forward(self, input_ids, labels, loss_mask):
-        h = self.body(input_ids)
-        keep = loss_mask.reshape(-1)
-        rows, targets = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
-        if not bool(keep.all()):  # only counted positions reach the head (padding costs no head FLOPs)
-            rows, targets = rows[keep], targets[keep]
-        head = self.model.lm_head
-        return linear_cross_entropy(rows, head.weight, head.bias, targets, self.chunk_rows)
 
 
 # The trainer -----------------------------------------------------------------------------------
@@ -332,12 +86,12 @@ class Trainer:
         self.train_data = as_examples(lm, train_data, cfg.seq_len, cfg.add_bos, cfg.add_eos)
         self.val_data = (as_examples(lm, val_data, cfg.seq_len, cfg.add_bos, cfg.add_eos, what="validation")
                          if val_data is not None else None)
-        self._check_data(self.train_data, "training")
+        check_examples(lm, self.train_data, "training")
         if self.val_data is not None:
             if len(self.val_data) == 0:
                 self.val_data = None
             else:
-                self._check_data(self.val_data, "validation")
+                check_examples(lm, self.val_data, "validation")
         # Run state (saved in checkpoints).
         self.step = 0
         self.epoch = 0
@@ -354,24 +108,6 @@ class Trainer:
         self._metrics_file = None
         self._first_loss: float | None = None  # of this process's first step, for the divergence warning
         self._warned_divergence = False
-
-    # Checks ------------------------------------------------------------------------------------
-    def _check_data(self, data: _Examples, what: str) -> None:
-        if len(data) == 0:
-            raise DataError(f"There are no {what} examples.")
-        seq_len = data.seq_len
-        ctx = self.lm.config.n_positions
-        if seq_len > ctx:
-            raise TrainingError(
-                f"The {what} examples are {seq_len} tokens long but the model's context holds only {ctx} "
-                f"positions; use seq_len <= {ctx} or a model with n_positions >= {seq_len}."
-            )
-        top = data.max_token_id()
-        if top >= self.lm.config.vocab_size:
-            raise TrainingError(
-                f"The {what} data holds token id {top} but the model's vocabulary has only "
-                f"{self.lm.config.vocab_size:,} entries; the tokenizer and the model do not match."
-            )
 
     # Public API --------------------------------------------------------------------------------
     @property
@@ -446,137 +182,18 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg.schedule, self.total_steps, cfg.warmup_steps,
                                         cfg.min_lr_ratio)
 
-    # Checkpoints -------------------------------------------------------------------------------
-    def _state(self, finished: bool = False) -> dict[str, Any]:
-        np_state = np.random.get_state()
-        return {
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "best_val": self.best_val, "log_records": self.log_records, "finished": finished,
-            "epoch_metrics": self.epoch_metrics.state(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
-                "python_gauss": random.getstate()[2],
-                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                          int(np_state[3]), float(np_state[4])],
-            },
-            "callbacks": [cb.state_dict() for cb in self.callbacks],
-            "train_config": _jsonable(dataclasses.asdict(self.config)),
-            "model_config": self.lm.config.to_dict(),
-        }
-
+    # Checkpoints (checkpointing.py) ----------------------------------------------------------------
     def save_checkpoint(self, finished: bool = False) -> Path | None:
-        if not self.is_main or self.output_dir is None:
-            return None
-        state = self._state(finished)
-        summary = {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "best_val", "log_records", "finished")}
-        summary["train_config"] = state["train_config"]
-
-        def fill(tmp: Path) -> None:
-            checkpoint.save_model_files(tmp, self.lm.model)
-            self.lm.tokenizer.save(tmp)
-            torch.save(state, tmp / STATE_FILE)
-            (tmp / STATE_JSON).write_text(json.dumps(summary, indent=2), "utf-8")
-
-        return checkpoint.write_dir_atomically(self.output_dir / "last", fill, overwrite=True)
+        return checkpointing.save_last(self, finished)
 
     def _save_best(self) -> None:
-        if not self.is_main or self.output_dir is None:
-            return
-
-        def fill(tmp: Path) -> None:
-            checkpoint.save_model_files(tmp, self.lm.model)
-            self.lm.tokenizer.save(tmp)
-            (tmp / "metrics.json").write_text(json.dumps({"step": self.step, "epoch": self.epoch + 1,
-                                                          **(self.last_val or {})}, indent=2), "utf-8")
-
-        checkpoint.write_dir_atomically(self.output_dir / "best", fill, overwrite=True)
+        checkpointing.save_best(self)
 
     def _resume(self) -> None:
-        checkpoint.recover_dir(self.output_dir / "last")  # a kill between the checkpoint's two renames
-        path = self.output_dir / "last" / STATE_FILE
-        if not path.is_file():
-            if self.is_main:
-                logger.warning("No checkpoint in %s; training starts from scratch.", self.output_dir / "last")
-            return
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a truncated or foreign file
-            raise TrainingError(f"The checkpoint {path} cannot be read ({type(exc).__name__}); "
-                                "resume from another copy or start again without --resume.") from None
-        if state["model_config"] != self.lm.config.to_dict():
-            raise TrainingError(f"The checkpoint in {path.parent} was made with a different model configuration; "
-                                "resume with the same command that started the run.")
-        self._check_resume_options(state.get("train_config") or {}, path.parent)
-        weights = checkpoint._load_safetensors(path.parent / checkpoint.WEIGHTS_FILE)  # CheckpointError if cut
-        model = self.lm.model
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        allowed = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-        if set(missing) - allowed or unexpected:
-            raise TrainingError(f"The weights in {path.parent} do not fit the model.")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self._apply_new_lr(state.get("train_config") or {})
-        self.batch_in_epoch = int(state["batch_in_epoch"])
-        self.best_val = float(state["best_val"])
-        self.log_records = int(state["log_records"])
-        self.epoch_metrics.load_state(state["epoch_metrics"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
-        npst = rng["numpy"]
-        np.random.set_state((npst[0], npst[1].numpy().astype(np.uint32), npst[2], npst[3], npst[4]))
-        for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
-            if cb_state:
-                cb.load_state_dict(cb_state)
-        if self.is_main:
-            logger.info("Resumed from %s at step %d (epoch %d, batch %d).", path.parent, self.step,
-                        self.epoch + 1, self.batch_in_epoch)
-
-    def _check_resume_options(self, saved: dict[str, Any], where: Path) -> None:
-        """Options a resume cannot change: the batch size fixes which examples each step of an epoch takes."""
-        old = saved.get("batch_size")
-        if old is not None and old != self.config.batch_size:
-            raise TrainingError(
-                f"The run in {where.parent} was trained with batch_size {old} and cannot resume with "
-                f"{self.config.batch_size} (the position in the epoch counts batches); resume with batch_size "
-                f"{old} (--batch-size {old}) or start a new run.")
-
-    def _apply_new_lr(self, saved: dict[str, Any]) -> None:
-        """A resume with a different lr (say after a NaN stop) continues the schedule from the new base rate."""
-        old, new = saved.get("lr"), self.config.lr
-        if old is None or old == new:
-            return
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = new
-        self.scheduler.base_lrs = [new for _ in self.optimizer.param_groups]
-        factors = [f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas]
-        for group, factor in zip(self.optimizer.param_groups, factors):
-            group["lr"] = new * factor
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-        if self.is_main:
-            msg = f"Resuming with learning rate {new:g} instead of the run's {old:g} (from step {self.step + 1} on)."
-            logger.warning(msg)
+        checkpointing.resume(self)
 
     def _open_log(self) -> None:
-        if not self.is_main or self.output_dir is None:
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / METRICS_FILE
-        kept: list[str] = []
-        if self.config.resume and path.is_file():
-            # Drop records written after the checkpoint we resumed from; they will be written again.
-            kept = path.read_text("utf-8").splitlines()[: self.log_records]
-            self.history = [json.loads(line) for line in kept]
-        checkpoint.atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
-        self._metrics_file = open(path, "a", encoding="utf-8")
+        checkpointing.open_metrics_log(self)
 
     # Training ----------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> torch.Tensor:
@@ -646,22 +263,8 @@ class Trainer:
     def evaluate(self, data: _Examples | None = None) -> dict[str, float]:
         """Token-weighted loss, perplexity and accuracy over all of `data` (default the validation set)."""
         data = data if data is not None else self.val_data
-        was_training = self.lm.model.training
-        self.lm.model.eval()
-        bs = self.config.eval_batch_size or self.config.batch_size
-        mine = torch.tensor_split(torch.arange(len(data)), self.dist.world_size)[self.dist.rank]
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for start in range(0, len(mine), bs):
-            batch = data.get(mine[start:start + bs])
-            with self.autocast():
-                ls, corr = self.loss_module(batch["input_ids"].to(self.device), batch["labels"].to(self.device),
-                                            batch["loss_mask"].to(self.device))
-            totals += torch.stack([ls.double(), corr.double(), batch["loss_mask"].sum().to(self.device).double()])
-        totals = D.all_reduce_tensor(totals, self.dist).tolist()
-        self.lm.model.train(was_training)
-        metrics = TokenMetrics()
-        metrics.update(*totals)
-        return metrics.compute()
+        return _evaluate_examples(self.loss_module, data, self.config.eval_batch_size or self.config.batch_size,
+                                  self.device, self.autocast, self.dist)
 
     def _run_eval(self) -> dict[str, float]:
         if self._last_eval_step == self.step and self.last_val is not None:
@@ -820,14 +423,6 @@ class _NonFiniteLoss(Exception):
         self.value = value
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
 # Functional entry points ------------------------------------------------------------------------
 def fit(lm: LanguageModel, train_data, val_data=None, *, callbacks: Sequence[Callback] = (), **options) -> FitResult:
     """Train lm on train_data (texts, PackedExamples, a dict of tensors or a dataset of dicts).
@@ -849,16 +444,33 @@ def evaluate(lm: LanguageModel, data, *, batch_size: int = 32, seq_len: int | No
         raise TrainingError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
     check_device(device)
     examples = as_examples(lm, data, seq_len, add_bos, add_eos, what="evaluation")
-    trainer = Trainer.__new__(Trainer)
-    trainer.lm = lm
-    trainer.config = TrainConfig(batch_size=batch_size, precision=precision, device=device or "auto")
-    trainer._check_data(examples, "evaluation")
-    trainer.dist = D.DistEnv()
-    trainer.device = torch.device(device) if device else lm.device
-    trainer.autocast = nullcontext
+    check_examples(lm, examples, "evaluation")
+    dev = torch.device(device) if device else lm.device
+    autocast = nullcontext
     if precision in ("bf16", "fp16"):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        trainer.autocast = lambda: torch.autocast(trainer.device.type, dtype=dtype)
-    lm.to(trainer.device)
-    trainer.loss_module = LossModule(lm.model)
-    return trainer.evaluate(examples)
+        autocast = lambda: torch.autocast(dev.type, dtype=dtype)  # noqa: E731
+    lm.to(dev)
+    return _evaluate_examples(LossModule(lm.model), examples, batch_size, dev, autocast, D.DistEnv())
+
+
+@torch.no_grad()
+def _evaluate_examples(loss_module: LossModule, data: _Examples, batch_size: int, device: torch.device,
+                       autocast, dist: D.DistEnv) -> dict[str, float]:
+    """Token-weighted loss, perplexity and accuracy of loss_module's model over all of data (each rank a share)."""
+    model = loss_module.model
+    was_training = model.training
+    model.eval()
+    mine = torch.tensor_split(torch.arange(len(data)), dist.world_size)[dist.rank]
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for start in range(0, len(mine), batch_size):
+        batch = data.get(mine[start:start + batch_size])
+        with autocast():
+            ls, corr = loss_module(batch["input_ids"].to(device), batch["labels"].to(device),
+                                   batch["loss_mask"].to(device))
+        totals += torch.stack([ls.double(), corr.double(), batch["loss_mask"].sum().to(device).double()])
+    totals = D.all_reduce_tensor(totals, dist).tolist()
+    model.train(was_training)
+    metrics = TokenMetrics()
+    metrics.update(*totals)
+    return metrics.compute()

@@ -1,0 +1,176 @@
+"""A run's checkpoints: the resumable training state in last/, the best model in best/, and the metrics log.
+
+The state holds the position (epoch, batch), the optimizer, scheduler, scaler and RNG states and the
+callbacks' states; with the seeded per-epoch data order that is all an interrupted run needs to continue
+exactly. These functions read and write a Trainer's run state; the Trainer calls them from its step loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .. import checkpoint
+from ..errors import TrainingError
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+logger = logging.getLogger("gptgen.training")
+
+STATE_FILE = "training_state.pt"
+STATE_JSON = "training_state.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def training_state(trainer: Trainer, finished: bool = False) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "step": trainer.step, "epoch": trainer.epoch, "batch_in_epoch": trainer.batch_in_epoch,
+        "best_val": trainer.best_val, "log_records": trainer.log_records, "finished": finished,
+        "epoch_metrics": trainer.epoch_metrics.state(),
+        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+            "python_gauss": random.getstate()[2],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                      int(np_state[3]), float(np_state[4])],
+        },
+        "callbacks": [cb.state_dict() for cb in trainer.callbacks],
+        "train_config": _jsonable(dataclasses.asdict(trainer.config)),
+        "model_config": trainer.lm.config.to_dict(),
+    }
+
+
+def save_last(trainer: Trainer, finished: bool = False) -> Path | None:
+    if not trainer.is_main or trainer.output_dir is None:
+        return None
+    state = training_state(trainer, finished)
+    summary = {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "best_val", "log_records", "finished")}
+    summary["train_config"] = state["train_config"]
+
+    def fill(tmp: Path) -> None:
+        checkpoint.save_model_files(tmp, trainer.lm.model)
+        trainer.lm.tokenizer.save(tmp)
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / STATE_JSON).write_text(json.dumps(summary, indent=2), "utf-8")
+
+    return checkpoint.write_dir_atomically(trainer.output_dir / "last", fill, overwrite=True)
+
+
+def save_best(trainer: Trainer) -> None:
+    if not trainer.is_main or trainer.output_dir is None:
+        return
+
+    def fill(tmp: Path) -> None:
+        checkpoint.save_model_files(tmp, trainer.lm.model)
+        trainer.lm.tokenizer.save(tmp)
+        (tmp / "metrics.json").write_text(json.dumps({"step": trainer.step, "epoch": trainer.epoch + 1,
+                                                      **(trainer.last_val or {})}, indent=2), "utf-8")
+
+    checkpoint.write_dir_atomically(trainer.output_dir / "best", fill, overwrite=True)
+
+
+def resume(trainer: Trainer) -> None:
+    checkpoint.recover_dir(trainer.output_dir / "last")  # a kill between the checkpoint's two renames
+    path = trainer.output_dir / "last" / STATE_FILE
+    if not path.is_file():
+        if trainer.is_main:
+            logger.warning("No checkpoint in %s; training starts from scratch.", trainer.output_dir / "last")
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise TrainingError(f"The checkpoint {path} cannot be read ({type(exc).__name__}); "
+                            "resume from another copy or start again without --resume.") from None
+    if state["model_config"] != trainer.lm.config.to_dict():
+        raise TrainingError(f"The checkpoint in {path.parent} was made with a different model configuration; "
+                            "resume with the same command that started the run.")
+    check_resume_options(trainer, state.get("train_config") or {}, path.parent)
+    weights = checkpoint._load_safetensors(path.parent / checkpoint.WEIGHTS_FILE)  # CheckpointError if cut
+    model = trainer.lm.model
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    allowed = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if set(missing) - allowed or unexpected:
+        raise TrainingError(f"The weights in {path.parent} do not fit the model.")
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    trainer.step, trainer.epoch = int(state["step"]), int(state["epoch"])
+    apply_new_lr(trainer, state.get("train_config") or {})
+    trainer.batch_in_epoch = int(state["batch_in_epoch"])
+    trainer.best_val = float(state["best_val"])
+    trainer.log_records = int(state["log_records"])
+    trainer.epoch_metrics.load_state(state["epoch_metrics"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
+    npst = rng["numpy"]
+    np.random.set_state((npst[0], npst[1].numpy().astype(np.uint32), npst[2], npst[3], npst[4]))
+    for cb, cb_state in zip(trainer.callbacks, state.get("callbacks", [])):
+        if cb_state:
+            cb.load_state_dict(cb_state)
+    if trainer.is_main:
+        logger.info("Resumed from %s at step %d (epoch %d, batch %d).", path.parent, trainer.step,
+                    trainer.epoch + 1, trainer.batch_in_epoch)
+
+
+def check_resume_options(trainer: Trainer, saved: dict[str, Any], where: Path) -> None:
+    """Options a resume cannot change: the batch size fixes which examples each step of an epoch takes."""
+    old = saved.get("batch_size")
+    if old is not None and old != trainer.config.batch_size:
+        raise TrainingError(
+            f"The run in {where.parent} was trained with batch_size {old} and cannot resume with "
+            f"{trainer.config.batch_size} (the position in the epoch counts batches); resume with batch_size "
+            f"{old} (--batch-size {old}) or start a new run.")
+
+
+def apply_new_lr(trainer: Trainer, saved: dict[str, Any]) -> None:
+    """A resume with a different lr (say after a NaN stop) continues the schedule from the new base rate."""
+    old, new = saved.get("lr"), trainer.config.lr
+    if old is None or old == new:
+        return
+    for group in trainer.optimizer.param_groups:
+        group["initial_lr"] = new
+    trainer.scheduler.base_lrs = [new for _ in trainer.optimizer.param_groups]
+    factors = [f(trainer.scheduler.last_epoch) for f in trainer.scheduler.lr_lambdas]
+    for group, factor in zip(trainer.optimizer.param_groups, factors):
+        group["lr"] = new * factor
+    trainer.scheduler._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]
+    if trainer.is_main:
+        msg = f"Resuming with learning rate {new:g} instead of the run's {old:g} (from step {trainer.step + 1} on)."
+        logger.warning(msg)
+
+
+def open_metrics_log(trainer: Trainer) -> None:
+    if not trainer.is_main or trainer.output_dir is None:
+        return
+    trainer.output_dir.mkdir(parents=True, exist_ok=True)
+    path = trainer.output_dir / METRICS_FILE
+    kept: list[str] = []
+    if trainer.config.resume and path.is_file():
+        # Drop records written after the checkpoint we resumed from; they will be written again.
+        kept = path.read_text("utf-8").splitlines()[: trainer.log_records]
+        trainer.history = [json.loads(line) for line in kept]
+    checkpoint.atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+    trainer._metrics_file = open(path, "a", encoding="utf-8")
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
