@@ -14,6 +14,7 @@ Every sampler is also callable in KerasHub's functional form for custom models:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -121,6 +122,18 @@ def top_k_filter(scores: torch.Tensor, k, min_tokens_to_keep: int = 1) -> torch.
     return _apply_removal(scores, scores < kth, off)
 
 
+def _nucleus_removal(ascending_probs: torch.Tensor, p, min_tokens_to_keep: int) -> torch.Tensor:
+    """The tokens top-p removes, for probabilities in ascending order: those whose mass together with
+    every less likely token's is at most 1 - p, less the min_tokens_to_keep most likely."""
+    limit = 1 - p
+    if isinstance(limit, torch.Tensor):
+        limit = limit.to(ascending_probs.dtype)
+    remove = ascending_probs.cumsum(dim=-1) <= limit
+    if min_tokens_to_keep > 0:
+        remove[:, -min_tokens_to_keep:] = False
+    return remove
+
+
 def top_p_filter(scores: torch.Tensor, p, min_tokens_to_keep: int = 1) -> torch.Tensor:
     """-inf outside the nucleus: the smallest set of most likely tokens whose probability reaches p
     (p >= 1: off). Computed from the least likely end (a token goes when the mass of it and every less
@@ -141,13 +154,7 @@ def top_p_filter(scores: torch.Tensor, p, min_tokens_to_keep: int = 1) -> torch.
         order = torch.topk(scores, finite, dim=-1).indices.flip(-1)
     else:
         order = torch.sort(scores, dim=-1).indices  # ascending
-    tail = probs.gather(1, order).cumsum(dim=-1)
-    limit = 1 - p
-    if isinstance(limit, torch.Tensor):
-        limit = limit.to(scores.dtype)
-    remove_sorted = tail <= limit
-    if min_tokens_to_keep > 0:
-        remove_sorted[:, -min_tokens_to_keep:] = False
+    remove_sorted = _nucleus_removal(probs.gather(1, order), p, min_tokens_to_keep)
     if order.shape[-1] < V:
         remove = torch.isinf(scores).scatter(1, order, remove_sorted)
     else:
@@ -264,26 +271,64 @@ def _uniforms(rows: int, generator, device) -> torch.Tensor:
 
 def draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
     """One draw per row from probs (rows, n) (any non-negative weights): the token where a uniform number
-    falls in the row's cumulative distribution (float64), so one random number per row and no host sync.
+    falls in the row's cumulative distribution (float32, float64 for float64 weights; on CPU the running
+    sum is kept in float64 either way), so one random number per row and no host sync.
     `generator` is None, one torch.Generator for all rows, or a list with a generator (or None) per row:
     a row with its own generator reads only that generator's numbers, so a seeded row draws the same
     token whatever other rows share the batch. A token of probability 0 is never drawn."""
-    cdf = probs.double().cumsum(dim=-1)
+    if probs.dtype not in (torch.float32, torch.float64):
+        probs = probs.float()
+    cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:].contiguous()
-    picks = torch.searchsorted(cdf, _uniforms(probs.shape[0], generator, probs.device) * total, right=True)
+    point = (_uniforms(probs.shape[0], generator, probs.device) * total).to(cdf.dtype)
+    picks = torch.searchsorted(cdf, point, right=True)
     last = torch.searchsorted(cdf, total)  # the last token of non-zero probability
     return torch.minimum(picks, last)[:, 0]
 
 
 def _weights(scores: torch.Tensor) -> torch.Tensor:
-    """exp(scores - row max) in float64: unnormalised probabilities that are the same numbers for a token
-    whether a row holds the whole vocabulary or only its candidates (0 for -inf)."""
-    return (scores - scores.amax(dim=-1, keepdim=True)).double().exp()
+    """exp(scores - row max) (float32, or float64 for float64 scores): unnormalised probabilities that are
+    the same numbers for a token whether a row holds the whole vocabulary or only its candidates (0 for
+    -inf)."""
+    w = scores - scores.amax(dim=-1, keepdim=True)
+    if w.dtype not in (torch.float32, torch.float64):
+        w = w.float()
+    return w.exp_()
+
+
+_CHUNK = 32  # tokens per block in _top_values' first pass
+
+
+@functools.lru_cache(maxsize=16)
+def _block_index(vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """arange(_CHUNK), and the ids of the tokens past the last whole block."""
+    return (torch.arange(_CHUNK, device=device),
+            torch.arange(vocab // _CHUNK * _CHUNK, vocab, device=device))
+
+
+def _top_values(scores: torch.Tensor, n: int):
+    """torch.topk(scores, n, dim=-1) for rows of a large vocabulary (CPU): the same values, highest first,
+    found among the tokens of the n blocks of _CHUNK tokens with the highest maxima (and the tokens past the
+    last whole block). That holds the n highest values: a token in a block left out is below n block maxima,
+    n other tokens. (Among tokens of equal score the ids may differ from torch.topk's choice.)"""
+    rows, V = scores.shape
+    blocks = V // _CHUNK
+    if scores.device.type != "cpu" or V < 4096 or 4 * n * _CHUNK > V:
+        return torch.topk(scores, n, dim=-1)
+    scores = scores.contiguous()
+    offsets, tail = _block_index(V, str(scores.device))
+    best = torch.topk(scores[:, :blocks * _CHUNK].view(rows, blocks, _CHUNK).amax(dim=-1), n, dim=-1).indices
+    ids = (best[:, :, None] * _CHUNK + offsets).view(rows, n * _CHUNK)
+    if tail.numel():
+        ids = torch.cat([ids, tail.expand(rows, -1)], dim=1)
+    values, where = torch.topk(scores.gather(1, ids), n, dim=-1)
+    return values, ids.gather(1, where)
 
 
 def _candidates(scores: torch.Tensor, k, min_tokens_to_keep: int):
-    """Token ids (rows, n), in increasing id order, that hold every token a top-k filter keeps (ties
-    with the k-th included), or None when that set is not small (or top-k is off for some row)."""
+    """(values, ids) (rows, n), highest score first, of n tokens that hold every token a top-k filter
+    keeps (ties with the k-th included), values -inf where the filter removes the token; or None when
+    that set is not small (or top-k is off for some row)."""
     V = scores.shape[-1]
     if scores.device.type != "cpu":  # the size check below needs the host; full rows are cheap there
         return None
@@ -298,16 +343,30 @@ def _candidates(scores: torch.Tensor, k, min_tokens_to_keep: int):
         k = kmax = max(int(k), min_tokens_to_keep)
     if 4 * kmax > V:
         return None
-    values, ids = torch.topk(scores, kmax + 1, dim=-1)
+    values, ids = _top_values(scores, kmax + 1)
     kth = values[:, kmax - 1:kmax] if isinstance(k, int) else values.gather(1, k - 1)
     if bool((values[:, kmax:] >= kth).any()):  # ties with a k-th value beyond the first kmax tokens
         n = int((scores >= kth).sum(dim=-1).max())
         if 4 * n > V:
             return None
-        ids = torch.topk(scores, n, dim=-1).indices
-    else:
-        ids = ids[:, :kmax]
-    return torch.sort(ids, dim=-1).values
+        values, ids = torch.topk(scores, n, dim=-1)
+        return values.masked_fill(values < kth, NEG_INF), ids
+    values, ids = values[:, :kmax], ids[:, :kmax]
+    if not isinstance(k, int):  # rows whose k is below kmax
+        values = values.masked_fill(values < kth, NEG_INF)
+    return values, ids
+
+
+def _top_p_descending(scores: torch.Tensor, p, min_tokens_to_keep: int) -> torch.Tensor:
+    """top_p_filter for rows already in descending order of score (no sort)."""
+    p = _rows(p, scores)
+    if not isinstance(p, torch.Tensor) and p >= 1:
+        return scores
+    off = p >= 1
+    if isinstance(off, torch.Tensor) and bool(off.all()):
+        return scores
+    remove = _nucleus_removal(torch.softmax(scores.flip(-1), dim=-1), p, min_tokens_to_keep).flip(-1)
+    return _apply_removal(scores, remove, off)
 
 
 def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, top_k=0, min_tokens_to_keep: int = 1,
@@ -320,16 +379,19 @@ def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, top_k=0, mi
     if not isinstance(t, torch.Tensor) and t == 0:
         return torch.argmax(scores, dim=-1)
     k = _rows(top_k, scores, integer=True)
-    if isinstance(k, torch.Tensor):
-        k = k[:, 0]
-    ids = _candidates(scores, k[:, None] if isinstance(k, torch.Tensor) else k, min_tokens_to_keep)
-    sub = scores if ids is None else scores.gather(1, ids)
-    if ids is not None and not isinstance(k, torch.Tensor):
-        k = 0  # the candidates are exactly the tokens one top-k keeps
-    warped = warp(sub, temperature=temperature, top_k=k, min_tokens_to_keep=min_tokens_to_keep, **filters)
-    picks = draw(_weights(warped), generator)
-    if ids is not None:
-        picks = ids.gather(1, picks[:, None])[:, 0]
+    cand = _candidates(scores, k, min_tokens_to_keep)
+    if cand is None:
+        picks = draw(_weights(warp(scores, temperature=temperature, top_k=k[:, 0] if isinstance(k, torch.Tensor)
+                                   else k, min_tokens_to_keep=min_tokens_to_keep, **filters)), generator)
+    else:
+        # The candidates come highest first: top-p needs no sort. The draw then meets them in token-id
+        # order, as it meets them in the whole row, so the token is the one the whole row would give.
+        values, ids = cand
+        values = apply_temperature(values, temperature)
+        values = _top_p_descending(values, filters.pop("top_p", 1.0), min_tokens_to_keep)
+        values = warp(values, min_tokens_to_keep=min_tokens_to_keep, **filters)
+        ids, order = torch.sort(ids, dim=-1)
+        picks = ids.gather(1, draw(_weights(values.gather(1, order)), generator)[:, None])[:, 0]
     if isinstance(t, torch.Tensor):
         greedy = (t == 0)[:, 0]
         picks = torch.where(greedy, torch.argmax(scores, dim=-1), picks)
