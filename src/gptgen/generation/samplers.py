@@ -25,6 +25,7 @@ from .loop import run_functional
 
 NEG = -1.0e9
 NEG_INF = float("-inf")
+LARGE_VOCAB = 1024  # CPU rows at least this long: top-p orders ties canonically; sample() may use candidates
 
 
 def _check_temperature(temperature) -> float:
@@ -138,7 +139,10 @@ def top_p_filter(scores: torch.Tensor, p, min_tokens_to_keep: int = 1) -> torch.
     """-inf outside the nucleus: the smallest set of most likely tokens whose probability reaches p
     (p >= 1: off). Computed from the least likely end (a token goes when the mass of it and every less
     likely token is at most 1 - p), as transformers does, so float32 rounding of the running sum does not
-    keep an extra token: on probabilities [0.3, 0.1, 0.1, 0.5] with p = 0.8 two tokens stay."""
+    keep an extra token: on probabilities [0.3, 0.1, 0.1, 0.5] with p = 0.8 two tokens stay. On CPU rows
+    of LARGE_VOCAB tokens or more, of tokens with equal scores the one with the higher id counts as the
+    more likely (a stable sort), so the result does not depend on which other tokens a row holds (and
+    sample() can work on top-k candidates); shorter rows order ties as transformers' torch.sort does."""
     p = _rows(p, scores)
     if not isinstance(p, torch.Tensor) and p >= 1:
         return scores
@@ -147,13 +151,15 @@ def top_p_filter(scores: torch.Tensor, p, min_tokens_to_keep: int = 1) -> torch.
         return scores
     probs = torch.softmax(scores, dim=-1)
     V = scores.shape[-1]
-    finite = int(torch.isfinite(scores).sum(dim=-1).max()) if scores.device.type == "cpu" and V >= 1024 else V
+    large = scores.device.type == "cpu" and V >= LARGE_VOCAB
+    finite = int(torch.isfinite(scores).sum(dim=-1).max()) if large else V
     if finite < V // 4:
         # After a top-k filter most tokens are -inf: sort only the finite ones. Tokens of probability 0
         # add nothing to the running sum, so the result is the same as sorting the whole row.
-        order = torch.topk(scores, finite, dim=-1).indices.flip(-1)
+        ids = torch.sort(torch.topk(scores, finite, dim=-1).indices, dim=-1).values
+        order = ids.gather(1, torch.sort(scores.gather(1, ids), dim=-1, stable=True).indices)
     else:
-        order = torch.sort(scores, dim=-1).indices  # ascending
+        order = torch.sort(scores, dim=-1, stable=large).indices  # ascending
     remove_sorted = _nucleus_removal(probs.gather(1, order), p, min_tokens_to_keep)
     if order.shape[-1] < V:
         remove = torch.isinf(scores).scatter(1, order, remove_sorted)
@@ -330,7 +336,7 @@ def _candidates(scores: torch.Tensor, k, min_tokens_to_keep: int):
     keeps (ties with the k-th included), values -inf where the filter removes the token; or None when
     that set is not small (or top-k is off for some row)."""
     V = scores.shape[-1]
-    if scores.device.type != "cpu":  # the size check below needs the host; full rows are cheap there
+    if scores.device.type != "cpu" or V < LARGE_VOCAB:  # the size check needs the host; full rows are cheap there
         return None
     if isinstance(k, torch.Tensor):
         if not bool((k > 0).all()):
@@ -357,16 +363,18 @@ def _candidates(scores: torch.Tensor, k, min_tokens_to_keep: int):
     return values, ids
 
 
-def _top_p_descending(scores: torch.Tensor, p, min_tokens_to_keep: int) -> torch.Tensor:
-    """top_p_filter for rows already in descending order of score (no sort)."""
+def _top_p_id_order(scores: torch.Tensor, p, min_tokens_to_keep: int) -> torch.Tensor:
+    """top_p_filter for candidates in increasing token-id order: the same stable order of scores, so
+    tokens of equal score go in the order they go in the whole row."""
     p = _rows(p, scores)
     if not isinstance(p, torch.Tensor) and p >= 1:
         return scores
     off = p >= 1
     if isinstance(off, torch.Tensor) and bool(off.all()):
         return scores
-    remove = _nucleus_removal(torch.softmax(scores.flip(-1), dim=-1), p, min_tokens_to_keep).flip(-1)
-    return _apply_removal(scores, remove, off)
+    ascending, order = torch.sort(scores, dim=-1, stable=True)
+    remove_sorted = _nucleus_removal(torch.softmax(ascending, dim=-1), p, min_tokens_to_keep)
+    return _apply_removal(scores, torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted), off)
 
 
 def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, top_k=0, min_tokens_to_keep: int = 1,
@@ -384,14 +392,14 @@ def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, top_k=0, mi
         picks = draw(_weights(warp(scores, temperature=temperature, top_k=k[:, 0] if isinstance(k, torch.Tensor)
                                    else k, min_tokens_to_keep=min_tokens_to_keep, **filters)), generator)
     else:
-        # The candidates come highest first: top-p needs no sort. The draw then meets them in token-id
-        # order, as it meets them in the whole row, so the token is the one the whole row would give.
+        # The candidates in token-id order: top-p orders them as it orders the whole row, and the draw
+        # meets them as it meets the whole row, so the token is the one the whole row would give.
         values, ids = cand
-        values = apply_temperature(values, temperature)
-        values = _top_p_descending(values, filters.pop("top_p", 1.0), min_tokens_to_keep)
-        values = warp(values, min_tokens_to_keep=min_tokens_to_keep, **filters)
         ids, order = torch.sort(ids, dim=-1)
-        picks = ids.gather(1, draw(_weights(values.gather(1, order)), generator)[:, None])[:, 0]
+        values = apply_temperature(values.gather(1, order), temperature)
+        values = _top_p_id_order(values, filters.pop("top_p", 1.0), min_tokens_to_keep)
+        values = warp(values, min_tokens_to_keep=min_tokens_to_keep, **filters)
+        picks = ids.gather(1, draw(_weights(values), generator)[:, None])[:, 0]
     if isinstance(t, torch.Tensor):
         greedy = (t == 0)[:, 0]
         picks = torch.where(greedy, torch.argmax(scores, dim=-1), picks)
