@@ -377,6 +377,19 @@ def _top_p_id_order(scores: torch.Tensor, p, min_tokens_to_keep: int) -> torch.T
     return _apply_removal(scores, torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted), off)
 
 
+_OFF = {"min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+
+
+def _all_off(filters: dict) -> bool:
+    """Whether warp's remaining filters (besides temperature, top-k and top-p) are all off as Python numbers."""
+    for name, value in filters.items():
+        if name not in _OFF or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if (value > 0) if _OFF[name] == 0.0 else (value < 1):
+            return False
+    return True
+
+
 def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, top_k=0, min_tokens_to_keep: int = 1,
            **filters) -> torch.Tensor:
     """The next token of every row: argmax where temperature is 0, otherwise a draw from the scores after
@@ -398,7 +411,8 @@ def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, top_k=0, mi
         ids, order = torch.sort(ids, dim=-1)
         values = apply_temperature(values.gather(1, order), temperature)
         values = _top_p_id_order(values, filters.pop("top_p", 1.0), min_tokens_to_keep)
-        values = warp(values, min_tokens_to_keep=min_tokens_to_keep, **filters)
+        if not _all_off(filters):
+            values = warp(values, min_tokens_to_keep=min_tokens_to_keep, **filters)
         picks = ids.gather(1, draw(_weights(values), generator)[:, None])[:, 0]
     if isinstance(t, torch.Tensor):
         greedy = (t == 0)[:, 0]
