@@ -6,7 +6,7 @@ process (cases interleaved, median of the repeats, one thread by default).
 
 Cases: TopKSampler(k=50) and TopPSampler(p=0.95, k=50) at batch 1 and 16 (Sampler.choose), and the
 continuous-batching engine's choose_tokens at batch 32 for plain temperature-1 sampling and for
-top-k 50 / top-p 0.95 / temperature 0.8, on (batch, 50257) float32 scores shaped like language-model
+top-k 50 / top-p 0.95 / temperature 0.8 and for top-p 0.9 alone, on (batch, 50257) float32 scores shaped like language-model
 logits. Run it from the repository root with PYTHONPATH=src.
 """
 
@@ -66,6 +66,8 @@ def _cases(samplers, rows, batch_sizes, vocab):
             scores, temperature=[1.0] * n, top_k=[0] * n, top_p=[1.0] * n, min_p=[0.0] * n, generators=gens)
         out[f"choose_tokens k50 p0.95 t0.8, batch {n}"] = lambda: rows.choose_tokens(
             scores, temperature=[0.8] * n, top_k=[50] * n, top_p=[0.95] * n, min_p=[0.0] * n, generators=gens)
+        out[f"choose_tokens p0.9, batch {n}"] = lambda: rows.choose_tokens(
+            scores * 2, temperature=[1.0] * n, top_k=[0] * n, top_p=[0.9] * n, min_p=[0.0] * n, generators=gens)
     return out
 
 

@@ -315,8 +315,9 @@ def _block_index(vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
 def _top_values(scores: torch.Tensor, n: int):
     """torch.topk(scores, n, dim=-1) for rows of a large vocabulary (CPU): the same values, highest first,
     found among the tokens of the n blocks of _CHUNK tokens with the highest maxima (and the tokens past the
-    last whole block). That holds the n highest values: a token in a block left out is below n block maxima,
-    n other tokens. (Among tokens of equal score the ids may differ from torch.topk's choice.)"""
+    last whole block). Those hold the n highest values: a token in a block left out scores no more than
+    each of the n chosen blocks' maxima, n other tokens. (Among tokens of equal score the ids may differ
+    from torch.topk's choice.)"""
     rows, V = scores.shape
     blocks = V // _CHUNK
     if scores.device.type != "cpu" or V < 4096 or 4 * n * _CHUNK > V:
