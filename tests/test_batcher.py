@@ -593,3 +593,28 @@ def test_a_seeded_row_draws_the_same_whatever_the_other_rows(monkeypatch):
             alone.append(pick([2], g1)[0].item())
             busy.append(pick([0, 1, 2, 3, 4, 5], g2)[2].item())
         assert alone == busy
+
+
+def test_a_seeded_row_draws_the_same_whatever_the_other_rows_at_a_large_vocabulary():
+    """The real candidate count (256) over 33,000 tokens: top-k rows and covered top-p rows go through
+    the block search for their candidates."""
+    from gptgen.generation import row_sampling
+
+    V = 33000
+    settings = [dict(t=1.0, k=0, p=1.0), dict(t=0.8, k=50, p=0.95), dict(t=1.0, k=0, p=0.6), dict(t=0.7, k=20, p=1.0)]
+    g = torch.Generator().manual_seed(3)
+    for mine in settings:
+        alone, busy = [], []
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        for step in range(8):
+            logits = torch.randn(5, V, generator=g) * 4.0
+
+            def pick(rows, gen):
+                cfg = [mine if r == 2 else settings[(r + step) % 4] for r in rows]
+                return row_sampling.choose_tokens(
+                    logits[rows], temperature=[c["t"] for c in cfg], top_k=[c["k"] for c in cfg],
+                    top_p=[c["p"] for c in cfg], min_p=[0.0] * len(rows),
+                    generators=[gen if r == 2 else None for r in rows])
+            alone.append(pick([2], g1)[0].item())
+            busy.append(pick([0, 1, 2, 3, 4], g2)[2].item())
+        assert alone == busy, mine

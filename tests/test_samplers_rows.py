@@ -307,7 +307,7 @@ def test_decode_state_generated_counts_brute_force():
 def test_candidate_shortcut_draws_what_the_whole_row_draws():
     """sample() with top-k on works on the candidates only; a batch mate with top-k off forces the
     whole-row path, and the seeded row still draws the same tokens."""
-    scores = torch.randn(2, 400, generator=torch.Generator().manual_seed(4)) * 3
+    scores = torch.randn(2, 1500, generator=torch.Generator().manual_seed(4)) * 3
     scores[0, 10:14] = scores[0].max() - 0.5  # ties around the k-th
     for k, p in ((5, 1.0), (12, 0.7), (40, 0.95)):
         for seed in range(25):
@@ -317,3 +317,61 @@ def test_candidate_shortcut_draws_what_the_whole_row_draws():
             whole = draw(torch.softmax(warp(scores[:1], temperature=0.9, top_k=k, top_p=p), -1),
                          torch.Generator().manual_seed(seed))
             assert int(alone[0]) == int(mixed[0]) == int(whole[0]), (k, p, seed)
+
+
+# Large vocabularies: the candidate search and the float32 draw ------------------------------------------
+def test_top_values_equal_torch_topk_values():
+    from gptgen.generation.samplers import _top_values
+
+    V = 4500  # not a whole number of blocks: the last 20 tokens sit past the last block
+    scores = torch.randn(6, V, generator=torch.Generator().manual_seed(6)) * 3
+    scores[1] = scores[1].round()  # many ties
+    scores[2, 100:4000] = float("-inf")
+    scores[3, -7:] = scores[3].max() + 1  # the best tokens past the last whole block
+    scores[4, 64:96] = 50 + torch.arange(32.0)  # one block holds the 32 best
+    scores[5, ::32] = 30.0  # every block has the same maximum
+    for n in (1, 5, 33, 35):
+        values, ids = _top_values(scores, n)
+        assert torch.equal(values, torch.topk(scores, n).values), n
+        assert torch.equal(scores.gather(1, ids), values), n
+        assert all(len(set(row)) == n for row in ids.tolist()), n
+
+
+def test_candidates_draw_what_the_whole_row_draws_at_a_large_vocabulary():
+    """Rows alone take the candidate path; beside a row with top-k off the whole batch takes the
+    whole-row path. A seeded row's token is the same either way, step after step."""
+    V = 4500
+    g = torch.Generator().manual_seed(8)
+    for step in range(40):
+        scores = torch.randn(2, V, generator=g) * 3
+        if step % 4 == 0:
+            scores[0, 200:210] = torch.topk(scores[0], 12).values[-1]  # ties with the k-th
+        for k, p, min_p, t in ((12, 1.0, 0.0, 0.9), (20, 0.8, 0.0, 1.3), (30, 0.95, 0.05, 0.7)):
+            alone = sample(scores[:1], [torch.Generator().manual_seed(step)], temperature=t, top_k=k, top_p=p,
+                           min_p=min_p)
+            mixed = sample(scores, [torch.Generator().manual_seed(step), None], temperature=t,
+                           top_k=torch.tensor([k, 0]), top_p=p, min_p=min_p)
+            assert int(alone[0]) == int(mixed[0]), (step, k, p)
+
+
+def test_top_k_top_p_frequencies_follow_the_filtered_softmax_at_a_large_vocabulary():
+    V, rows, calls = 4500, 4000, 5
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(9)) * 2
+    want = torch.softmax(warp(logits[None].double(), temperature=0.8, top_k=20, top_p=0.9)[0], -1)
+    batch = logits.expand(rows, -1).contiguous()
+    g = torch.Generator().manual_seed(1)
+    picks = torch.cat([sample(batch, g, temperature=0.8, top_k=20, top_p=0.9) for _ in range(calls)])
+    freq = torch.bincount(picks, minlength=V).double() / (rows * calls)
+    assert (freq[want == 0] == 0).all()
+    assert 0.5 * (freq - want).abs().sum() < 0.03
+
+
+def test_draw_never_gives_a_zero_probability_token_when_the_point_rounds_to_the_total(monkeypatch):
+    from gptgen.generation import samplers
+
+    probs = torch.tensor([[0.2, 0.0, 0.8, 0.0, 0.0], [0.0, 0.3, 0.0, 0.7, 0.0]])
+    for u, want in ((1 - 1e-12, [2, 3]), (0.0, [0, 1])):
+        monkeypatch.setattr(samplers, "_uniforms",
+                            lambda rows, gen, dev, u=u: torch.full((rows, 1), u, dtype=torch.float64))
+        assert draw(probs).tolist() == want
+        assert draw(probs.double()).tolist() == want

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .samplers import apply_temperature, sample
+from .samplers import _top_values, apply_temperature, sample
 
 CANDIDATES = 256
 
@@ -55,10 +55,9 @@ def choose_tokens(scores: torch.Tensor, *, temperature: Sequence[float], top_k: 
     narrow_p, mass = [], {}
     if p_only and K < V:
         # does each row's CANDIDATES most likely tokens' probability reach its p?
-        sel = torch.tensor(p_only, device=dev)
-        t = torch.tensor([float(temperature[i]) for i in p_only], device=dev, dtype=torch.float64)
-        sub = apply_temperature(scores.index_select(0, sel), t)
-        vals, ids = torch.topk(sub, K, dim=-1)
+        rows = scores if len(p_only) == scores.shape[0] else scores.index_select(0, torch.tensor(p_only, device=dev))
+        sub = apply_temperature(rows, _one([float(temperature[i]) for i in p_only]))
+        vals, ids = _top_values(sub, K)  # torch.topk's values, found faster on CPU
         covered = torch.exp(torch.logsumexp(vals, dim=-1) - torch.logsumexp(sub, dim=-1)).tolist()
         cand_ids = {}
         for j, i in enumerate(p_only):

@@ -14,6 +14,7 @@ Every sampler is also callable in KerasHub's functional form for custom models:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,6 +25,7 @@ from .loop import run_functional
 
 NEG = -1.0e9
 NEG_INF = float("-inf")
+LARGE_VOCAB = 1024  # CPU rows at least this long: top-p orders ties canonically; sample() may use candidates
 
 
 def _check_temperature(temperature) -> float:
@@ -121,11 +123,26 @@ def top_k_filter(scores: torch.Tensor, k, min_tokens_to_keep: int = 1) -> torch.
     return _apply_removal(scores, scores < kth, off)
 
 
+def _nucleus_removal(ascending_probs: torch.Tensor, p, min_tokens_to_keep: int) -> torch.Tensor:
+    """The tokens top-p removes, for probabilities in ascending order: those whose mass together with
+    every less likely token's is at most 1 - p, less the min_tokens_to_keep most likely."""
+    limit = 1 - p
+    if isinstance(limit, torch.Tensor):
+        limit = limit.to(ascending_probs.dtype)
+    remove = ascending_probs.cumsum(dim=-1) <= limit
+    if min_tokens_to_keep > 0:
+        remove[:, -min_tokens_to_keep:] = False
+    return remove
+
+
 def top_p_filter(scores: torch.Tensor, p, min_tokens_to_keep: int = 1) -> torch.Tensor:
     """-inf outside the nucleus: the smallest set of most likely tokens whose probability reaches p
     (p >= 1: off). Computed from the least likely end (a token goes when the mass of it and every less
     likely token is at most 1 - p), as transformers does, so float32 rounding of the running sum does not
-    keep an extra token: on probabilities [0.3, 0.1, 0.1, 0.5] with p = 0.8 two tokens stay."""
+    keep an extra token: on probabilities [0.3, 0.1, 0.1, 0.5] with p = 0.8 two tokens stay. On CPU rows
+    of LARGE_VOCAB tokens or more, of tokens with equal scores the one with the higher id counts as the
+    more likely (a stable sort), so the result does not depend on which other tokens a row holds (and
+    sample() can work on top-k candidates); shorter rows order ties as transformers' torch.sort does."""
     p = _rows(p, scores)
     if not isinstance(p, torch.Tensor) and p >= 1:
         return scores
@@ -134,20 +151,16 @@ def top_p_filter(scores: torch.Tensor, p, min_tokens_to_keep: int = 1) -> torch.
         return scores
     probs = torch.softmax(scores, dim=-1)
     V = scores.shape[-1]
-    finite = int(torch.isfinite(scores).sum(dim=-1).max()) if scores.device.type == "cpu" and V >= 1024 else V
+    large = scores.device.type == "cpu" and V >= LARGE_VOCAB
+    finite = int(torch.isfinite(scores).sum(dim=-1).max()) if large else V
     if finite < V // 4:
         # After a top-k filter most tokens are -inf: sort only the finite ones. Tokens of probability 0
         # add nothing to the running sum, so the result is the same as sorting the whole row.
-        order = torch.topk(scores, finite, dim=-1).indices.flip(-1)
+        ids = torch.sort(torch.topk(scores, finite, dim=-1).indices, dim=-1).values
+        order = ids.gather(1, torch.sort(scores.gather(1, ids), dim=-1, stable=True).indices)
     else:
-        order = torch.sort(scores, dim=-1).indices  # ascending
-    tail = probs.gather(1, order).cumsum(dim=-1)
-    limit = 1 - p
-    if isinstance(limit, torch.Tensor):
-        limit = limit.to(scores.dtype)
-    remove_sorted = tail <= limit
-    if min_tokens_to_keep > 0:
-        remove_sorted[:, -min_tokens_to_keep:] = False
+        order = torch.sort(scores, dim=-1, stable=large).indices  # ascending
+    remove_sorted = _nucleus_removal(probs.gather(1, order), p, min_tokens_to_keep)
     if order.shape[-1] < V:
         remove = torch.isinf(scores).scatter(1, order, remove_sorted)
     else:
@@ -264,28 +277,67 @@ def _uniforms(rows: int, generator, device) -> torch.Tensor:
 
 def draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
     """One draw per row from probs (rows, n) (any non-negative weights): the token where a uniform number
-    falls in the row's cumulative distribution (float64), so one random number per row and no host sync.
+    falls in the row's cumulative distribution (float32, float64 for float64 weights; on CPU the running
+    sum is kept in float64 either way), so one random number per row and no host sync.
     `generator` is None, one torch.Generator for all rows, or a list with a generator (or None) per row:
     a row with its own generator reads only that generator's numbers, so a seeded row draws the same
     token whatever other rows share the batch. A token of probability 0 is never drawn."""
-    cdf = probs.double().cumsum(dim=-1)
+    if probs.dtype not in (torch.float32, torch.float64):
+        probs = probs.float()
+    cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:].contiguous()
-    picks = torch.searchsorted(cdf, _uniforms(probs.shape[0], generator, probs.device) * total, right=True)
+    point = (_uniforms(probs.shape[0], generator, probs.device) * total).to(cdf.dtype)
+    picks = torch.searchsorted(cdf, point, right=True)
     last = torch.searchsorted(cdf, total)  # the last token of non-zero probability
     return torch.minimum(picks, last)[:, 0]
 
 
 def _weights(scores: torch.Tensor) -> torch.Tensor:
-    """exp(scores - row max) in float64: unnormalised probabilities that are the same numbers for a token
-    whether a row holds the whole vocabulary or only its candidates (0 for -inf)."""
-    return (scores - scores.amax(dim=-1, keepdim=True)).double().exp()
+    """exp(scores - row max) (float32, or float64 for float64 scores): unnormalised probabilities that are
+    the same numbers for a token whether a row holds the whole vocabulary or only its candidates (0 for
+    -inf)."""
+    w = scores - scores.amax(dim=-1, keepdim=True)
+    if w.dtype not in (torch.float32, torch.float64):
+        w = w.float()
+    return w.exp_()
+
+
+_CHUNK = 32  # tokens per block in _top_values' first pass
+
+
+@functools.lru_cache(maxsize=16)
+def _block_index(vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """arange(_CHUNK), and the ids of the tokens past the last whole block."""
+    return (torch.arange(_CHUNK, device=device),
+            torch.arange(vocab // _CHUNK * _CHUNK, vocab, device=device))
+
+
+def _top_values(scores: torch.Tensor, n: int):
+    """torch.topk(scores, n, dim=-1) for rows of a large vocabulary (CPU): the same values, highest first,
+    found among the tokens of the n blocks of _CHUNK tokens with the highest maxima (and the tokens past the
+    last whole block). Those hold the n highest values: a token in a block left out scores no more than
+    each of the n chosen blocks' maxima, n other tokens. (Among tokens of equal score the ids may differ
+    from torch.topk's choice.)"""
+    rows, V = scores.shape
+    blocks = V // _CHUNK
+    if scores.device.type != "cpu" or V < 4096 or 4 * n * _CHUNK > V:
+        return torch.topk(scores, n, dim=-1)
+    scores = scores.contiguous()
+    offsets, tail = _block_index(V, str(scores.device))
+    best = torch.topk(scores[:, :blocks * _CHUNK].view(rows, blocks, _CHUNK).amax(dim=-1), n, dim=-1).indices
+    ids = (best[:, :, None] * _CHUNK + offsets).view(rows, n * _CHUNK)
+    if tail.numel():
+        ids = torch.cat([ids, tail.expand(rows, -1)], dim=1)
+    values, where = torch.topk(scores.gather(1, ids), n, dim=-1)
+    return values, ids.gather(1, where)
 
 
 def _candidates(scores: torch.Tensor, k, min_tokens_to_keep: int):
-    """Token ids (rows, n), in increasing id order, that hold every token a top-k filter keeps (ties
-    with the k-th included), or None when that set is not small (or top-k is off for some row)."""
+    """(values, ids) (rows, n), highest score first, of n tokens that hold every token a top-k filter
+    keeps (ties with the k-th included), values -inf where the filter removes the token; or None when
+    that set is not small (or top-k is off for some row)."""
     V = scores.shape[-1]
-    if scores.device.type != "cpu":  # the size check below needs the host; full rows are cheap there
+    if scores.device.type != "cpu" or V < LARGE_VOCAB:  # the size check needs the host; full rows are cheap there
         return None
     if isinstance(k, torch.Tensor):
         if not bool((k > 0).all()):
@@ -298,16 +350,45 @@ def _candidates(scores: torch.Tensor, k, min_tokens_to_keep: int):
         k = kmax = max(int(k), min_tokens_to_keep)
     if 4 * kmax > V:
         return None
-    values, ids = torch.topk(scores, kmax + 1, dim=-1)
+    values, ids = _top_values(scores, kmax + 1)
     kth = values[:, kmax - 1:kmax] if isinstance(k, int) else values.gather(1, k - 1)
     if bool((values[:, kmax:] >= kth).any()):  # ties with a k-th value beyond the first kmax tokens
         n = int((scores >= kth).sum(dim=-1).max())
         if 4 * n > V:
             return None
-        ids = torch.topk(scores, n, dim=-1).indices
-    else:
-        ids = ids[:, :kmax]
-    return torch.sort(ids, dim=-1).values
+        values, ids = torch.topk(scores, n, dim=-1)
+        return values.masked_fill(values < kth, NEG_INF), ids
+    values, ids = values[:, :kmax], ids[:, :kmax]
+    if not isinstance(k, int):  # rows whose k is below kmax
+        values = values.masked_fill(values < kth, NEG_INF)
+    return values, ids
+
+
+def _top_p_id_order(scores: torch.Tensor, p, min_tokens_to_keep: int) -> torch.Tensor:
+    """top_p_filter for candidates in increasing token-id order: the same stable order of scores, so
+    tokens of equal score go in the order they go in the whole row."""
+    p = _rows(p, scores)
+    if not isinstance(p, torch.Tensor) and p >= 1:
+        return scores
+    off = p >= 1
+    if isinstance(off, torch.Tensor) and bool(off.all()):
+        return scores
+    ascending, order = torch.sort(scores, dim=-1, stable=True)
+    remove_sorted = _nucleus_removal(torch.softmax(ascending, dim=-1), p, min_tokens_to_keep)
+    return _apply_removal(scores, torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted), off)
+
+
+_OFF = {"min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+
+
+def _all_off(filters: dict) -> bool:
+    """Whether warp's remaining filters (besides temperature, top-k and top-p) are all off as Python numbers."""
+    for name, value in filters.items():
+        if name not in _OFF or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if (value > 0) if _OFF[name] == 0.0 else (value < 1):
+            return False
+    return True
 
 
 def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, top_k=0, min_tokens_to_keep: int = 1,
@@ -320,16 +401,20 @@ def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, top_k=0, mi
     if not isinstance(t, torch.Tensor) and t == 0:
         return torch.argmax(scores, dim=-1)
     k = _rows(top_k, scores, integer=True)
-    if isinstance(k, torch.Tensor):
-        k = k[:, 0]
-    ids = _candidates(scores, k[:, None] if isinstance(k, torch.Tensor) else k, min_tokens_to_keep)
-    sub = scores if ids is None else scores.gather(1, ids)
-    if ids is not None and not isinstance(k, torch.Tensor):
-        k = 0  # the candidates are exactly the tokens one top-k keeps
-    warped = warp(sub, temperature=temperature, top_k=k, min_tokens_to_keep=min_tokens_to_keep, **filters)
-    picks = draw(_weights(warped), generator)
-    if ids is not None:
-        picks = ids.gather(1, picks[:, None])[:, 0]
+    cand = _candidates(scores, k, min_tokens_to_keep)
+    if cand is None:
+        picks = draw(_weights(warp(scores, temperature=temperature, top_k=k[:, 0] if isinstance(k, torch.Tensor)
+                                   else k, min_tokens_to_keep=min_tokens_to_keep, **filters)), generator)
+    else:
+        # The candidates in token-id order: top-p orders them as it orders the whole row, and the draw
+        # meets them as it meets the whole row, so the token is the one the whole row would give.
+        values, ids = cand
+        ids, order = torch.sort(ids, dim=-1)
+        values = apply_temperature(values.gather(1, order), temperature)
+        values = _top_p_id_order(values, filters.pop("top_p", 1.0), min_tokens_to_keep)
+        if not _all_off(filters):
+            values = warp(values, min_tokens_to_keep=min_tokens_to_keep, **filters)
+        picks = ids.gather(1, draw(_weights(values), generator)[:, None])[:, 0]
     if isinstance(t, torch.Tensor):
         greedy = (t == 0)[:, 0]
         picks = torch.where(greedy, torch.argmax(scores, dim=-1), picks)
