@@ -21,6 +21,7 @@ import logging
 import math
 import random
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -328,11 +329,11 @@ class Trainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         precision = cfg.precision
-        if precision == "auto":
-            if self.device.type == "cuda":
-                precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-            else:
-                precision = "fp32"
+        self.precision_reason = "chosen"
+        if precision == "auto":  # bf16 on CUDA and on CPUs with bf16 units (AMX, AVX512-BF16), else fp32/fp16
+            from ..hardware import auto_precision
+
+            precision, self.precision_reason = auto_precision(self.device)
         self.precision = precision
         if precision == "fp32":
             self.autocast = nullcontext
@@ -587,6 +588,10 @@ class Trainer:
         elif cfg.resume:
             raise TrainingError("resume needs an output directory to resume from.")
         self._open_log()
+        self.log({"event": "begin", "step": self.step, "precision": self.precision,
+                  "precision_reason": self.precision_reason})
+        if self.is_main and cfg.precision == "auto":
+            print(f"precision auto -> {self.precision} ({self.precision_reason})", file=sys.stderr, flush=True)
         if self.is_main and self.output_dir is not None and not cfg.resume:
             shutil.rmtree(self.output_dir / "best", ignore_errors=True)  # a best model of an earlier run
         from tqdm.auto import tqdm
