@@ -97,10 +97,17 @@ def check_vocab_fits(tokenizer: Tokenizer, config: GPTConfig) -> None:
 
 
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None, tokenizer: str | os.PathLike | Tokenizer | None = None) -> LanguageModel:
-    """Load a native gptgen directory or a Hugging Face GPT-2 directory as a LanguageModel."""
+         dtype: torch.dtype | None = None, tokenizer: str | os.PathLike | Tokenizer | None = None,
+         quantize: str | None = None) -> LanguageModel:
+    """Load a native gptgen directory or a Hugging Face GPT-2 directory as a LanguageModel.
+
+    quantize="int8": int8 weight-only Linear layers for CPU decoding (gptgen.quantize)."""
     directory = Path(directory)
     model = checkpoint.load_model(directory, device=device, dtype=dtype)
+    if quantize:
+        from .quantize import quantize_model
+
+        quantize_model(model, quantize)
     if isinstance(tokenizer, Tokenizer):
         tok = tokenizer
     else:
