@@ -49,6 +49,8 @@ def parse_args(argv=None):
                    + "/gpt2-tokenizer", help="a GPT-2 tokenizer directory (CTranslate2 needs the vocabulary)")
     p.add_argument("--workdir", help="keep converted models here (default: a temporary directory)")
     p.add_argument("--ppl", action="store_true", help="measure the perplexity cost of int8/bf16 instead")
+    p.add_argument("--ppl-model", help="with --ppl: a model trained by `gptgen train --recipe keras-mini` (its "
+                   "books validation split is the held-out text) instead of training one here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--job", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -233,13 +235,21 @@ def ppl_cost(args) -> int:
     from gptgen.training import evaluate, fit
 
     torch.set_num_threads(args.threads)
-    train, val = registry.resolve_dataset("books", min_length=20, seed=0)
-    tok = Tokenizer.train("wordpiece", train, 5000, lowercase=True)
-    torch.manual_seed(0)
-    lm = LanguageModel.from_preset("mini", tok)
-    t0 = time.perf_counter()
-    fit(lm, train, val, epochs=1, batch_size=32, lr=1e-3, seq_len=128, precision="fp32", progress=False)
-    print(f"trained {lm.num_parameters():,} parameters for 1 epoch in {time.perf_counter() - t0:.0f} s")
+    # the keras-mini recipe's data: paragraphs of the books, every 10th held out
+    train, val = registry.resolve_dataset("books", reader="paragraphs", split="every_nth:10", min_length=512, seed=0)
+    if args.ppl_model:
+        from gptgen.lm import load
+
+        lm = load(args.ppl_model)
+        print(f"model {args.ppl_model} ({lm.num_parameters():,} parameters)")
+    else:
+        tok = Tokenizer.train("wordpiece", train, 5000, lowercase=True, reserved_tokens=["[PAD]", "[UNK]", "[BOS]"])
+        torch.manual_seed(0)
+        lm = LanguageModel.from_preset("mini", tok)
+        t0 = time.perf_counter()
+        fit(lm, train, val, epochs=1, batch_size=64, lr=1e-3, seq_len=128, add_bos=True, precision="fp32",
+            progress=False)
+        print(f"trained {lm.num_parameters():,} parameters for 1 epoch in {time.perf_counter() - t0:.0f} s")
     lm.model.eval()
     rows = [("fp32", lm)]
     if cpu_bf16_native():
@@ -251,7 +261,7 @@ def ppl_cost(args) -> int:
                      LanguageModel(quantize_model(copy.deepcopy(lm.model), compute_dtype=torch.bfloat16), tok)))
     base = None
     for name, model in rows:
-        ppl = evaluate(model, val, batch_size=32, seq_len=128, device="cpu")["perplexity"]
+        ppl = evaluate(model, val, batch_size=32, seq_len=128, add_bos=True, device="cpu")["perplexity"]
         base = base or ppl
         print(f"{name:<34} held-out ppl {ppl:8.2f}  ({(ppl / base - 1) * 100:+.2f}%)")
     return 0

@@ -43,10 +43,11 @@ def test_cpu_features_agree_with_proc_cpuinfo():
 @pytest.mark.parametrize("env,want", [("1", "bf16"), ("0", "fp32")])
 def test_auto_precision_follows_bf16_support(monkeypatch, env, want):
     monkeypatch.setenv("GPTGEN_CPU_BF16", env)
-    choice, reason = hardware.auto_precision("cpu")
+    choice, reason = hardware.auto_precision("cpu", allow_cpu_bf16=True)
     assert choice == want and "CPU" in reason
+    assert hardware.auto_precision("cpu", allow_cpu_bf16=False)[0] == "fp32"
     monkeypatch.delenv("GPTGEN_CPU_BF16")
-    assert hardware.auto_precision("cpu")[0] == ("bf16" if NATIVE_BF16 else "fp32")
+    assert hardware.auto_precision("cpu", allow_cpu_bf16=True)[0] == ("bf16" if NATIVE_BF16 else "fp32")
 
 
 @pytest.mark.parametrize("env,want", [("1", "bf16"), ("0", "fp32")])
@@ -57,6 +58,7 @@ def test_fit_records_the_auto_precision(monkeypatch, env, want):
     from gptgen.training import fit
 
     monkeypatch.setenv("GPTGEN_CPU_BF16", env)
+    monkeypatch.setattr(hardware, "CPU_AUTO_BF16", True)  # the switch that makes auto pick CPU bf16
     tok = Tokenizer.train("wordpiece", [f"the cat {w} sat" for w in ("a", "b", "c")], 60, min_frequency=1,
                           reserved_tokens=["[PAD]", "[UNK]", "[BOS]"])
     lm = LanguageModel(tiny_gpt(vocab_size=max(97, tok.vocab_size)), tok)
