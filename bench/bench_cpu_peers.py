@@ -236,7 +236,7 @@ def ppl_cost(args) -> int:
 
     torch.set_num_threads(args.threads)
     # the keras-mini recipe's data: paragraphs of the books, every 10th held out
-    train, val = registry.resolve_dataset("books", reader="paragraphs", split="every_nth:10", min_length=512, seed=0)
+    train, val = registry.resolve_dataset("books", seed=0)
     if args.ppl_model:
         from gptgen.lm import load
 
@@ -251,6 +251,7 @@ def ppl_cost(args) -> int:
             progress=False)
         print(f"trained {lm.num_parameters():,} parameters for 1 epoch in {time.perf_counter() - t0:.0f} s")
     lm.model.eval()
+    tok = lm.tokenizer
     rows = [("fp32", lm)]
     if cpu_bf16_native():
         rows.append(("bf16 weights", LanguageModel(copy.deepcopy(lm.model).to(torch.bfloat16), tok)))
