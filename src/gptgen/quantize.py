@@ -38,6 +38,11 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scale.float()[:, None]
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, for code that reads a Linear's weight (the evaluation loss)."""
+        return self.dequantized().to(self.compute_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)

@@ -216,8 +216,7 @@ class ModelBackend:
 def _head(model) -> torch.Tensor | None:
     """The fp32 LM head weight transposed and contiguous (cached until the weight changes), or None
     where the head runs as its module (bf16, where F.linear's layout is the fast one; int8)."""
-    w = getattr(model.lm_head, "weight", None)
-    if w is None or w.dtype != torch.float32:
+    if not isinstance(model.lm_head, torch.nn.Linear) or model.lm_head.weight.dtype != torch.float32:
         return None
     return _head_t(model)
 
