@@ -90,8 +90,10 @@ def test_int8_model_logits_stay_close_to_fp32(dtype):
     with torch.no_grad():
         a, b = ref(idx), q(idx).float()
     # Tolerance: the logit error is a few percent of the logits' spread (int8 steps are 1/254 of a row's
-    # range; bf16 activations add ~0.4% per product); teacher-forced argmax agrees on >= 90% of positions.
-    assert (a - b).abs().max() / a.std() < 0.1
+    # range; bf16 activations add ~0.4% per product): mean < 3%, worst < 20%; teacher-forced argmax
+    # agrees on >= 90% of positions.
+    err = (a - b).abs() / a.std()
+    assert err.mean() < 0.03 and err.max() < 0.2
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
     # the engine runs the quantized head and decodes the same number of tokens
     out = generate_ids(q, [[1, 2, 3]], max_new_tokens=6, eos_token_id=[])
