@@ -588,8 +588,9 @@ class Trainer:
         elif cfg.resume:
             raise TrainingError("resume needs an output directory to resume from.")
         self._open_log()
-        self.log({"event": "begin", "step": self.step, "precision": self.precision,
-                  "precision_reason": self.precision_reason})
+        if self.log_records == 0:  # a resumed run keeps the record its first start wrote
+            self.log({"event": "begin", "step": self.step, "precision": self.precision,
+                      "precision_reason": self.precision_reason})
         if self.is_main and cfg.precision == "auto":
             print(f"precision auto -> {self.precision} ({self.precision_reason})", file=sys.stderr, flush=True)
         if self.is_main and self.output_dir is not None and not cfg.resume:
