@@ -12,7 +12,8 @@ process they slow each other), rounds are interleaved (machine noise hits every 
 median of the rounds is reported. Before timing, greedy tokens of gptgen fp32, HF and CTranslate2
 float32 are compared: a fast wrong engine is no peer. llama.cpp's GGUF is made by llama.cpp's own
 convert_hf_to_gguf.py (pass --llama-convert PATH to it: it ships in the llama-cpp-python sdist under
-vendor/llama.cpp/); its q8_0 runs with use_extra_bufts=False (the AMX int8 path crashed on a Xeon here).
+vendor/llama.cpp/); its q8_0 runs with use_extra_bufts=False (the AMX int8 path crashed on a Xeon here; on our
+Sapphire-Rapids-class Xeon q8_0 still crashed with it: the bench reports the crash and goes on).
 """
 
 from __future__ import annotations
@@ -214,6 +215,8 @@ def run_worker(engine: str, job: dict) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--job", json.dumps(job)]
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"])}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode < 0 or proc.returncode > 128:
+        return {"error": f"crashed (signal {abs(proc.returncode) % 128})"}
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
