@@ -7,6 +7,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("GPTGEN_DATA_DIR", REPO.parent / "shared" / "data"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Reference tests compare fp32 training with fp32 oracles: keep precision="auto" at fp32 on CPUs with
+# bf16 units too (tests/test_cpu_speed_paths.py covers the auto choice itself).
+os.environ.setdefault("GPTGEN_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")

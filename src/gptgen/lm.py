@@ -107,12 +107,18 @@ def _check_path_argument(directory, what: str) -> None:
 
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None, tokenizer: str | os.PathLike | Tokenizer | None = None,
-         revision: str | None = None) -> LanguageModel:
+         revision: str | None = None, quantize: str | None = None) -> LanguageModel:
     """Load a model directory (gptgen, Hugging Face GPT-2 or KerasHub preset) or a named pretrained model
-    ("gpt2", "skt/kogpt2-base-v2", "user/repo@REV", "gpt2_base_en") as a LanguageModel; see docs/models.md."""
+    ("gpt2", "skt/kogpt2-base-v2", "user/repo@REV", "gpt2_base_en") as a LanguageModel; see docs/models.md.
+
+    quantize="int8": int8 weight-only Linear layers for CPU decoding (gptgen.quantize)."""
     _check_path_argument(directory, "load()")
     directory = checkpoint.resolve_dir(directory, revision)  # names go through the Hugging Face cache
     model = checkpoint.load_model(directory, device=device, dtype=dtype)
+    if quantize:
+        from .quantize import quantize_model
+
+        quantize_model(model, quantize)
     if isinstance(tokenizer, Tokenizer):
         tok = tokenizer
     else:

@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_generation_arguments(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only layers for CPU decoding")
     p.add_argument("--json", action="store_true", help="print one JSON object per answered turn")
     p.set_defaults(handler=run_chat)
 
@@ -63,7 +64,7 @@ def run_chat(args, stdin=None, stdout=None) -> int:
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
+    lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize)
     options = generation_options(args)
     candidates = options.pop("num_return_sequences")
     if args.candidates is not None:

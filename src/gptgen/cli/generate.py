@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prompt", action="store_true", help="print only the generated text")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only layers for CPU decoding")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--stream", action="store_true", help="print tokens as they are produced (one prompt)")
     out.add_argument("--json", action="store_true", help="print a JSON object per prompt")
@@ -83,7 +84,7 @@ def run_generate(args) -> int:
     from ..lm import load
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
+    lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize)
     options = generation_options(args)
     if args.stream:
         if len(args.prompts) != 1:

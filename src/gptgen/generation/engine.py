@@ -51,6 +51,8 @@ class ModelBackend:
             if not (cache is not None and model.max_cache_len == total and cache.k_cache.shape[0] == rows
                     and cache.k_cache.dtype == dtype):
                 model.setup_kv_cache(rows, total)
+            if self.device.type == "cpu":
+                self._cpu_step = _compiled_cpu_step(model)
         else:
             model.setup_kv_cache(rows, total)
         self.mask = torch.ones(rows, total, dtype=torch.long, device=self.device)
@@ -64,6 +66,14 @@ class ModelBackend:
     def step(self, feed: torch.Tensor, slot: int, need_hidden):
         pos = (slot - self.pad_counts).clamp(min=0)[:, None]
         input_pos = torch.full((1,), slot, dtype=torch.long, device=self.device)  # a fill, not a host copy
+        if self.compile and self.device.type == "cpu":
+            fn = self._cpu_step
+            # The mask's length is the filled length: a dynamic dimension, so one compiled graph serves
+            # every step and attention reads the slots filled so far, not the whole allocated cache.
+            mask = self.mask[:, :slot + 1].bool()
+            torch._dynamo.maybe_mark_dynamic(mask, 1)
+            logits, hidden = fn(self.model, feed[:, None], input_pos, pos, mask, _head(self.model))
+            return logits.float(), (hidden if need_hidden else None)
         if self.compile:
             fn = _compiled_step(self.model)
             logits, hidden = fn(self.model, feed[:, None], input_pos, pos, self.mask)
@@ -89,12 +99,7 @@ class ModelBackend:
         x = m.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
-            logits = (x[:, 0] @ _head_t(m))[:, None]  # a 2-D product: the GEMV path
-        else:
-            logits = x @ _head_t(m)
-        if m.lm_head.bias is not None:
-            logits = logits + m.lm_head.bias
-        return logits, x
+        return _lm_head(m, x, _head(m)), x
 
     def reorder(self, index: torch.Tensor) -> None:
         for block in self.model.blocks:
@@ -107,6 +112,53 @@ class ModelBackend:
     def close(self) -> None:
         if not self.compile:
             self.model.clear_kv_cache()
+
+
+def _head(model) -> torch.Tensor | None:
+    """The fp32 LM head weight transposed and contiguous (cached until the weight changes), or None
+    where the head runs as its module (bf16, where F.linear's layout is the fast one; int8)."""
+    if not isinstance(model.lm_head, torch.nn.Linear) or model.lm_head.weight.dtype != torch.float32:
+        return None
+    return _head_t(model)
+
+
+def _lm_head(model, x, head_t):
+    """Logits of hidden states x (B, T, C) on CPU."""
+    if head_t is None:
+        return model.lm_head(x)
+    if x.shape[1] == 1:
+        logits = (x[:, 0] @ head_t)[:, None]  # a 2-D product: the GEMV path
+    else:
+        logits = x @ head_t
+    if model.lm_head.bias is not None:
+        logits = logits + model.lm_head.bias
+    return logits
+
+
+def _cpu_decode_step(model, idx, input_pos, position_ids, mask, head_t):
+    """One token per row over the cache, attending the first mask.shape[1] slots (the filled length)."""
+    kv_len = mask.shape[1]
+    x = model.embed(idx, position_ids)
+    attn_mask = mask[:, None, None, :]
+    for block in model.blocks:
+        x = block(x, attn_mask, input_pos, kv_len)
+    x = model.ln_f(x)
+    return _lm_head(model, x, head_t)[:, -1], x
+
+
+def _weights_key(model) -> tuple:
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+
+
+def _compiled_cpu_step(model):
+    """The CPU decode step compiled by inductor (C++ kernels, no per-op Python dispatch), kept on the
+    model and rebuilt when its weights change. The first call compiles (seconds); later calls reuse it."""
+    key = _weights_key(model)
+    cached = getattr(model, "_gptgen_cpu_step", None)
+    if cached is None or cached[0] != key:
+        cached = (key, torch.compile(_cpu_decode_step, fullgraph=True))
+        model._gptgen_cpu_step = cached
+    return cached[1]
 
 
 def _head_t(model) -> torch.Tensor:

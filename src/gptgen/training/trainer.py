@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -141,11 +142,11 @@ class Trainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         precision = cfg.precision
-        if precision == "auto":
-            if self.device.type == "cuda":
-                precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-            else:
-                precision = "fp32"
+        self.precision_reason = "chosen"
+        if precision == "auto":  # bf16 on CUDA and on CPUs with bf16 units (AMX, AVX512-BF16), else fp32/fp16
+            from ..hardware import auto_precision
+
+            precision, self.precision_reason = auto_precision(self.device)
         self.precision = precision
         if precision == "fp32":
             self.autocast = nullcontext
@@ -301,6 +302,11 @@ class Trainer:
         if cfg.resume and self.output_dir is not None:
             self._resume()
         self._open_log()
+        if self.log_records == 0:  # a resumed run keeps the record its first start wrote
+            self.log({"event": "begin", "step": self.step, "precision": self.precision,
+                      "precision_reason": self.precision_reason})
+        if self.is_main and cfg.precision == "auto":
+            print(f"precision auto -> {self.precision} ({self.precision_reason})", file=sys.stderr, flush=True)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,

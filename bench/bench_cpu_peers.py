@@ -1,0 +1,351 @@
+"""CPU decoding side by side with peers on the same random GPT-2 weights: HF transformers, CTranslate2
+(float32, int8), llama.cpp through llama-cpp-python (f32, q8_0), and gptgen (fp32, bf16, int8; eager or
+with the compiled decode step).
+
+    pip install ctranslate2 llama-cpp-python gguf     # peers; a missing one is skipped with a printed line
+    python bench/bench_cpu_peers.py                   # both shapes, greedy b1 and sampling b16
+    python bench/bench_cpu_peers.py --shapes small --threads 1 --engines hf,gptgen-fp32,ct2-float32
+    python bench/bench_cpu_peers.py --ppl             # int8/bf16 perplexity cost on a model trained on books
+
+Each engine runs in its own process (torch, CTranslate2 and llama.cpp share the OpenMP runtime: in one
+process they slow each other), rounds are interleaved (machine noise hits every engine alike) and the
+median of the rounds is reported. Before timing, greedy tokens of gptgen fp32, HF and CTranslate2
+float32 are compared: a fast wrong engine is no peer. llama.cpp's GGUF is made by llama.cpp's own
+convert_hf_to_gguf.py (pass --llama-convert PATH to it: it ships in the llama-cpp-python sdist under
+vendor/llama.cpp/); its q8_0 runs with use_extra_bufts=False (the AMX int8 path crashed on a Xeon here; on our
+Sapphire-Rapids-class Xeon q8_0 still crashed with it: the bench reports the crash and goes on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {"small": dict(n_layer=6, n_embd=384, n_head=6), "gpt2": dict(n_layer=12, n_embd=768, n_head=12)}
+ENGINES = ("hf", "gptgen-fp32", "gptgen-bf16", "gptgen-int8", "gptgen-fp32-compile", "gptgen-bf16-compile",
+           "ct2-float32", "ct2-int8", "llama-f32", "llama-q8_0")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="small,gpt2")
+    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--cases", default="greedy,sample", help="greedy (batch 1) and/or sample (top-k 50, top-p 0.95)")
+    p.add_argument("--sample-batch", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--llama-convert", help="path of llama.cpp's convert_hf_to_gguf.py")
+    p.add_argument("--tokenizer", default=os.environ.get("GPTGEN_DATA_DIR", str(REPO.parent / "shared" / "data"))
+                   + "/gpt2-tokenizer", help="a GPT-2 tokenizer directory (CTranslate2 needs the vocabulary)")
+    p.add_argument("--workdir", help="keep converted models here (default: a temporary directory)")
+    p.add_argument("--ppl", action="store_true", help="measure the perplexity cost of int8/bf16 instead")
+    p.add_argument("--ppl-model", help="with --ppl: a model trained by `gptgen train --recipe keras-mini` (its "
+                   "books validation split is the held-out text) instead of training one here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--job", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# Models -------------------------------------------------------------------------------------------------
+def make_hf_dir(shape: str, root: Path, tokenizer_dir: str) -> Path:
+    """Random GPT-2 weights (seed 0) as an HF directory with a GPT-2 tokenizer and n_ctx in config.json."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = root / f"hf-{shape}"
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50257, n_positions=1024, bos_token_id=50256, eos_token_id=50256, **SHAPES[shape])
+    GPT2LMHeadModel(cfg).save_pretrained(out, safe_serialization=True)
+    config = json.loads((out / "config.json").read_text())
+    config["n_ctx"] = config["n_positions"]  # llama.cpp's converter reads it; current transformers omits it
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    # GPT-2's files under their HF names (OpenAI's encoder.json / vocab.bpe are vocab.json / merges.txt)
+    for src, dst in (("vocab.json", "vocab.json"), ("encoder.json", "vocab.json"), ("merges.txt", "merges.txt"),
+                     ("vocab.bpe", "merges.txt")):
+        if (Path(tokenizer_dir) / src).is_file():
+            shutil.copy(Path(tokenizer_dir) / src, out / dst)
+    return out
+
+
+def convert_ct2(hf_dir: Path, quant: str) -> Path | None:
+    try:
+        import ctranslate2  # noqa: F401
+        from ctranslate2.converters import TransformersConverter
+    except ImportError:
+        return None
+    out = hf_dir.parent / f"{hf_dir.name}-ct2-{quant}"
+    if not (out / "model.bin").is_file():
+        TransformersConverter(str(hf_dir)).convert(str(out), quantization=quant, force=True)
+    return out
+
+
+def convert_gguf(hf_dir: Path, outtype: str, script: str | None) -> Path | None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None
+    if not script or not Path(script).is_file():
+        return None
+    out = hf_dir.parent / f"{hf_dir.name}-{outtype}.gguf"
+    if not out.is_file():
+        subprocess.run([sys.executable, script, str(hf_dir), "--outfile", str(out), "--outtype", outtype],
+                       check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+# Workers: one engine, one case, in its own process ------------------------------------------------------
+def prompts_for(job) -> list[list[int]]:
+    import random
+
+    rng = random.Random(0)
+    batch = 1 if job["case"] == "greedy" else job["batch"]
+    return [[rng.randrange(50256) for _ in range(job["prompt_len"])] for _ in range(batch)]
+
+
+def worker(engine: str, job: dict) -> dict:
+    threads, new = job["threads"], job["new_tokens"]
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    prompts = prompts_for(job)
+    greedy = job["case"] == "greedy"
+    if engine == "hf" or engine.startswith("gptgen"):
+        import torch
+
+        torch.set_num_threads(threads)
+    if engine == "hf":
+        import torch
+        from transformers import GPT2LMHeadModel
+
+        model = GPT2LMHeadModel.from_pretrained(job["hf_dir"]).eval()
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
+        ids = torch.tensor(prompts)
+        kw = dict(do_sample=False) if greedy else dict(do_sample=True, top_k=50, top_p=0.95)
+
+        def run():
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, **kw)
+            return out[:, ids.shape[1]:].tolist()
+    elif engine.startswith("gptgen"):
+        import torch
+
+        sys.path.insert(0, str(REPO / "src"))
+        from gptgen.checkpoint import load_model
+        from gptgen.generation import generate_ids
+
+        model = load_model(job["hf_dir"]).eval()
+        if "-bf16" in engine:
+            model.to(torch.bfloat16)
+        elif "-int8" in engine:
+            from gptgen.quantize import quantize_model
+
+            quantize_model(model)
+        compile_ = engine.endswith("-compile")
+        kw = dict(do_sample=False) if greedy else dict(do_sample=True, top_k=50, top_p=0.95, seed=0)
+        if compile_:
+            t0 = time.perf_counter()
+            generate_ids(model, prompts, max_new_tokens=4, eos_token_id=[], compile=True, **kw)
+            job["compile_s"] = round(time.perf_counter() - t0, 1)
+
+        def run():
+            return generate_ids(model, prompts, max_new_tokens=new, eos_token_id=[], compile=compile_, **kw)
+    elif engine.startswith("ct2"):
+        import threading
+
+        import ctranslate2
+        from transformers import GPT2TokenizerFast
+
+        tok = GPT2TokenizerFast.from_pretrained(job["hf_dir"])
+        holder = {}
+        compute = engine.split("-", 1)[1]
+
+        def build():  # built in a short-lived thread: measured faster than building it in the main thread
+            holder["g"] = ctranslate2.Generator(job["ct2_dir"], device="cpu", compute_type=compute,
+                                                intra_threads=threads)
+        t = threading.Thread(target=build)
+        t.start()
+        t.join()
+        gen = holder["g"]
+        starts = [tok.convert_ids_to_tokens(p) for p in prompts]
+        kw = (dict(sampling_topk=1) if greedy else dict(sampling_topk=50, sampling_topp=0.95, sampling_temperature=1.0))
+
+        def run():
+            res = gen.generate_batch(starts, max_length=new, min_length=new, include_prompt_in_result=False,
+                                     end_token=[], **kw)
+            return [r.sequences_ids[0] for r in res]
+    elif engine.startswith("llama"):
+        if not greedy:
+            return {"skipped": "llama-cpp-python decodes one sequence at a time here"}
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=job["gguf"], n_ctx=256, n_threads=threads, n_threads_batch=threads,
+                    verbose=False, use_extra_bufts=False)
+
+        def run():
+            llm.reset()
+            out = []
+            for tok_id in llm.generate(prompts[0], top_k=1, temp=0.0, reset=True):
+                out.append(int(tok_id))
+                if len(out) == new:
+                    break
+            return [out]
+    else:
+        raise SystemExit(f"unknown engine {engine}")
+    run()  # warm-up
+    t0 = time.perf_counter()
+    tokens = run()
+    dt = time.perf_counter() - t0
+    assert all(len(t) == new for t in tokens), [len(t) for t in tokens]
+    return {"tokens_per_s": len(prompts) * new / dt, "tokens": tokens[0][:32], "compile_s": job.get("compile_s")}
+
+
+def run_worker(engine: str, job: dict) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, "--job", json.dumps(job)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode < 0 or proc.returncode > 128:
+        return {"error": f"crashed (signal {abs(proc.returncode) % 128})"}
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# Perplexity cost of int8 / bf16 --------------------------------------------------------------------------
+def ppl_cost(args) -> int:
+    """Train a small GPT on books (a few minutes), then held-out perplexity in fp32, bf16 and int8."""
+    import copy
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "src"))
+    from gptgen.data import registry
+    from gptgen.hardware import cpu_bf16_native
+    from gptgen.lm import LanguageModel
+    from gptgen.quantize import quantize_model
+    from gptgen.tokenizer import Tokenizer
+    from gptgen.training import evaluate, fit
+
+    torch.set_num_threads(args.threads)
+    # the keras-mini recipe's data: paragraphs of the books, every 10th held out
+    train, val = registry.resolve_dataset("books", seed=0)
+    if args.ppl_model:
+        from gptgen.lm import load
+
+        lm = load(args.ppl_model)
+        print(f"model {args.ppl_model} ({lm.num_parameters():,} parameters)")
+    else:
+        tok = Tokenizer.train("wordpiece", train, 5000, lowercase=True, reserved_tokens=["[PAD]", "[UNK]", "[BOS]"])
+        torch.manual_seed(0)
+        lm = LanguageModel.from_preset("mini", tok)
+        t0 = time.perf_counter()
+        fit(lm, train, val, epochs=1, batch_size=64, lr=1e-3, seq_len=128, add_bos=True, precision="fp32",
+            progress=False)
+        print(f"trained {lm.num_parameters():,} parameters for 1 epoch in {time.perf_counter() - t0:.0f} s")
+    lm.model.eval()
+    tok = lm.tokenizer
+    rows = [("fp32", lm)]
+    if cpu_bf16_native():
+        rows.append(("bf16 weights", LanguageModel(copy.deepcopy(lm.model).to(torch.bfloat16), tok)))
+    rows.append(("int8 weights, fp32 activations",
+                 LanguageModel(quantize_model(copy.deepcopy(lm.model), compute_dtype=torch.float32), tok)))
+    if cpu_bf16_native():
+        rows.append(("int8 weights, bf16 activations",
+                     LanguageModel(quantize_model(copy.deepcopy(lm.model), compute_dtype=torch.bfloat16), tok)))
+    base = None
+    for name, model in rows:
+        ppl = evaluate(model, val, batch_size=32, seq_len=128, add_bos=True, device="cpu")["perplexity"]
+        base = base or ppl
+        print(f"{name:<34} held-out ppl {ppl:8.2f}  ({(ppl / base - 1) * 100:+.2f}%)")
+    return 0
+
+
+# Driver ---------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, json.loads(args.job))))
+        return 0
+    if args.ppl:
+        return ppl_cost(args)
+    engines = [e for e in args.engines.split(",") if e]
+    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gptgen-peers-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        print("# skipped CTranslate2: not installed (pip install ctranslate2)")
+        engines = [e for e in engines if not e.startswith("ct2")]
+    try:
+        import llama_cpp  # noqa: F401
+        if not (args.llama_convert and Path(args.llama_convert).is_file()):
+            print("# skipped llama.cpp: pass --llama-convert PATH/convert_hf_to_gguf.py (llama-cpp-python sdist)")
+            engines = [e for e in engines if not e.startswith("llama")]
+    except ImportError:
+        print("# skipped llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python gguf)")
+        engines = [e for e in engines if not e.startswith("llama")]
+    sys.path.insert(0, str(REPO / "src"))
+    from gptgen.hardware import cpu_features
+
+    print(f"# {cpu_features().describe()}; threads={args.threads}; each engine in its own process, {args.rounds} interleaved "
+          "rounds, median")
+    for shape in args.shapes.split(","):
+        hf_dir = make_hf_dir(shape, root, args.tokenizer)
+        paths = {"hf_dir": str(hf_dir)}
+        for e in engines:
+            if e.startswith("ct2"):
+                paths[e] = str(convert_ct2(hf_dir, e.split("-", 1)[1]))
+            if e.startswith("llama"):
+                paths[e] = str(convert_gguf(hf_dir, e.split("-", 1)[1], args.llama_convert))
+        for case in args.cases.split(","):
+            job = dict(case=case, batch=args.sample_batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                       threads=args.threads, hf_dir=paths["hf_dir"])
+            results: dict[str, list] = {e: [] for e in engines}
+            info: dict[str, dict] = {}
+            for r in range(args.rounds):
+                for e in engines:
+                    j = dict(job, ct2_dir=paths.get(e), gguf=paths.get(e))
+                    res = run_worker(e, j)
+                    if "tokens_per_s" in res:
+                        results[e].append(res["tokens_per_s"])
+                    info[e] = res
+                if r == 0 and case == "greedy":
+                    ref = {e: info[e].get("tokens") for e in ("gptgen-fp32", "hf", "ct2-float32") if e in info}
+                    toks = [t for t in ref.values() if t]
+                    same = all(t == toks[0] for t in toks)
+                    print(f"# {shape} greedy tokens agree across {', '.join(ref)}: {'yes' if same else 'NO'}")
+                    for e in engines:
+                        t = info[e].get("tokens")
+                        if t and toks:
+                            n = next((i for i, (a, b) in enumerate(zip(t, toks[0])) if a != b), len(t))
+                            print(f"#   {e}: first {n} of {len(t)} checked tokens equal gptgen fp32")
+            hf = statistics.median(results["hf"]) if results.get("hf") else None
+            print(f"\n{shape} {case} (batch {1 if case == 'greedy' else args.sample_batch}, "
+                  f"{args.prompt_len}-token prompt, {args.new_tokens} new)")
+            for e in engines:
+                if not results[e]:
+                    print(f"  {e:<22} {info[e].get('skipped') or info[e].get('error', 'no result')}")
+                    continue
+                med = statistics.median(results[e])
+                extra = f"  (first-call compile {info[e]['compile_s']} s)" if info[e].get("compile_s") else ""
+                ratio = f"{med / hf:5.2f}x HF" if hf else ""
+                print(f"  {e:<22} {med:9.1f} tok/s  {ratio}  runs {[round(x) for x in results[e]]}{extra}")
+            sys.stdout.flush()
+    if not args.workdir:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""CPU speed paths: feature detection, precision="auto", int8 weights, bf16 decoding, the compiled step.
+
+Oracles: /proc/cpuinfo for detection, the fp32 model for bf16/int8 (stated tolerances), the dequantized
+fp32 product for Int8Linear, the eager decode step for the compiled one.
+"""
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+from gptgen import hardware
+from gptgen.config import GPTConfig
+from gptgen.errors import ConfigError
+from gptgen.generation import generate_ids
+from gptgen.generation.engine import ModelBackend
+from gptgen.model import GPT
+from gptgen.quantize import Int8Linear, quantize_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NATIVE_BF16 = hardware.cpu_features().bf16_native
+
+
+def tiny_gpt(seed=0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4, init_std=0.2)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def test_cpu_features_agree_with_proc_cpuinfo():
+    feats = hardware.cpu_features()
+    if not feats.flags:
+        pytest.skip("no /proc/cpuinfo flags on this system")
+    assert feats.avx512_bf16 == ("avx512_bf16" in feats.flags)
+    assert feats.amx_bf16 == ("amx_bf16" in feats.flags and "amx_tile" in feats.flags)
+    assert feats.bf16_native == (feats.amx_bf16 or feats.avx512_bf16)
+    assert feats.capability == torch.backends.cpu.get_cpu_capability()
+
+
+@pytest.mark.parametrize("env,want", [("1", "bf16"), ("0", "fp32")])
+def test_auto_precision_follows_bf16_support(monkeypatch, env, want):
+    monkeypatch.setenv("GPTGEN_CPU_BF16", env)
+    choice, reason = hardware.auto_precision("cpu", allow_cpu_bf16=True)
+    assert choice == want and "CPU" in reason
+    assert hardware.auto_precision("cpu", allow_cpu_bf16=False)[0] == "fp32"
+    monkeypatch.delenv("GPTGEN_CPU_BF16")
+    assert hardware.auto_precision("cpu", allow_cpu_bf16=True)[0] == ("bf16" if NATIVE_BF16 else "fp32")
+
+
+@pytest.mark.parametrize("env,want", [("1", "bf16"), ("0", "fp32")])
+def test_fit_records_the_auto_precision(monkeypatch, env, want):
+    from gptgen.data.packing import pack_examples
+    from gptgen.lm import LanguageModel
+    from gptgen.tokenizer import Tokenizer
+    from gptgen.training import fit
+
+    monkeypatch.setenv("GPTGEN_CPU_BF16", env)
+    monkeypatch.setattr(hardware, "CPU_AUTO_BF16", True)  # the switch that makes auto pick CPU bf16
+    tok = Tokenizer.train("wordpiece", [f"the cat {w} sat" for w in ("a", "b", "c")], 60, min_frequency=1,
+                          reserved_tokens=["[PAD]", "[UNK]", "[BOS]"])
+    lm = LanguageModel(tiny_gpt(vocab_size=max(97, tok.vocab_size)), tok)
+    g = torch.Generator().manual_seed(0)
+    data = pack_examples([torch.randint(3, 90, (12,), generator=g).tolist() for _ in range(8)], 16, bos_id=2, pad_id=0)
+    result = fit(lm, data, max_steps=1, batch_size=4, precision="auto", device="cpu", progress=False)
+    begin = [r for r in result.history if r["event"] == "begin"]
+    assert len(begin) == 1 and begin[0]["precision"] == want
+
+
+def test_int8_linear_equals_the_dequantized_product():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 40)
+    q = Int8Linear(lin.weight, lin.bias, torch.float32)
+    x = torch.randn(3, 5, 48)
+    torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.dequantized(), lin.bias), rtol=1e-5, atol=1e-5)
+    # per-row absmax scaling: the weight error is at most half a step of each row
+    err = (q.dequantized() - lin.weight).abs().amax(dim=1)
+    assert bool((err <= q.scale.float() / 2 + 1e-7).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not NATIVE_BF16, reason="no native bf16 on this CPU"))])
+def test_int8_model_logits_stay_close_to_fp32(dtype):
+    ref = tiny_gpt()
+    q = quantize_model(copy.deepcopy(ref), compute_dtype=dtype)
+    assert isinstance(q.lm_head, Int8Linear) and isinstance(q.blocks[0].mlp.c_fc, Int8Linear)
+    idx = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ref(idx), q(idx).float()
+    # Tolerance: the logit error is a few percent of the logits' spread (int8 steps are 1/254 of a row's
+    # range; bf16 activations add ~0.4% per product): mean < 3%, worst < 20%; teacher-forced argmax
+    # agrees on >= 90% of positions.
+    err = (a - b).abs() / a.std()
+    assert err.mean() < 0.03 and err.max() < 0.2
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    # the engine runs the quantized head and decodes the same number of tokens
+    out = generate_ids(q, [[1, 2, 3]], max_new_tokens=6, eos_token_id=[])
+    assert len(out[0]) == 6
+    with pytest.raises(ConfigError):
+        quantize_model(q)
+
+
+def test_unknown_quantization_is_a_config_error():
+    with pytest.raises(ConfigError, match="int8"):
+        quantize_model(tiny_gpt(), mode="int4")
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="no native bf16 on this CPU")
+def test_bf16_decoding_tracks_fp32():
+    ref = tiny_gpt()
+    bf = copy.deepcopy(ref).to(torch.bfloat16)
+    idx = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        agree = (ref(idx).argmax(-1) == bf(idx).float().argmax(-1)).float().mean()
+    assert agree >= 0.9  # tolerance: bf16 keeps 8 bits of mantissa; near-ties may flip
+    a = generate_ids(ref, [[5, 6, 7]], max_new_tokens=8, eos_token_id=[])
+    b = generate_ids(bf, [[5, 6, 7]], max_new_tokens=8, eos_token_id=[])
+    assert a[0][0] == b[0][0] and len(b[0]) == 8
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("gcc") is None, reason="inductor needs a C++ compiler")
+def test_compiled_cpu_step_matches_eager():
+    model = tiny_gpt(n_layer=1, n_embd=16, n_head=2)
+    prompts = [[3, 4, 5, 6], [7, 8]]  # left padding in the batch
+    eager, compiled = ModelBackend(model, compile=False), ModelBackend(model, compile=True)
+    from gptgen.generation.engine import DecodeState
+
+    def state():
+        return DecodeState(prompts=prompts, rows_per_prompt=1, num_return_sequences=1, max_new_tokens=5,
+                           eos_ids=[], pad_id=0, device="cpu", generator=None, processors=[])
+
+    with torch.no_grad():
+        s1, s2 = state(), state()
+        l1, _ = eager.prefill(s1, None)
+        l2, _ = compiled.prefill(s2, None)
+        for slot in range(s1.prompt_len, s1.prompt_len + 3):
+            feed = l1.argmax(-1)
+            l1, _ = eager.step(feed, slot, None)
+            l2, _ = compiled.step(feed, slot, None)
+            torch.testing.assert_close(l2, l1, rtol=1e-4, atol=1e-4)
+    eager.close()
+    compiled.close()
+    greedy = generate_ids(model, prompts, max_new_tokens=6, eos_token_id=[], compile=False)
+    assert generate_ids(model, prompts, max_new_tokens=6, eos_token_id=[], compile=True) == greedy
+    model.clear_kv_cache()
