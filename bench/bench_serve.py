@@ -359,7 +359,14 @@ def main(argv=None) -> int:
                 if s.name in too_slow:
                     print(f"  {s.name:<12} c={c:<4} skipped: {too_slow[s.name]}", flush=True)
                     continue
-                r = asyncio.run(run_level(s, c, total, args.max_tokens, prompts))
+                try:
+                    r = asyncio.run(run_level(s, c, total, args.max_tokens, prompts))
+                except Exception as exc:  # noqa: BLE001  a peer that breaks under load is reported, not fatal
+                    if s.name == "gptgen":
+                        raise
+                    too_slow[s.name] = f"failed at c={c}: {type(exc).__name__}: {exc}"
+                    print(f"  {s.name:<12} c={c:<4} {too_slow[s.name]}", flush=True)
+                    continue
                 results.append(r)
                 if r["wall_s"] > args.level_seconds:
                     too_slow[s.name] = f"c={c} took {r['wall_s']:.0f} s (over --level-seconds)"
