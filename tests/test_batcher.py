@@ -239,6 +239,24 @@ def test_prompts_of_different_lengths_joining_in_one_prefill_keep_their_caches(l
     assert [s.tokens() for s in sinks] == refs
 
 
+def test_ids_past_the_tokenizer_in_a_padded_vocabulary_have_empty_text(tok):
+    """A model whose embedding is padded past the tokenizer may pick or rank those ids: their text is ""."""
+    torch.manual_seed(5)
+    cfg = GPTConfig(vocab_size=2 * tok.vocab_size, n_positions=64, n_embd=32, n_layer=1, n_head=2, init_std=0.2,
+                    eos_token_id=tok.eos_token_id)
+    padded = LanguageModel(GPT(cfg).eval(), tok)
+    with BatchEngine(padded, max_batch=2) as eng:
+        sink = Collector()
+        req = eng.submit(tok.encode("the quick"), SamplingParams(max_tokens=12, temperature=0, logprobs=20), sink)
+        assert req.done.wait(30)
+    events = [e for e in sink.events[0] if e.token_id is not None]
+    assert sink.events[0][-1].finish_reason in ("stop", "length")
+    alternatives = [alt for e in events for alt in e.top_logprobs]
+    past = [alt for alt in alternatives if alt[0] >= tok.vocab_size]
+    assert past and all(text == "" for _, text, _ in past)
+    assert all(text == tok.decode([i]) for i, text, _ in alternatives if i < tok.vocab_size)
+
+
 def test_cancel_frees_the_slot_within_one_step(engine, tok):
     sink = Collector()
     req = engine.submit(_prompt(tok, "a journey"), SamplingParams(max_tokens=100, ignore_eos=True), sink)

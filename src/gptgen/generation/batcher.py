@@ -240,6 +240,14 @@ class _RowsState:
 
 
 # The engine ---------------------------------------------------------------------------------------
+def token_text(tokenizer, token_id: int) -> str:
+    """The text of one token; "" for ids past the tokenizer's vocabulary (a model's embedding may be padded
+    beyond it) or without a tokenizer."""
+    if tokenizer is None or not 0 <= token_id < tokenizer.vocab_size:
+        return ""
+    return tokenizer.decode([token_id])
+
+
 class BatchEngine:
     """Continuous batching over `max_batch` cache slots, stepped by one background thread."""
 
@@ -591,7 +599,7 @@ class BatchEngine:
     def _text_of(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
         if text is None:
-            text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+            text = token_text(self.tokenizer, token_id)
             self._token_text[token_id] = text
         return text
 

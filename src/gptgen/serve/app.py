@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import ChatTemplate, get_template
 from ..errors import GenerationError, GptgenError
+from ..generation.batcher import token_text
 from .errors import APIError, error_body
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, error_sentence
@@ -335,7 +336,7 @@ class _ServerState:
                     raise APIError(400, f"Prompt token id {bad[0]} is outside the model's vocabulary of {vocab}.",
                                    param="prompt")
                 ids.append(list(p) or self._start_ids())
-                texts.append(tok.decode(list(p)))
+                texts.append(tok.decode([t for t in p if t < tok.vocab_size]))
         return ids, texts
 
     def _params(self, req, *, max_tokens: int, logprobs: int | None, prompt_len: int):
@@ -517,7 +518,7 @@ class _Job:
 
     # Token text for logprobs -------------------------------------------------------------------------
     def _token_text(self, token_id: int) -> str:
-        return self.server.tokenizer.decode([token_id])
+        return token_text(self.server.tokenizer, token_id)
 
     # /v1/completions ---------------------------------------------------------------------------------
     def _completion_logprobs(self, tokens, offset: int) -> dict[str, Any]:
@@ -703,6 +704,6 @@ def _prompt_logprobs(lm, tokenizer, ids: list[int], top: int):
         alternatives = None
         if top:
             values, index = row.topk(top)
-            alternatives = [(int(t), tokenizer.decode([int(t)]), float(v)) for v, t in zip(values, index)]
+            alternatives = [(int(t), token_text(tokenizer, int(t)), float(v)) for v, t in zip(values, index)]
         out.append((ids[i], float(row[ids[i]]), alternatives))
     return out
