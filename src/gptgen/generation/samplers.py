@@ -143,11 +143,8 @@ def top_p_filter(scores: torch.Tensor, p, min_tokens_to_keep: int = 1) -> torch.
     of LARGE_VOCAB tokens or more, of tokens with equal scores the one with the higher id counts as the
     more likely (a stable sort), so the result does not depend on which other tokens a row holds (and
     sample() can work on top-k candidates); shorter rows order ties as transformers' torch.sort does."""
-    p = _rows(p, scores)
-    if not isinstance(p, torch.Tensor) and p >= 1:
-        return scores
-    off = p >= 1
-    if isinstance(off, torch.Tensor) and bool(off.all()):
+    p, off = _nucleus_rows(p, scores)
+    if off is None:
         return scores
     probs = torch.softmax(scores, dim=-1)
     V = scores.shape[-1]
@@ -364,14 +361,22 @@ def _candidates(scores: torch.Tensor, k, min_tokens_to_keep: int):
     return values, ids
 
 
+def _nucleus_rows(p, scores: torch.Tensor):
+    """p per row (see _rows) and the rows where top-p is off (p >= 1); off is None when it is off for all."""
+    p = _rows(p, scores)
+    if not isinstance(p, torch.Tensor) and p >= 1:
+        return p, None
+    off = p >= 1
+    if isinstance(off, torch.Tensor) and bool(off.all()):
+        return p, None
+    return p, off
+
+
 def _top_p_id_order(scores: torch.Tensor, p, min_tokens_to_keep: int) -> torch.Tensor:
     """top_p_filter for candidates in increasing token-id order: the same stable order of scores, so
     tokens of equal score go in the order they go in the whole row."""
-    p = _rows(p, scores)
-    if not isinstance(p, torch.Tensor) and p >= 1:
-        return scores
-    off = p >= 1
-    if isinstance(off, torch.Tensor) and bool(off.all()):
+    p, off = _nucleus_rows(p, scores)
+    if off is None:
         return scores
     ascending, order = torch.sort(scores, dim=-1, stable=True)
     remove_sorted = _nucleus_removal(torch.softmax(ascending, dim=-1), p, min_tokens_to_keep)
