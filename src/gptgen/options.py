@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 # The trainer seeds each epoch's generator with seed * 1_000_003 + epoch, which must stay below 2**64.
-MAX_SEED = (2**64 - 1) // 1_000_003 - 1_000_000
+MAX_SEED = (2**64 - 1) // 1_000_003 - 1_000_000  # the epoch order seeds a generator with seed * 1_000_003 + epoch
 MAX_THREADS = 4096
 
 

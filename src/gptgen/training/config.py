@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from ..errors import TrainingError
+from ..options import MAX_SEED  # one bound for the API and the CLI
 from .schedules import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MAX_SEED = (2**64 - 1) // 1_000_003 - 1_000_000  # the epoch order seeds a generator with seed * 1_000_003 + epoch
 
 
 @dataclass
