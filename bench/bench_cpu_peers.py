@@ -31,7 +31,7 @@ from pathlib import Path
 
 SHAPES = {"small": dict(n_layer=6, n_embd=384, n_head=6), "gpt2": dict(n_layer=12, n_embd=768, n_head=12)}
 ENGINES = ("hf", "gptgen-fp32", "gptgen-bf16", "gptgen-int8", "gptgen-fp32-compile", "gptgen-bf16-compile",
-           "ct2-float32", "ct2-int8", "llama-f32", "llama-q8_0")
+           "gptgen-int8-compile", "ct2-float32", "ct2-int8", "llama-f32", "llama-q8_0")
 REPO = Path(__file__).resolve().parents[1]
 
 

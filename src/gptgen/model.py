@@ -57,11 +57,22 @@ class CausalSelfAttention(nn.Module):
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
             k, v = k.to(q.dtype), v.to(q.dtype)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        if T == 1 and mask is not None and x.device.type == "cpu" and torch.compiler.is_compiling():
+            y = _one_query_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
+            )
         return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def _one_query_attention(q, k, v, mask):
+    """Attention of one query per row over the cache as plain products and a softmax (fp32 scores):
+    compiled on CPU, inductor fuses it into a few loops, where the SDPA kernel costs a call per layer."""
+    scores = (q.float() @ k.float().transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
 
 
 class MLP(nn.Module):

@@ -49,13 +49,17 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS:
+        # Compiled (the decode step), inductor turns the int8 product into a fused GEMM at any row count.
+        if x2.device.type == "cpu" and (x2.shape[0] <= KERNEL_MAX_ROWS or torch.compiler.is_compiling()):
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)
         else:  # many rows (prefill, evaluation, wide batches): the kernel is a GEMV; dequantize instead
             y = F.linear(x2, self.weight_int8.to(self.compute_dtype)) * self.scale
+        # The bias goes on after the reshape: added to the 2-D product and then reshaped, inductor's int8
+        # GEMM template (torch 2.13, max-autotune) returned wrong values.
+        y = y.reshape(*shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8, {self.compute_dtype}"

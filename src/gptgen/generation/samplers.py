@@ -350,10 +350,14 @@ def _candidates(scores: torch.Tensor, k, min_tokens_to_keep: int):
     values, ids = _top_values(scores, kmax + 1)
     kth = values[:, kmax - 1:kmax] if isinstance(k, int) else values.gather(1, k - 1)
     if bool((values[:, kmax:] >= kth).any()):  # ties with a k-th value beyond the first kmax tokens
-        n = int((scores >= kth).sum(dim=-1).max())
-        if 4 * n > V:
-            return None
-        values, ids = torch.topk(scores, n, dim=-1)
+        # (common with bf16 logits): widen until every row's last value is below its k-th, so the set
+        # holds every tied token; the set of values >= kth is the same whichever ties topk picks.
+        n = kmax + 1
+        while bool((values[:, -1:] >= kth).any()):
+            n *= 2
+            if 4 * n > V:
+                return None
+            values, ids = _top_values(scores, n)
         return values.masked_fill(values < kth, NEG_INF), ids
     values, ids = values[:, :kmax], ids[:, :kmax]
     if not isinstance(k, int):  # rows whose k is below kmax
