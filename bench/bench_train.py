@@ -3,7 +3,8 @@
 For each shape (the `mini` preset and GPT-2 124M) both sides train the same model size with the same
 batch, sequence length and precision on random tokens; the script prints tokens/s (input tokens per
 second of optimizer steps, warm-up steps excluded), the ratio gptgen / reference, and on CUDA the model
-FLOPs utilisation (nanoGPT's 6N + 12·L·T·C FLOPs per token against the GPU's dense bf16 peak).
+FLOPs utilisation (nanoGPT's 6N + 12·L·T·C FLOPs per token against the GPU's dense bf16 peak, or on CPU
+against a matmul peak measured in the run in the same precision).
 
     python bench/bench_train.py                       # CPU: small batches, a few steps each
     python bench/bench_train.py --shapes mini --steps 20 --batch-size 64 --seq-len 128
@@ -130,11 +131,26 @@ def random_data(cfg, n, seq_len, seed=0):
     return PackedExamples(seq[:, :-1].contiguous(), seq[:, 1:].contiguous(), torch.ones(n, seq_len, dtype=torch.bool))
 
 
-def mfu(cfg, n_params, seq_len, tokens_per_s, device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+def measured_matmul_peak(dtype, threads, n=2048, repeats=10):
+    """FLOP/s of an n x n x n matmul in dtype on this CPU (the best of a few): the peak MFU is taken against."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def mfu(cfg, n_params, seq_len, tokens_per_s, device, cpu_peak=None):
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    else:
+        peak = cpu_peak
     if peak is None:
         return None
     non_embedding = n_params - cfg.vocab_size * cfg.n_embd * (0 if cfg.tie_word_embeddings else 1) \
@@ -163,6 +179,10 @@ def main():
     cuda = device.type == "cuda"
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{args.threads} CPU threads'}), "
           f"precision {args.precision}, compile {args.compile}, torch {torch.__version__}")
+    cpu_peak = None
+    if not cuda:
+        cpu_peak = measured_matmul_peak(dtype or torch.float32, args.threads)
+        print(f"measured {args.precision} matmul peak (2048^3): {cpu_peak / 1e9:,.0f} GFLOP/s; MFU below is against it")
     print(f"{'shape':<6} {'params':>12} {'batch x seq':>12} {'gptgen tok/s':>13} {'reference tok/s':>16} "
           f"{'ratio':>6} {'MFU':>6}")
     for shape in args.shapes:
@@ -179,8 +199,8 @@ def main():
             rate, n_params = gptgen_tokens_per_s(cfg, data, run, device)
             ours = max(ours, rate)
             ref = max(ref, reference_tokens_per_s(cfg, data, run, device, dtype))
-        m = mfu(cfg, n_params, seq_len, ours, device)
-        m_ref = mfu(cfg, n_params, seq_len, ref, device)
+        m = mfu(cfg, n_params, seq_len, ours, device, cpu_peak)
+        m_ref = mfu(cfg, n_params, seq_len, ref, device, cpu_peak)
         mfu_txt = f"{m:.1%}/{m_ref:.1%}" if m is not None else "-"
         print(f"{shape:<6} {n_params:>12,} {f'{bs} x {seq_len}':>12} {ours:>13,.0f} {ref:>16,.0f} "
               f"{ours / ref:>6.2f} {mfu_txt:>6}", flush=True)
