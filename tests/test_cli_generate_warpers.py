@@ -60,3 +60,17 @@ def test_bad_warper_values_are_one_sentence(model_dir, capsys, flag, value):
     code, out, err = _cli(capsys, "--model", model_dir, "the sea", "--do-sample", flag, value)
     assert code == 2
     assert err.startswith("gptgen: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_compile_flag_gives_the_eager_greedy_text(model_dir, capsys):
+    """--compile runs the compiled CPU decode step (fp32 here): the same greedy text as without it."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("gcc") is None:
+        pytest.skip("inductor needs a C++ compiler")
+    code, eager, _ = _cli(capsys, "--model", model_dir, "the sea", "--max-new-tokens", 8)
+    assert code == 0
+    code, compiled, err = _cli(capsys, "--model", model_dir, "the sea", "--max-new-tokens", 8, "--compile")
+    assert code == 0, err
+    assert compiled == eager

@@ -403,3 +403,28 @@ def test_an_engine_passed_in_is_used_and_sets_the_context(gpt2_lm):
                           "context of 48 tokens")
         assert engine.stats()["requests_finished"] == 1  # the app did not close the engine it was given
         assert engine.generate(gpt2_lm.tokenizer.encode("x"))[0].completion_tokens == 16
+
+
+def test_an_int8_model_is_served_with_its_own_greedy_text(gpt2_lm):
+    """`gptgen serve --quantize int8` loads through gptgen.load(quantize=...); the batch engine then runs
+    the int8 layers and gives the text the per-call engine gives for the same quantized model."""
+    import copy
+
+    from fastapi.testclient import TestClient
+
+    from gptgen.quantize import quantize_model
+
+    lm = LanguageModel(quantize_model(copy.deepcopy(gpt2_lm.model), compute_dtype=torch.float32),
+                       gpt2_lm.tokenizer)
+    want = lm.generate(PROMPT, max_new_tokens=6, include_prompt=False)
+    with TestClient(create_app(lm, max_batch=4, served_model_name="int8")) as http:
+        texts = [http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+                           ).json()["choices"][0]["text"] for _ in range(2)]
+    assert texts == [want, want]
+
+
+def test_gptgen_serve_accepts_quantize_int8():
+    from gptgen.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "m", "--quantize", "int8"])
+    assert args.quantize == "int8"

@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only layers for CPU decoding")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="compile the one-token decode step (CPU: inductor C++ kernels; the first call takes "
+                        "seconds to a minute, worth it for long or repeated generations; CUDA: on by default)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--stream", action="store_true", help="print tokens as they are produced (one prompt)")
     out.add_argument("--json", action="store_true", help="print a JSON object per prompt")
@@ -68,7 +71,7 @@ def generation_options(args) -> dict:
         penalty_alpha=args.penalty_alpha, repetition_penalty=args.repetition_penalty,
         no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
         bad_words=args.bad_words, stop=args.stop, num_return_sequences=args.num_return_sequences, seed=args.seed,
-        truncate_prompt=args.truncate_prompt,
+        truncate_prompt=args.truncate_prompt, compile=getattr(args, "compile", None),
         **{name: getattr(args, name) for name in _WARPERS if getattr(args, name) is not None},
     )
 

@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto (the tokenizer's BOS/EOS, KoGPT-2's <s>{text}</s>), kogpt2, plain, or none")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only layers (CPU: a quarter of fp32's bytes)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=run_serve)
 
@@ -44,7 +45,7 @@ def run_serve(args) -> int:
     if not 0 < args.port < 65536:
         raise GptgenError(f"--port must be between 1 and 65535, got {args.port}.")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
+    lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize)
     template = None if args.chat_template == "none" else args.chat_template
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key, cors=args.cors,

@@ -13,6 +13,7 @@ compiles, later calls of the same batch shape replay it.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from typing import Iterable, Iterator, Sequence
@@ -161,6 +162,9 @@ _GUARD_OPTIONS = ({"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_module
                   if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe") else None)
 
 
+_STEP_IDS = itertools.count()
+
+
 def _compiled_cpu_step(model):
     """The CPU decode step compiled by inductor (C++ kernels, no per-op Python dispatch), kept on the
     model and rebuilt when its weights change. The first call compiles (seconds); later calls reuse it."""
@@ -172,6 +176,9 @@ def _compiled_cpu_step(model):
         def step(idx, input_pos, position_ids, mask):  # the model from the closure: its weights freeze
             return _cpu_decode_step(model, idx, input_pos, position_ids, mask, head_t)
 
+        # A code object of its own per model: dynamo keeps its compiled graphs per code object, so models
+        # compiled one after another in a process do not add up to its recompile limit.
+        step.__code__ = step.__code__.replace(co_name=f"gptgen_cpu_step_{next(_STEP_IDS)}")
         compiled = torch.compile(step, fullgraph=True, options=_GUARD_OPTIONS)
 
         def run(*args):

@@ -24,7 +24,7 @@ import copy
 import torch
 
 from ..model import KVCache
-from .engine import _head_t
+from .engine import _head
 
 
 class SlotKVCache(KVCache):
@@ -97,9 +97,10 @@ class SlotModel:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """LM head over (rows, n_embd); on CPU as the per-call engine does it (same numbers)."""
         m = self.model
-        if self.device.type != "cpu":
+        head_t = _head(m) if self.device.type == "cpu" else None
+        if head_t is None:  # CUDA, bf16 and int8 heads run as their module, as in the per-call engine
             return m.lm_head(x)
-        logits = x @ _head_t(m)
+        logits = x @ head_t
         return logits + m.lm_head.bias if m.lm_head.bias is not None else logits
 
     def forward(self, idx: torch.Tensor, positions: torch.Tensor, *, rows: torch.Tensor | None = None,
