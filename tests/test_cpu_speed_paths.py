@@ -165,3 +165,25 @@ def test_compiled_cpu_step_matches_eager(mode):
     if tol < 1e-3:  # in bf16 near-ties may break either way; the logits above are the check there
         assert compiled_greedy == greedy
     model.clear_kv_cache()
+
+
+def test_cached_head_follows_weights_a_fused_optimizer_changes():
+    """torch's fused AdamW updates parameters without bumping their version counter: the cached transposed
+    head (and the compiled step's weights key) must still see the new weights."""
+    from gptgen.generation.engine import _head_t, _weights_key
+
+    model = tiny_gpt()
+    prompts = [[3, 4, 5]]
+    generate_ids(model, prompts, max_new_tokens=4, eos_token_id=[])  # caches the transposed head
+    key = _weights_key(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    version = model.lm_head.weight._version
+    opt.step()
+    assert model.lm_head.weight._version == version  # the premise: no version bump
+    assert _weights_key(model) != key
+    torch.testing.assert_close(_head_t(model), model.lm_head.weight.detach().t())
+    fresh = copy.deepcopy(model)
+    assert generate_ids(model, prompts, max_new_tokens=4, eos_token_id=[]) == \
+        generate_ids(fresh, prompts, max_new_tokens=4, eos_token_id=[])

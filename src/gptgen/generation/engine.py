@@ -147,8 +147,15 @@ def _cpu_decode_step(model, idx, input_pos, position_ids, mask, head_t):
     return _lm_head(model, x, head_t)[:, -1], x
 
 
+def _fingerprint(t: torch.Tensor) -> float:
+    """The sum of ~4,096 evenly spaced elements: in-place updates that leave the version counter alone (the
+    fused AdamW kernels do) still change it."""
+    flat = t.detach().reshape(-1)
+    return float(flat[::max(1, flat.numel() // 4096)].float().sum())
+
+
 def _weights_key(model) -> tuple:
-    return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+    return tuple((p.data_ptr(), p._version, p.dtype, _fingerprint(p)) for p in model.parameters())
 
 
 # Weights frozen into the graph as constants; GEMMs (also int8 weight-only ones) chosen among inductor's
@@ -194,7 +201,7 @@ def _compiled_cpu_step(model):
 def _head_t(model) -> torch.Tensor:
     """The LM head weight transposed and contiguous, cached until the weight changes."""
     w = model.lm_head.weight
-    key = (w.data_ptr(), w._version, w.dtype, w.shape)
+    key = (w.data_ptr(), w._version, w.dtype, w.shape, _fingerprint(w))
     cached = getattr(model, "_gptgen_head_t", None)
     if cached is None or cached[0] != key:
         cached = (key, w.detach().t().contiguous())
