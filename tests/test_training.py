@@ -65,13 +65,14 @@ def test_linear_cross_entropy_matches_autograd_reference(bias):
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_cross_entropy_in_bf16_groups_matches_autograd(monkeypatch, bias):
-    """Under bf16 autocast the head's weight gradient is one product per group of chunks: with groups
-    of 16 rows (3 groups, the last partial, 2 chunks each) it equals autograd through a bf16 head."""
+@pytest.mark.parametrize("bias, budget_rows", [(True, 16), (False, 16), (False, 12), (True, 200)])
+def test_linear_cross_entropy_in_bf16_groups_matches_autograd(monkeypatch, bias, budget_rows):
+    """Under bf16 autocast the head's weight gradient is one product per group of chunks: with a budget of
+    16 rows (3 groups of 2 chunks, the last partial), of 12 (not a whole number of 8-row chunks: groups of
+    one chunk) and of 200 (one group) it equals autograd through a bf16 head."""
     from gptgen.training import metrics
 
-    monkeypatch.setattr(metrics, "_GROUP_BYTES", 16 * 2 * 50)
+    monkeypatch.setattr(metrics, "_GROUP_BYTES", budget_rows * 2 * 50)
     torch.manual_seed(0)
     h = torch.randn(37, 16, requires_grad=True)
     w = torch.randn(50, 16, requires_grad=True)

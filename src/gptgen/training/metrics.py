@@ -74,14 +74,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                   if need_grad and bias is not None else None)
         # In a low-precision compute dtype the head's weight gradient is a product per group of chunks,
         # written into a float32 sum once per group: adding a (vocab x width) float32 product per chunk
-        # would move that matrix through memory every chunk (for GPT-2, 154 MB per 64 rows).
-        group_rows = rows if compute_dtype == acc else max(chunk_rows, _GROUP_BYTES // (2 * weight.shape[0]))
+        # would move that matrix through memory every chunk (for GPT-2, 154 MB per 64 rows). A group is a
+        # whole number of chunks.
+        grouped = need_grad and compute_dtype != acc
+        group_rows = rows
         group_g = None
+        if grouped:
+            group_rows = max(1, _GROUP_BYTES // (2 * weight.shape[0] * chunk_rows)) * chunk_rows
+            group_g = torch.empty(min(group_rows, rows), weight.shape[0], dtype=compute_dtype, device=hidden.device)
         for group in range(0, rows, group_rows):
             g_rows = min(group_rows, rows - group)
-            if need_grad and compute_dtype != acc:
-                if group_g is None or group_g.shape[0] < g_rows:
-                    group_g = torch.empty(g_rows, weight.shape[0], dtype=compute_dtype, device=hidden.device)
             for start in range(group, group + g_rows, chunk_rows):
                 h = hidden[start:start + chunk_rows].to(compute_dtype)
                 t = targets[start:start + chunk_rows]
@@ -100,15 +102,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 if grad_b is not None:
                     grad_b += probs.sum(0)
-                if compute_dtype == acc:
-                    if hidden.dtype == compute_dtype:  # write straight into the gradient: no extra copy
-                        torch.mm(probs, w, out=grad_h[start:start + chunk_rows])
-                    else:
-                        grad_h[start:start + chunk_rows] = (probs @ w).to(hidden.dtype)
+                if grouped:
+                    group_g[start - group:start - group + t.shape[0]] = probs
+                elif hidden.dtype == compute_dtype:  # write straight into the gradient: no extra copy
+                    torch.mm(probs, w, out=grad_h[start:start + chunk_rows])
                     grad_w.addmm_(probs.t(), h)
                 else:
-                    group_g[start - group:start - group + t.shape[0]] = probs
-            if need_grad and compute_dtype != acc:
+                    grad_h[start:start + chunk_rows] = (probs @ w).to(hidden.dtype)
+                    grad_w.addmm_(probs.t(), h)
+            if grouped:
                 g = group_g[:g_rows]
                 grad_h[group:group + g_rows] = (g @ w).to(hidden.dtype)
                 grad_w += (g.t() @ hidden[group:group + g_rows].to(compute_dtype)).to(acc)
