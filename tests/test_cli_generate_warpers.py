@@ -63,14 +63,20 @@ def test_bad_warper_values_are_one_sentence(model_dir, capsys, flag, value):
 
 
 @pytest.mark.slow
-def test_compile_flag_gives_the_eager_greedy_text(model_dir, capsys):
+def test_compile_flag_gives_the_eager_greedy_text(model_dir, capsys, monkeypatch):
     """--compile runs the compiled CPU decode step (fp32 here): the same greedy text as without it."""
     import shutil
 
+    from gptgen.generation import engine
+
     if shutil.which("g++") is None and shutil.which("gcc") is None:
         pytest.skip("inductor needs a C++ compiler")
+    built = []
+    real = engine._compiled_cpu_step
+    monkeypatch.setattr(engine, "_compiled_cpu_step", lambda model: built.append(model) or real(model))
     code, eager, _ = _cli(capsys, "--model", model_dir, "the sea", "--max-new-tokens", 8)
-    assert code == 0
+    assert code == 0 and not built
     code, compiled, err = _cli(capsys, "--model", model_dir, "the sea", "--max-new-tokens", 8, "--compile")
     assert code == 0, err
+    assert len(built) == 1  # the flag reached the engine
     assert compiled == eager

@@ -56,6 +56,8 @@ class ModelBackend:
                 self._cpu_step = _compiled_cpu_step(model)
         else:
             model.setup_kv_cache(rows, total)
+        # The CPU head for this generation (the weights do not change while it runs): looked up once.
+        self.head_t = _head(model) if self.device.type == "cpu" else None
         self.mask = torch.ones(rows, total, dtype=torch.long, device=self.device)
         self.mask[:, :P] = state.valid[:, :P].long()
         self.pad_counts = state.pad_counts
@@ -100,7 +102,7 @@ class ModelBackend:
         x = m.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
-        return _lm_head(m, x, _head(m)), x
+        return _lm_head(m, x, self.head_t), x
 
     def reorder(self, index: torch.Tensor) -> None:
         for block in self.model.blocks:
