@@ -423,8 +423,19 @@ def test_an_int8_model_is_served_with_its_own_greedy_text(gpt2_lm):
     assert texts == [want, want]
 
 
-def test_gptgen_serve_accepts_quantize_int8():
-    from gptgen.cli import build_parser
+def test_gptgen_serve_passes_quantize_int8_to_load(monkeypatch, capsys):
+    """`gptgen serve --quantize int8` reaches gptgen.load (the load is stopped there, before serving)."""
+    import gptgen.lm
+    from gptgen.cli import main
+    from gptgen.errors import GptgenError
 
-    args = build_parser().parse_args(["serve", "--model", "m", "--quantize", "int8"])
-    assert args.quantize == "int8"
+    seen = {}
+
+    def fake_load(model, **kwargs):
+        seen.update(kwargs, model=model)
+        raise GptgenError("stopped before serving.")
+
+    monkeypatch.setattr(gptgen.lm, "load", fake_load)
+    assert main(["serve", "--model", "m", "--quantize", "int8"]) == 2
+    assert seen["model"] == "m" and seen["quantize"] == "int8"
+    assert "stopped before serving." in capsys.readouterr().err
