@@ -93,11 +93,15 @@ class SlotModel:
         m.max_cache_len = max_len
         self.caches = [block.attn.kv_cache for block in m.blocks]
         self._compiled = None
+        self._cpu_head = None  # (_head(model),): looked up at each prefill, reused by the decode steps
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """LM head over (rows, n_embd); on CPU as the per-call engine does it (same numbers)."""
+    def _logits(self, x: torch.Tensor, prefill: bool) -> torch.Tensor:
+        """LM head over (rows, n_embd); on CPU as the per-call engine does it (same numbers). The CPU head
+        is looked up when a prompt joins (a check of the weights), not on every decode step."""
         m = self.model
-        head_t = _head(m) if self.device.type == "cpu" else None
+        if self.device.type == "cpu" and (prefill or self._cpu_head is None):
+            self._cpu_head = (_head(m),)
+        head_t = self._cpu_head[0] if self.device.type == "cpu" else None
         if head_t is None:  # CUDA, bf16 and int8 heads run as their module, as in the per-call engine
             return m.lm_head(x)
         logits = x @ head_t
@@ -123,7 +127,7 @@ class SlotModel:
             x = x[:, -1]
         else:
             x = x[torch.arange(x.shape[0], device=x.device), last]
-        return self._logits(x).float()
+        return self._logits(x, prefill=last is not None or idx.shape[1] > 1).float()
 
     # CUDA: one captured graph per bucketed batch size ------------------------------------------------
     def decode_graphed(self, idx: torch.Tensor, positions: torch.Tensor, bucket: int) -> torch.Tensor:
