@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .samplers import _top_values, apply_temperature, sample
+from .samplers import _argmax, _top_values, apply_temperature, sample
 
 CANDIDATES = 256
 
@@ -43,7 +43,7 @@ def choose_tokens(scores: torch.Tensor, *, temperature: Sequence[float], top_k: 
     sampled = [i for i, t in enumerate(temperature) if t > 0]
     dev = scores.device
     if len(sampled) < len(temperature):
-        out = torch.argmax(scores, dim=-1)
+        out = _argmax(scores)
     else:
         out = torch.empty(scores.shape[0], dtype=torch.long, device=dev)
     if not sampled:

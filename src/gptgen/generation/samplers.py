@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import GenerationError
+from . import native
 from .loop import run_functional
 
 NEG = -1.0e9
@@ -329,10 +330,20 @@ def _top_values(scores: torch.Tensor, n: int):
     return values, ids.gather(1, where)
 
 
+def _argmax(scores: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(scores, dim=-1), through the native kernel for long CPU rows (same answer)."""
+    if scores.device.type == "cpu" and scores.dim() == 2 and scores.shape[-1] >= LARGE_VOCAB:
+        out = native.argmax(scores)
+        if out is not None:
+            return out
+    return torch.argmax(scores, dim=-1)
+
+
 def _candidates(scores: torch.Tensor, k, min_tokens_to_keep: int):
-    """(values, ids) (rows, n), highest score first, of n tokens that hold every token a top-k filter
-    keeps (ties with the k-th included), values -inf where the filter removes the token; or None when
-    that set is not small (or top-k is off for some row)."""
+    """(values, ids, in_id_order) with (values, ids) (rows, n) for n tokens that hold every token a top-k
+    filter keeps (ties with the k-th included), values -inf where the filter removes the token (or pads
+    the row); highest score first, or in increasing id order where in_id_order. None when that set is not
+    small (or top-k is off for some row)."""
     V = scores.shape[-1]
     if scores.device.type != "cpu" or V < LARGE_VOCAB:  # the size check needs the host; full rows are cheap there
         return None
@@ -347,6 +358,9 @@ def _candidates(scores: torch.Tensor, k, min_tokens_to_keep: int):
         k = kmax = max(int(k), min_tokens_to_keep)
     if 4 * kmax > V:
         return None
+    fast = native.top_candidates(scores, k, cap=kmax + max(kmax, 256))
+    if fast is not None:
+        return fast[0], fast[1], True
     values, ids = _top_values(scores, kmax + 1)
     kth = values[:, kmax - 1:kmax] if isinstance(k, int) else values.gather(1, k - 1)
     if bool((values[:, kmax:] >= kth).any()):  # ties with a k-th value beyond the first kmax tokens
@@ -358,11 +372,11 @@ def _candidates(scores: torch.Tensor, k, min_tokens_to_keep: int):
             if 4 * n > V:
                 return None
             values, ids = _top_values(scores, n)
-        return values.masked_fill(values < kth, NEG_INF), ids
+        return values.masked_fill(values < kth, NEG_INF), ids, False
     values, ids = values[:, :kmax], ids[:, :kmax]
     if not isinstance(k, int):  # rows whose k is below kmax
         values = values.masked_fill(values < kth, NEG_INF)
-    return values, ids
+    return values, ids, False
 
 
 def _nucleus_rows(p, scores: torch.Tensor):
@@ -408,7 +422,7 @@ def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, top_k=0, mi
     same token as the whole row would for the same random number."""
     t = _rows(temperature, scores)
     if not isinstance(t, torch.Tensor) and t == 0:
-        return torch.argmax(scores, dim=-1)
+        return _argmax(scores)
     k = _rows(top_k, scores, integer=True)
     cand = _candidates(scores, k, min_tokens_to_keep)
     if cand is None:
@@ -417,16 +431,18 @@ def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, top_k=0, mi
     else:
         # The candidates in token-id order: top-p orders them as it orders the whole row, and the draw
         # meets them as it meets the whole row, so the token is the one the whole row would give.
-        values, ids = cand
-        ids, order = torch.sort(ids, dim=-1)
-        values = apply_temperature(values.gather(1, order), temperature)
+        values, ids, in_id_order = cand
+        if not in_id_order:
+            ids, order = torch.sort(ids, dim=-1)
+            values = values.gather(1, order)
+        values = apply_temperature(values, temperature)
         values = _top_p_id_order(values, filters.pop("top_p", 1.0), min_tokens_to_keep)
         if not _all_off(filters):
             values = warp(values, min_tokens_to_keep=min_tokens_to_keep, **filters)
         picks = ids.gather(1, draw(_weights(values), generator)[:, None])[:, 0]
     if isinstance(t, torch.Tensor):
         greedy = (t == 0)[:, 0]
-        picks = torch.where(greedy, torch.argmax(scores, dim=-1), picks)
+        picks = torch.where(greedy, _argmax(scores), picks)
     return picks
 
 
@@ -496,7 +512,7 @@ class GreedySampler(Sampler):
         super().__init__(temperature)  # accepted as KerasHub does; it does not change the argmax
 
     def choose(self, scores, generator):
-        return torch.argmax(scores, dim=-1)
+        return _argmax(scores)
 
 
 class _FilteringSampler(Sampler):
