@@ -158,6 +158,9 @@ def worker(engine: str, job: dict) -> dict:
             t0 = time.perf_counter()
             generate_ids(model, prompts, max_new_tokens=4, eos_token_id=[], compile=True, **kw)
             job["compile_s"] = round(time.perf_counter() - t0, 1)
+            if greedy:  # the compiled step must give the eager step's tokens on the same weights
+                job["eager_tokens"] = generate_ids(model, prompts[:1], max_new_tokens=min(new, 32), eos_token_id=[],
+                                                   compile=False)[0]
 
         def run():
             return generate_ids(model, prompts, max_new_tokens=new, eos_token_id=[], compile=compile_, **kw)
@@ -208,7 +211,8 @@ def worker(engine: str, job: dict) -> dict:
     tokens = run()
     dt = time.perf_counter() - t0
     assert all(len(t) == new for t in tokens), [len(t) for t in tokens]
-    return {"tokens_per_s": len(prompts) * new / dt, "tokens": tokens[0][:32], "compile_s": job.get("compile_s")}
+    return {"tokens_per_s": len(prompts) * new / dt, "tokens": tokens[0][:32], "compile_s": job.get("compile_s"),
+            "eager_tokens": job.get("eager_tokens")}
 
 
 def run_worker(engine: str, job: dict) -> dict:
@@ -330,6 +334,11 @@ def main(argv=None) -> int:
                         if t and toks:
                             n = next((i for i, (a, b) in enumerate(zip(t, toks[0])) if a != b), len(t))
                             print(f"#   {e}: first {n} of {len(t)} checked tokens equal gptgen fp32")
+                        eager = info[e].get("eager_tokens")
+                        if t and eager:
+                            n = next((i for i, (a, b) in enumerate(zip(t, eager)) if a != b), len(eager))
+                            verdict = "" if n == len(eager) else "  <-- COMPILED STEP DIFFERS FROM EAGER"
+                            print(f"#   {e}: first {n} of {len(eager)} tokens equal its eager step{verdict}")
             hf = statistics.median(results["hf"]) if results.get("hf") else None
             print(f"\n{shape} {case} (batch {1 if case == 'greedy' else args.sample_batch}, "
                   f"{args.prompt_len}-token prompt, {args.new_tokens} new)")

@@ -164,6 +164,11 @@ def _weights_key(model) -> tuple:
 # Weights frozen into the graph as constants; GEMMs (also int8 weight-only ones) chosen among inductor's
 # C++ templates (AMX micro-kernels where the CPU has them) and ATen by timing them.
 _CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# int8 weight-only products: inductor's C++ templates only. With ATen among the choices, a graph whose
+# autotuning picked ATen for some int8 products and the C++ template for others gave wrong logits (torch
+# 2.13: max |diff| 2.8 against eager on logits of magnitude 2, a 6-layer 384-wide GPT-2; both backends
+# alone were right), and the choice, kept in inductor's on-disk autotune cache, stayed wrong.
+_CPU_COMPILE_OPTIONS_INT8 = dict(_CPU_COMPILE_OPTIONS, max_autotune_gemm_backends="CPP")
 
 
 # The weights are frozen into the graph and the step is rebuilt when they change (_weights_key), so the
@@ -191,9 +196,12 @@ def _compiled_cpu_step(model):
         step.__code__ = step.__code__.replace(co_name=f"gptgen_cpu_step_{next(_STEP_IDS)}")
         compiled = torch.compile(step, fullgraph=True, options=_GUARD_OPTIONS)
 
+        int8 = any(isinstance(getattr(mod, "weight_int8", None), torch.Tensor) for mod in model.modules())
+        options = _CPU_COMPILE_OPTIONS_INT8 if int8 else _CPU_COMPILE_OPTIONS
+
         def run(*args):
             # freezing is read when a graph compiles, which may be any call (a new shape): patch every call
-            with torch._inductor.config.patch(_CPU_COMPILE_OPTIONS):
+            with torch._inductor.config.patch(options):
                 return compiled(*args)
 
         cached = (key, run)
