@@ -3,11 +3,13 @@ per-call engine serving the same requests one at a time (the naive baseline), in
 
     python bench/bench_batcher.py                           # 6-layer 384-wide GPT-2 shape, 2 threads
     python bench/bench_batcher.py --concurrency 1,8,32,64 --max-tokens 128 --tokenizer DIR
+    python bench/bench_batcher.py --compile --quantize int8   # + a BatchEngine(compile=True) beside the eager one
 
 Every request: a 16-token prompt, `--sampling` (default top-k 50 / top-p 0.95 / temperature 0.8), `--max-tokens` new tokens
 (EOS ignored, so every run produces the same number of tokens). Each concurrency level submits that
 many requests at once and times until the last finishes; cases are interleaved over the repeats and
-the median is printed, with the ratio to concurrency 1.
+the median is printed, with the ratio to concurrency 1. With --compile a second engine, its CPU decode step
+compiled by inductor (warmed up before timing; the warm-up time is printed), is timed beside the eager one.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--sampling", choices=["top-k-p", "plain", "greedy"], default="top-k-p",
                    help="top-k-p: top_k 50, top_p 0.95, temperature 0.8 (HF's sampling defaults); plain: "
                         "temperature 1 over the whole vocabulary (OpenAI's defaults); greedy")
+    p.add_argument("--compile", action="store_true",
+                   help="also time BatchEngine(compile=True) (CPU: the decode step compiled by inductor)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only layers (gptgen.quantize)")
     p.add_argument("--tokenizer", help="a tokenizer directory (text deltas are then decoded as a server would)")
     return p.parse_args(argv)
 
@@ -50,6 +55,10 @@ def main(argv=None):
     torch.manual_seed(0)
     cfg = preset("gpt2", n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head)
     model = GPT(cfg).eval().to(args.device)
+    if args.quantize:
+        from gptgen.quantize import quantize_model
+
+        quantize_model(model, args.quantize)
     default_tok = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-tokenizer"
     tok_dir = args.tokenizer or (default_tok if default_tok.is_dir() else None)
     lm = LanguageModel(model, Tokenizer.from_pretrained(tok_dir)) if tok_dir else model
@@ -59,10 +68,16 @@ def main(argv=None):
     options = {"top-k-p": dict(temperature=0.8, top_k=50, top_p=0.95), "plain": dict(temperature=1.0),
                "greedy": dict(temperature=0.0)}[args.sampling]
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, **options)
-    engine = BatchEngine(lm, max_batch=args.max_batch, max_queue=4096)
-    engine.start()
+    engines = {"BatchEngine": BatchEngine(lm, max_batch=args.max_batch, max_queue=4096)}
+    if args.compile:
+        compiled = BatchEngine(lm, max_batch=args.max_batch, max_queue=4096, compile=True)
+        warm = compiled.warm_up()
+        print(f"compiled BatchEngine: warm-up (batches 1-{args.max_batch}) took {warm:.1f} s")
+        engines["BatchEngine compiled"] = compiled
+    for engine in engines.values():
+        engine.start()
 
-    def run_engine(c):
+    def run_engine(engine, c):
         t0 = time.perf_counter()
         reqs = [engine.submit(prompts[i], params, lambda ev: None) for i in range(c)]
         for r in reqs:
@@ -76,25 +91,31 @@ def main(argv=None):
                      top_p=options.get("top_p"), eos_token_id=[])
         return args.max_tokens / (time.perf_counter() - t0)
 
-    run_engine(2)  # warm-up
-    results = {c: [] for c in levels}
+    for engine in engines.values():
+        run_engine(engine, 2)  # warm-up
+    results = {(name, c): [] for name in engines for c in levels}
     baseline = []
     for _ in range(args.repeats):
         baseline.append(run_per_call())
         for c in levels:
-            results[c].append(run_engine(c))
-    engine.close()
-    print(f"model: GPT-2 shape {args.n_layer} layers x {args.n_embd} wide, {model.num_parameters():,} parameters; "
-          f"{args.threads} threads; {args.max_tokens} new tokens per request; {args.sampling} sampling; "
-          f"median of {args.repeats}")
+            for name, engine in engines.items():
+                results[name, c].append(run_engine(engine, c))
+    for engine in engines.values():
+        engine.close()
+    print(f"model: GPT-2 shape {args.n_layer} layers x {args.n_embd} wide, {model.num_parameters():,} parameters"
+          f"{', int8 weights' if args.quantize else ''}; {args.threads} threads; {args.max_tokens} new tokens per "
+          f"request; {args.sampling} sampling; median of {args.repeats}")
     base = statistics.median(baseline)
-    print(f"{'per-call engine, 1 request at a time':<40} {base:9.1f} tok/s")
-    one = statistics.median(results[levels[0]])
-    for c in levels:
-        med = statistics.median(results[c])
-        print(f"{f'BatchEngine, concurrency {c}':<40} {med:9.1f} tok/s   x{med / one:5.2f} vs concurrency "
-              f"{levels[0]}   x{med / base:5.2f} vs per-call")
-
+    print(f"{'per-call engine, 1 request at a time':<44} {base:9.1f} tok/s")
+    for name in engines:
+        one = statistics.median(results[name, levels[0]])
+        for c in levels:
+            med = statistics.median(results[name, c])
+            extra = ""
+            if name != "BatchEngine":
+                extra = f"   x{med / statistics.median(results['BatchEngine', c]):5.2f} vs eager BatchEngine"
+            print(f"{f'{name}, concurrency {c}':<44} {med:9.1f} tok/s   x{med / one:5.2f} vs concurrency "
+                  f"{levels[0]}   x{med / base:5.2f} vs per-call{extra}")
 
 if __name__ == "__main__":
     main()

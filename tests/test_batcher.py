@@ -547,6 +547,53 @@ def test_cuda_graph_decode_matches_cpu_greedy(lm, tok):
     assert [s.tokens() for s in sinks] == cpu_ref
 
 
+# CPU: the decode step compiled by inductor ------------------------------------------------------------
+HAS_COMPILER = __import__("shutil").which("g++") is not None or __import__("shutil").which("gcc") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_COMPILER, reason="inductor needs a C++ compiler")
+def test_compiled_cpu_decode_gives_the_eager_tokens(lm, tok):
+    """compile=True on CPU: warm_up compiles every batch size up front; rows joining and leaving at
+    different steps (batch sizes 1..4, different filled lengths) get the per-call engine's greedy tokens and
+    the eager engine's seeded samples."""
+    prompts = [_prompt(tok, p) for p in OTHER_PROMPTS[:4]]
+    lengths = [10, 18, 14, 22]
+    greedy_refs = [generate_ids(lm.model, [p], max_new_tokens=n, eos_token_id=tok.eos_token_id)[0]
+                   for p, n in zip(prompts, lengths)]
+    sampled = [SamplingParams(max_tokens=n, temperature=1.1, top_k=30, top_p=0.9, seed=40 + i)
+               for i, n in enumerate(lengths)]
+
+    def run(eng, params):
+        sinks = [Collector() for _ in prompts]
+        reqs = []
+        for p, prm, sink in zip(prompts, params, sinks):
+            reqs.append(eng.submit(p, prm, sink))
+            sink.first.wait(10)  # the next joins a step later: batch sizes and lengths differ
+        for r in reqs:
+            assert r.done.wait(60)
+        return [s.tokens() for s in sinks]
+
+    eng = BatchEngine(lm, max_batch=4, compile=True)
+    assert eng.compile_cpu and not eng.use_graphs
+    assert eng.warm_up() > 0
+    with eng:
+        with pytest.raises(GenerationError, match="before the engine starts"):
+            eng.warm_up()
+        greedy = run(eng, [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths])
+        samples = run(eng, sampled)
+    with BatchEngine(lm, max_batch=4) as eager:
+        assert not eager.compile_cpu and eager.warm_up() == 0.0
+        eager_samples = run(eager, sampled)
+    assert greedy == greedy_refs
+    assert samples == eager_samples
+
+
+def test_compile_must_be_a_bool_or_none(lm):
+    with pytest.raises(GenerationError, match="compile must be True, False or None"):
+        BatchEngine(lm, compile="yes")
+
+
 # Per-row token choice: candidate narrowing keeps the full-vocabulary distribution -------------------
 def _reference_probs(logits, t, k, p, min_p):
     """Brute force: temperature, top-k, nucleus ("the tokens before it hold less than p"), min-p."""

@@ -439,3 +439,33 @@ def test_gptgen_serve_passes_quantize_int8_to_load(monkeypatch, capsys):
     assert main(["serve", "--model", "m", "--quantize", "int8"]) == 2
     assert seen["model"] == "m" and seen["quantize"] == "int8"
     assert "stopped before serving." in capsys.readouterr().err
+
+
+def test_gptgen_serve_compile_warms_the_engine_up_before_serving(monkeypatch, capsys, gpt2_lm):
+    """`gptgen serve --compile` on CPU builds BatchEngine(compile=True), runs its warm-up, starts it before
+    uvicorn serves the app built on it, and closes it after (warm-up and uvicorn stubbed: no compile, no
+    socket)."""
+    import uvicorn
+
+    import gptgen.lm
+    from gptgen.cli import main
+    from gptgen.generation.batcher import BatchEngine
+
+    seen = {}
+    monkeypatch.setattr(gptgen.lm, "load", lambda model, **kw: gpt2_lm)
+
+    def warm_up(self):
+        seen["warmed"] = (self.compile_cpu, self._thread is None)
+        return 1.5
+
+    def run(app, **kw):
+        engine = app.state.gptgen.engine
+        seen["engine"] = engine
+        seen["running"] = engine._thread is not None and engine._thread.is_alive()
+
+    monkeypatch.setattr(BatchEngine, "warm_up", warm_up)
+    monkeypatch.setattr(uvicorn, "run", run)
+    assert main(["serve", "--model", "m", "--compile", "--max-batch", "3"]) == 0
+    assert seen["warmed"] == (True, True) and seen["running"]
+    assert seen["engine"].max_batch == 3 and seen["engine"]._closed
+    assert "compiled in 1.5 s" in capsys.readouterr().out

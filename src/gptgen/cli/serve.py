@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only layers (CPU: a quarter of fp32's bytes)")
+    p.add_argument("--compile", action="store_true",
+                   help="CPU: compile the decode step with inductor (C++ kernels) before serving; takes tens "
+                        "of seconds at start, then each step is 1.5-4x faster (CUDA graphs are on by default on CUDA)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=run_serve)
 
@@ -48,9 +51,24 @@ def run_serve(args) -> int:
     lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize)
     template = None if args.chat_template == "none" else args.chat_template
     name = args.served_model_name or Path(args.model).resolve().name
-    app = create_app(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key, cors=args.cors,
-                     served_model_name=name, chat_template=template, max_body_bytes=args.max_body_size)
+    engine = None
+    if args.compile and lm.device.type == "cpu":
+        from ..generation.batcher import BatchEngine
+
+        engine = BatchEngine(lm, max_batch=args.max_batch, max_queue=args.max_queue, compile=True)
+        print(f"gptgen: compiling the decode step for batches 1-{args.max_batch} ...", flush=True)
+        print(f"gptgen: compiled in {engine.warm_up():.1f} s", flush=True)
+    app = create_app(lm, engine=engine, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
+                     cors=args.cors, served_model_name=name, chat_template=template,
+                     max_body_bytes=args.max_body_size)
     print(f"gptgen: serving {name} ({lm.num_parameters():,} parameters) at http://{args.host}:{args.port}/ "
           f"(playground at /, API at /v1)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    if engine is None:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    engine.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.close()
     return 0

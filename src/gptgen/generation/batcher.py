@@ -252,7 +252,8 @@ class BatchEngine:
     """Continuous batching over `max_batch` cache slots, stepped by one background thread."""
 
     def __init__(self, lm, *, max_batch: int = 16, max_queue: int = 256, prefill_chunk: int = 256,
-                 max_context: int | None = None, device=None, logprobs_mode: str = "raw") -> None:
+                 max_context: int | None = None, device=None, logprobs_mode: str = "raw",
+                 compile: bool | None = None) -> None:
         model = getattr(lm, "model", lm)
         self.lm = lm
         self.tokenizer = getattr(lm, "tokenizer", None)
@@ -276,7 +277,13 @@ class BatchEngine:
         self.eos_id = eos
         self.slots = SlotModel(model, max_batch, self.max_context)
         self.device = self.slots.device
-        self.use_graphs = self.device.type == "cuda"
+        # compile: CUDA graphs per bucketed batch size on CUDA (the default there); on CPU the decode step
+        # compiled by inductor (off by default: the first steps compile for tens of seconds; warm_up()).
+        if compile is not None and not isinstance(compile, bool):
+            raise GenerationError(f"compile must be True, False or None, got {compile!r}.")
+        on_cuda = self.device.type == "cuda"
+        self.use_graphs = on_cuda and compile is not False
+        self.compile_cpu = not on_cuda and bool(compile)
         self._history = torch.zeros(max_batch, self.max_context, dtype=torch.long, device=self.device)
         self._rows: list[_Seq | None] = [None] * max_batch
         self._n_dec = 0                        # rows 0.._n_dec-1 are decoding
@@ -299,6 +306,25 @@ class BatchEngine:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="gptgen-batcher", daemon=True)
                 self._thread.start()
+
+    def warm_up(self) -> float:
+        """Compile the CPU decode step now, for every batch size up to max_batch, so no request waits for
+        it; seconds spent. Call before start(). A no-op unless compile=True on CPU."""
+        if not self.compile_cpu:
+            return 0.0
+        with self._lock:
+            if self._thread is not None or self._active:
+                raise GenerationError("warm_up() must run before the engine starts.")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            # Batch 1 gets a graph of its own, larger batches share graphs over ranges of sizes (inductor
+            # guards them), so every size is stepped once; most reuse a graph. The rows write position 2
+            # of free slots, rewritten before any row reads them (a row reads only up to its own
+            # position); three attended slots, as lengths 1 and 2 would get graphs of their own.
+            for rows in range(1, self.max_batch + 1):
+                idx = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+                self.slots.decode_compiled_cpu(idx, torch.full_like(idx, 2))
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         with self._lock:
@@ -391,7 +417,7 @@ class BatchEngine:
 
     # The engine thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        grad_off = torch.no_grad() if self.use_graphs else torch.inference_mode()
+        grad_off = torch.no_grad() if self.use_graphs or self.compile_cpu else torch.inference_mode()
         with grad_off:
             while True:
                 with self._lock:
@@ -468,6 +494,8 @@ class BatchEngine:
             if self.use_graphs:
                 bucket = min(self.max_batch, 1 << (len(seqs) - 1).bit_length())
                 logits = self.slots.decode_graphed(idx, pos, bucket)
+            elif self.compile_cpu:
+                logits = self.slots.decode_compiled_cpu(idx, pos)
             else:
                 logits = self.slots.forward(idx, pos)
             for s in seqs:

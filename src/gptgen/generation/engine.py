@@ -180,16 +180,19 @@ _GUARD_OPTIONS = ({"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_module
 _STEP_IDS = itertools.count()
 
 
-def _compiled_cpu_step(model):
-    """The CPU decode step compiled by inductor (C++ kernels, no per-op Python dispatch), kept on the
-    model and rebuilt when its weights change. The first call compiles (seconds); later calls reuse it."""
+def _compiled_cpu_step(model, body=None):
+    """The CPU decode step `body(model, *args, head_t)` (default: the per-call engine's step) compiled by
+    inductor (C++ kernels, no per-op Python dispatch), kept on the model per body and rebuilt when the
+    weights change. The first call compiles (seconds); later calls reuse it."""
+    body = body or _cpu_decode_step
     key = _weights_key(model)
-    cached = getattr(model, "_gptgen_cpu_step", None)
+    steps = model.__dict__.setdefault("_gptgen_cpu_steps", {})
+    cached = steps.get(body)
     if cached is None or cached[0] != key:
         head_t = _head(model)
 
-        def step(idx, input_pos, position_ids, mask):  # the model from the closure: its weights freeze
-            return _cpu_decode_step(model, idx, input_pos, position_ids, mask, head_t)
+        def step(*args):  # the model from the closure: its weights freeze
+            return body(model, *args, head_t)
 
         # A code object of its own per model: dynamo keeps its compiled graphs per code object, so models
         # compiled one after another in a process do not add up to its recompile limit.
@@ -205,7 +208,7 @@ def _compiled_cpu_step(model):
                 return compiled(*args)
 
         cached = (key, run)
-        model._gptgen_cpu_step = cached
+        steps[body] = cached
     return cached[1]
 
 

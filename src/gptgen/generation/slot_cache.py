@@ -24,7 +24,7 @@ import copy
 import torch
 
 from ..model import KVCache
-from .engine import _head
+from .engine import _compiled_cpu_step, _head
 
 
 class SlotKVCache(KVCache):
@@ -77,6 +77,19 @@ def _decode_step(model, idx, positions, mask):
     return model.lm_head(_run_blocks(model, idx, positions, mask, None)[:, -1])
 
 
+def _cpu_slot_step(model, idx, positions, mask, head_t):
+    """One token per row for rows 0..B-1 (CPU, compiled): each row writes its own position and attends
+    its slots up to it, reading the first mask.shape[1] slots of the cache (the longest filled length)."""
+    x = _run_blocks(model, idx, positions, mask[:, None, None, :], mask.shape[1])[:, -1]
+    if head_t is None:
+        logits = model.lm_head(x)
+    else:
+        logits = x @ head_t
+        if model.lm_head.bias is not None:
+            logits = logits + model.lm_head.bias
+    return logits.float()
+
+
 class SlotModel:
     """The GPT's modules over a SlotKVCache of `slots` rows and `max_len` positions."""
 
@@ -94,6 +107,7 @@ class SlotModel:
         self.caches = [block.attn.kv_cache for block in m.blocks]
         self._compiled = None
         self._cpu_head = None  # (_head(model),): looked up at each prefill, reused by the decode steps
+        self._cpu_step = None  # the compiled CPU step: looked up (a check of the weights) after each prefill
 
     def _logits(self, x: torch.Tensor, prefill: bool) -> torch.Tensor:
         """LM head over (rows, n_embd); on CPU as the per-call engine does it (same numbers). The CPU head
@@ -101,6 +115,7 @@ class SlotModel:
         m = self.model
         if self.device.type == "cpu" and (prefill or self._cpu_head is None):
             self._cpu_head = (_head(m),)
+            self._cpu_step = None
         head_t = self._cpu_head[0] if self.device.type == "cpu" else None
         if head_t is None:  # CUDA, bf16 and int8 heads run as their module, as in the per-call engine
             return m.lm_head(x)
@@ -145,6 +160,17 @@ class SlotModel:
             self._compiled = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
         logits = self._compiled(self.model, idx, positions, mask)
         return logits[:B].float().clone()  # a replay overwrites the graph's outputs
+
+    # CPU: the decode step compiled by inductor ----------------------------------------------------------
+    def decode_compiled_cpu(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """forward(idx, positions) for rows 0..B-1 (one token each) through the compiled CPU step: one graph
+        for batch 1 and one for every larger batch (a dynamic dimension, as is the attended length)."""
+        kv_len = int(positions.max()) + 1
+        mask = torch.arange(kv_len, device=positions.device)[None, :] <= positions
+        torch._dynamo.maybe_mark_dynamic(mask, 1)
+        if self._cpu_step is None:
+            self._cpu_step = _compiled_cpu_step(self.model, _cpu_slot_step)
+        return self._cpu_step(idx, positions, mask)
 
     # Row moves (the scheduler keeps decoding rows packed at the front) ------------------------------
     def move_row(self, src: int, dst: int, length: int) -> None:

@@ -41,12 +41,13 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI's /v1/completions
 def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, api_key: str | None = None,
                cors: str | list[str] | None = None, served_model_name: str | None = None,
                chat_template: ChatTemplate | str | None = "auto", max_body_bytes: int = DEFAULT_MAX_BODY,
-               max_context: int | None = None):
+               max_context: int | None = None, compile: bool | None = None):
     """The FastAPI app serving `lm` (a LanguageModel): /v1/completions, /v1/chat/completions, /v1/models,
     /health, /metrics and the playground at /.
 
-    The app builds a BatchEngine(lm, max_batch=, max_queue=) and runs it for its lifetime, unless an
-    `engine` is passed (then the caller starts and closes it). `api_key` guards /v1/*; `cors` lists the
+    The app builds a BatchEngine(lm, max_batch=, max_queue=, compile=) and runs it for its lifetime, unless
+    an `engine` is passed (then the caller starts and closes it); with compile=True on CPU the engine's
+    decode step is compiled (BatchEngine.warm_up) before the app takes requests. `api_key` guards /v1/*; `cors` lists the
     origins allowed to call the API from a browser (none by default). `chat_template` is a ChatTemplate,
     a name of gptgen.chat.TEMPLATES, "auto" (the tokenizer's BOS/EOS) or None (chat refused).
     """
@@ -57,7 +58,8 @@ def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, ap
             raise GptgenError(f"{name} must be a positive integer, got {value!r}.")
     owns_engine = engine is None
     if engine is None:
-        engine = BatchEngine(lm, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
+        engine = BatchEngine(lm, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
+                             compile=compile)
     model_name = served_model_name or "gptgen"
     template, template_error = None, None
     if chat_template is None:
@@ -73,6 +75,9 @@ def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, ap
     @asynccontextmanager
     async def lifespan(app):
         if owns_engine:
+            if engine.compile_cpu:
+                log.info("compiling the CPU decode step for batches 1..%d", engine.max_batch)
+                log.info("compiled in %.1f s", engine.warm_up())
             engine.start()
         try:
             yield
