@@ -683,3 +683,11 @@ def test_a_seeded_row_draws_the_same_whatever_the_other_rows_at_a_large_vocabula
             alone.append(pick([2], g1)[0].item())
             busy.append(pick([0, 1, 2, 3, 4], g2)[2].item())
         assert alone == busy, mine
+
+
+def test_compile_on_cpu_without_a_cxx_compiler_is_one_clear_error(lm, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(GenerationError, match="needs a C\\+\\+ compiler"):
+        BatchEngine(lm, compile=True)

@@ -465,6 +465,7 @@ def test_gptgen_serve_compile_warms_the_engine_up_before_serving(monkeypatch, ca
 
     monkeypatch.setattr(BatchEngine, "warm_up", warm_up)
     monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr("gptgen.generation.batcher.shutil.which", lambda name: f"/usr/bin/{name}")
     assert main(["serve", "--model", "m", "--compile", "--max-batch", "3"]) == 0
     assert seen["warmed"] == (True, True) and seen["running"]
     assert seen["engine"].max_batch == 3 and seen["engine"]._closed

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import threading
 import time
 from collections import deque
@@ -284,6 +285,8 @@ class BatchEngine:
         on_cuda = self.device.type == "cuda"
         self.use_graphs = on_cuda and compile is not False
         self.compile_cpu = not on_cuda and bool(compile)
+        if self.compile_cpu and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+            raise GenerationError("compile=True on CPU needs a C++ compiler (g++ or clang++), and none is on PATH.")
         self._history = torch.zeros(max_batch, self.max_context, dtype=torch.long, device=self.device)
         self._rows: list[_Seq | None] = [None] * max_batch
         self._n_dec = 0                        # rows 0.._n_dec-1 are decoding
