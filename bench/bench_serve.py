@@ -7,6 +7,8 @@ the same run on the same weights.
 Servers (each a subprocess on a loopback port, streaming over the OpenAI API):
   gptgen        `gptgen serve --max-batch 32`: continuous batching
   naive         `gptgen serve --max-batch 1`: the same app answering one request at a time
+  gptgen-compiled  `gptgen serve --max-batch 32 --compile`: the CPU decode step compiled by inductor
+                (--peers gptgen-compiled; it compiles every batch size before it answers)
   transformers  `transformers serve` on the model exported to Hugging Face format (--peers transformers;
                 transformers-cb adds its --continuous-batching)
   llama.cpp     llama-cpp-python's server on the same weights converted to GGUF (--peers llama.cpp; needs
@@ -53,7 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt-words", type=int, default=12, help="words per prompt (default 12, ~16 tokens)")
     p.add_argument("--max-batch", type=int, default=32, help="gptgen's --max-batch (default 32)")
     p.add_argument("--peers", default="naive",
-                   help="comma list of naive, transformers, transformers-cb, llama.cpp (default naive)")
+                   help="comma list of naive, gptgen-compiled, transformers, transformers-cb, llama.cpp (default naive)")
+    p.add_argument("--gptgen-args", default="",
+                   help="extra arguments for every gptgen server, e.g. '--quantize int8' (default none)")
     p.add_argument("--level-seconds", type=float, default=120,
                    help="a server whose level took longer than this skips the higher levels (default 120)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per server (default: torch's)")
@@ -114,11 +118,11 @@ def server_env(threads: int | None) -> dict:
     return env
 
 
-def start_gptgen(name: str, model_dir: Path, max_batch: int, threads) -> Server:
+def start_gptgen(name: str, model_dir: Path, max_batch: int, threads, extra_args=()) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "gptgen", "serve", "--model", str(model_dir), "--port", str(port),
            "--max-batch", str(max_batch), "--max-queue", "4096", "--served-model-name", "bench",
-           "--log-level", "warning"]
+           "--log-level", "warning", *extra_args]
     return Server(name, cmd, port, env=server_env(threads), extra={"ignore_eos": True})
 
 
@@ -322,9 +326,13 @@ def main(argv=None) -> int:
           f"~{args.prompt_words}-word prompts; CPU threads: {os.cpu_count()}", flush=True)
     servers, skipped = [], {}
     try:
-        servers.append(start_gptgen("gptgen", native, args.max_batch, args.threads))
+        extra = args.gptgen_args.split()
+        servers.append(start_gptgen("gptgen", native, args.max_batch, args.threads, extra))
         if "naive" in peers:
-            servers.append(start_gptgen("naive", native, 1, args.threads))
+            servers.append(start_gptgen("naive", native, 1, args.threads, extra))
+        if "gptgen-compiled" in peers:
+            servers.append(start_gptgen("gptgen-compiled", native, args.max_batch, args.threads,
+                                        [*extra, "--compile"]))
         for name in ("transformers", "transformers-cb"):
             if name in peers:
                 try:
@@ -340,7 +348,7 @@ def main(argv=None) -> int:
         ready = []
         for s in servers:
             try:
-                s.wait_ready()
+                s.wait_ready(1800 if s.name == "gptgen-compiled" else 300)
                 asyncio.run(run_level(s, 1, 2, 4, make_prompts(2, 4, seed=99)))  # warm up
                 ready.append(s)
             except Exception as exc:  # noqa: BLE001
@@ -357,7 +365,7 @@ def main(argv=None) -> int:
             order = ready if li % 2 == 0 else ready[::-1]  # interleave who goes first
             for s in order:
                 if s.name in too_slow:
-                    print(f"  {s.name:<12} c={c:<4} skipped: {too_slow[s.name]}", flush=True)
+                    print(f"  {s.name:<16} c={c:<4} skipped: {too_slow[s.name]}", flush=True)
                     continue
                 try:
                     r = asyncio.run(run_level(s, c, total, args.max_tokens, prompts))
@@ -365,12 +373,12 @@ def main(argv=None) -> int:
                     if s.name == "gptgen":
                         raise
                     too_slow[s.name] = f"failed at c={c}: {type(exc).__name__}: {exc}"
-                    print(f"  {s.name:<12} c={c:<4} {too_slow[s.name]}", flush=True)
+                    print(f"  {s.name:<16} c={c:<4} {too_slow[s.name]}", flush=True)
                     continue
                 results.append(r)
                 if r["wall_s"] > args.level_seconds:
                     too_slow[s.name] = f"c={c} took {r['wall_s']:.0f} s (over --level-seconds)"
-                print(f"  {s.name:<12} c={c:<4} {r['requests']:>4} req {r['tokens']:>6} tok {r['wall_s']:7.2f} s "
+                print(f"  {s.name:<16} c={c:<4} {r['requests']:>4} req {r['tokens']:>6} tok {r['wall_s']:7.2f} s "
                       f"{r['tok_s']:8.1f} tok/s  TTFT p50/p99 {ms(r['ttft_p50'])}/{ms(r['ttft_p99'])} ms  "
                       f"per-token p50/p99 {ms(r['tpot_p50'])}/{ms(r['tpot_p99'])} ms", flush=True)
     finally:
@@ -387,12 +395,12 @@ def report(results: list[dict], levels: list[int], names: list[str]) -> None:
     """The table and the ratios; a level given twice (--levels 1,32,1,32) reports its last run."""
     levels = list(dict.fromkeys(levels))
     by = {(r["server"], r["concurrency"]): r for r in results}
-    print("\nserver        conc   tok/s   TTFT p50   TTFT p99   tok-lat p50   tok-lat p99   (ms)")
+    print("\nserver            conc   tok/s   TTFT p50   TTFT p99   tok-lat p50   tok-lat p99   (ms)")
     for name in names:
         for c in levels:
             r = by.get((name, c))
             if r:
-                print(f"{name:<12} {c:>5} {r['tok_s']:7.1f} {ms(r['ttft_p50']):>10} {ms(r['ttft_p99']):>10} "
+                print(f"{name:<16} {c:>5} {r['tok_s']:7.1f} {ms(r['ttft_p50']):>10} {ms(r['ttft_p99']):>10} "
                       f"{ms(r['tpot_p50']):>13} {ms(r['tpot_p99']):>13}")
     g1 = by.get(("gptgen", 1))
     for c in levels:
