@@ -470,3 +470,23 @@ def test_gptgen_serve_compile_warms_the_engine_up_before_serving(monkeypatch, ca
     assert seen["warmed"] == (True, True) and seen["running"]
     assert seen["engine"].max_batch == 3 and seen["engine"]._closed
     assert "compiled in 1.5 s" in capsys.readouterr().out
+
+
+def test_create_app_compile_warms_its_engine_up_before_starting_it(monkeypatch, gpt2_lm):
+    """create_app(lm, compile=True) builds BatchEngine(compile=True) and runs its warm-up in the app's
+    lifespan, before the engine thread starts (warm-up stubbed: no compile)."""
+    from fastapi.testclient import TestClient
+
+    from gptgen.generation.batcher import BatchEngine
+
+    seen = []
+    monkeypatch.setattr("gptgen.generation.batcher.shutil.which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(BatchEngine, "warm_up", lambda self: seen.append(self._thread is None) or 0.5)
+    app = create_app(gpt2_lm, max_batch=2, compile=True)
+    assert app.state.gptgen.engine.compile_cpu and not seen
+    with TestClient(app) as http:
+        assert seen == [True]
+        # one token: it comes from the prefill, so no decode step compiles here
+        assert http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1, "temperature": 0}
+                         ).json()["choices"][0]["text"] == gpt2_lm.generate(PROMPT, max_new_tokens=1,
+                                                                           include_prompt=False)
