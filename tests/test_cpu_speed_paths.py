@@ -167,6 +167,19 @@ def test_compiled_cpu_step_matches_eager(mode):
     model.clear_kv_cache()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_COMPILER, reason="inductor needs a C++ compiler")
+def test_compiled_int8_steps_of_two_models_of_one_shape_keep_their_own_weights():
+    """Two int8 models of the same shape, compiled one after the other: each compiled step gives its own
+    model's greedy tokens. (Inductor's FX graph cache keyed the second graph like the first and handed it
+    the first model's frozen int8 weights, which are buffers, not parameters.)"""
+    prompts = [[3, 4, 5, 6]]
+    for seed in (0, 1):
+        model = quantize_model(tiny_gpt(seed, n_layer=1, n_embd=16, n_head=2), compute_dtype=torch.float32)
+        eager = generate_ids(model, prompts, max_new_tokens=8, eos_token_id=[], compile=False)
+        assert generate_ids(model, prompts, max_new_tokens=8, eos_token_id=[], compile=True) == eager
+
+
 def test_cached_head_follows_weights_a_fused_optimizer_changes():
     """torch's fused AdamW updates parameters without bumping their version counter: the cached transposed
     head (and the compiled step's weights key) must still see the new weights."""

@@ -163,11 +163,17 @@ def _weights_key(model) -> tuple:
 
 # Weights frozen into the graph as constants; GEMMs (also int8 weight-only ones) chosen among inductor's
 # C++ templates (AMX micro-kernels where the CPU has them) and ATen by timing them.
-_CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
-# int8 weight-only products: inductor's C++ templates only. With ATen among the choices, a graph whose
-# autotuning picked ATen for some int8 products and the C++ template for others gave wrong logits (torch
-# 2.13: max |diff| 2.8 against eager on logits of magnitude 2, a 6-layer 384-wide GPT-2; both backends
-# alone were right), and the choice, kept in inductor's on-disk autotune cache, stayed wrong.
+#
+# No compiled-graph caches: a graph with frozen weights holds the weights, but the caches key a graph by its
+# code and shapes. Inductor skips its FX graph cache for frozen parameters, not for frozen buffers, and
+# Int8Linear's weights are buffers: a second int8 model of the same shape, in the same process or a later
+# one, got the first model's compiled graph, weights and all (torch 2.13; greedy tokens diverged after one
+# token, logits off by ~2.8 at magnitude ~2). Autotuning results (which kernel is fastest for a shape) are
+# still cached.
+_CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                        "fx_graph_cache": False}
+# int8 weight-only products: inductor's C++ templates only (the setting the int8 figures in
+# docs/performance.md were measured with).
 _CPU_COMPILE_OPTIONS_INT8 = dict(_CPU_COMPILE_OPTIONS, max_autotune_gemm_backends="CPP")
 
 
@@ -197,15 +203,21 @@ def _compiled_cpu_step(model, body=None):
         # A code object of its own per model: dynamo keeps its compiled graphs per code object, so models
         # compiled one after another in a process do not add up to its recompile limit.
         step.__code__ = step.__code__.replace(co_name=f"gptgen_cpu_step_{next(_STEP_IDS)}")
-        compiled = torch.compile(step, fullgraph=True, options=_GUARD_OPTIONS)
-
         int8 = any(isinstance(getattr(mod, "weight_int8", None), torch.Tensor) for mod in model.modules())
-        options = _CPU_COMPILE_OPTIONS_INT8 if int8 else _CPU_COMPILE_OPTIONS
+        options = dict(_CPU_COMPILE_OPTIONS_INT8 if int8 else _CPU_COMPILE_OPTIONS, **(_GUARD_OPTIONS or {}))
+        compiled = torch.compile(step, fullgraph=True, options=options)
+        config = torch._inductor.config
 
         def run(*args):
-            # freezing is read when a graph compiles, which may be any call (a new shape): patch every call
-            with torch._inductor.config.patch(options):
+            # Inductor applies the options when it compiles, but dynamo reads `freezing` from the global
+            # config while it traces (to treat the weights as constants), which may be on any call (a new
+            # shape): set on every call, as one attribute (a config.patch of all options cost ~25 us a call).
+            before = config.freezing
+            config.freezing = True
+            try:
                 return compiled(*args)
+            finally:
+                config.freezing = before
 
         cached = (key, run)
         steps[body] = cached
