@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,9 +101,17 @@ def test_torchrun_two_processes_match_one_process(data_dir, tmp_path, tok_dir):
     one = tmp_path / "one"
     gptgen(*train_args(data_dir, one, *common, tokenizer=tok_dir))
     two = tmp_path / "two"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "gptgen", *map(str, train_args(data_dir, two, *common, tokenizer=tok_dir))],
-                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    for attempt in range(3):
+        shutil.rmtree(two, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "2", "-m", "gptgen", *map(str, train_args(data_dir, two, *common, tokenizer=tok_dir))],
+                              capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+        # On the project's 2-core CI machine (torch 2.13, gloo) a worker is killed by a signal inside torch's
+        # native code in roughly 1 run of 16, at the same rate on code from before gptgen's last changes
+        # ("terminate called without an active exception" / SIGSEGV at the first DDP step). Only such a
+        # death, reported by torchrun as a negative exit code, is retried; any other failure fails at once.
+        if proc.returncode == 0 or not re.search(r"exitcode\s*:\s*-\d+", proc.stderr):
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = records(one), records(two)
     assert len(a) == len(b) == 6
