@@ -117,5 +117,6 @@ def main(argv=None):
             print(f"{f'{name}, concurrency {c}':<44} {med:9.1f} tok/s   x{med / one:5.2f} vs concurrency "
                   f"{levels[0]}   x{med / base:5.2f} vs per-call{extra}")
 
+
 if __name__ == "__main__":
     main()

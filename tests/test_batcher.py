@@ -8,6 +8,7 @@ chosen token list, for UTF-8 splits, stop strings and EOS.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -550,7 +551,7 @@ def test_cuda_graph_decode_matches_cpu_greedy(lm, tok):
 
 
 # CPU: the decode step compiled by inductor ------------------------------------------------------------
-HAS_COMPILER = __import__("shutil").which("g++") is not None or __import__("shutil").which("gcc") is not None
+HAS_COMPILER = shutil.which("g++") is not None or shutil.which("gcc") is not None
 
 
 @pytest.mark.slow
@@ -579,6 +580,7 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(lm, tok):
     eng = BatchEngine(lm, max_batch=4, compile=True)
     assert eng.compile_cpu and not eng.use_graphs
     assert eng.warm_up() > 0
+    assert eng.warm_up() == 0.0  # once is enough
     with eng:
         with pytest.raises(GenerationError, match="before the engine starts"):
             eng.warm_up()
@@ -688,8 +690,6 @@ def test_a_seeded_row_draws_the_same_whatever_the_other_rows_at_a_large_vocabula
 
 
 def test_compile_on_cpu_without_a_cxx_compiler_is_one_clear_error(lm, monkeypatch):
-    import shutil
-
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(GenerationError, match="needs a C\\+\\+ compiler"):
         BatchEngine(lm, compile=True)

@@ -200,3 +200,11 @@ def test_cached_head_follows_weights_a_fused_optimizer_changes():
     fresh = copy.deepcopy(model)
     assert generate_ids(model, prompts, max_new_tokens=4, eos_token_id=[]) == \
         generate_ids(fresh, prompts, max_new_tokens=4, eos_token_id=[])
+
+
+def test_compiled_cpu_step_without_a_cxx_compiler_is_one_clear_error(monkeypatch):
+    from gptgen.errors import GenerationError
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(GenerationError, match="needs a C\\+\\+ compiler"):
+        generate_ids(tiny_gpt(), [[3, 4, 5]], max_new_tokens=2, eos_token_id=[], compile=True)

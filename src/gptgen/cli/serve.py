@@ -52,24 +52,14 @@ def run_serve(args) -> int:
     lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize)
     template = None if args.chat_template == "none" else args.chat_template
     name = args.served_model_name or Path(args.model).resolve().name
-    engine = None
-    if args.compile and lm.device.type == "cpu":
-        from ..generation.batcher import BatchEngine
-
-        engine = BatchEngine(lm, max_batch=args.max_batch, max_queue=args.max_queue, compile=True)
+    app = create_app(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key, cors=args.cors,
+                     served_model_name=name, chat_template=template, max_body_bytes=args.max_body_size,
+                     compile=args.compile)
+    engine = app.state.gptgen.engine
+    if engine.compile_cpu:  # here rather than in the app's start-up, so the time is printed
         print(f"gptgen: compiling the decode step for batches 1-{args.max_batch} ...", flush=True)
         print(f"gptgen: compiled in {engine.warm_up():.1f} s", flush=True)
-    app = create_app(lm, engine=engine, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
-                     cors=args.cors, served_model_name=name, chat_template=template,
-                     max_body_bytes=args.max_body_size)
     print(f"gptgen: serving {name} ({lm.num_parameters():,} parameters) at http://{args.host}:{args.port}/ "
           f"(playground at /, API at /v1)", flush=True)
-    if engine is None:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-        return 0
-    engine.start()
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    finally:
-        engine.close()
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import threading
 import time
 from collections import deque
@@ -39,6 +38,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import GenerationError
+from .engine import require_cxx_compiler
 from .processors import BadWords, MinNewTokens, NoRepeatNGram, PresenceFrequencyPenalty, RepetitionPenalty
 from .row_sampling import apply_temperature, choose_tokens
 from .slot_cache import SlotModel
@@ -285,8 +285,9 @@ class BatchEngine:
         on_cuda = self.device.type == "cuda"
         self.use_graphs = on_cuda and compile is not False
         self.compile_cpu = not on_cuda and bool(compile)
-        if self.compile_cpu and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
-            raise GenerationError("compile=True on CPU needs a C++ compiler (g++ or clang++), and none is on PATH.")
+        if self.compile_cpu:
+            require_cxx_compiler()
+        self._warmed_up = False
         self._history = torch.zeros(max_batch, self.max_context, dtype=torch.long, device=self.device)
         self._rows: list[_Seq | None] = [None] * max_batch
         self._n_dec = 0                        # rows 0.._n_dec-1 are decoding
@@ -312,12 +313,14 @@ class BatchEngine:
 
     def warm_up(self) -> float:
         """Compile the CPU decode step now, for every batch size up to max_batch, so no request waits for
-        it; seconds spent. Call before start(). A no-op unless compile=True on CPU."""
+        it; seconds spent. Call before start(). A no-op unless compile=True on CPU, and after the first call."""
         if not self.compile_cpu:
             return 0.0
         with self._lock:
             if self._thread is not None or self._active:
                 raise GenerationError("warm_up() must run before the engine starts.")
+        if self._warmed_up:
+            return 0.0
         t0 = time.perf_counter()
         with torch.no_grad():
             # Batch 1 gets a graph of its own, larger batches share graphs over ranges of sizes (inductor
@@ -329,6 +332,7 @@ class BatchEngine:
             for rows in range(self.max_batch, 0, -1):
                 idx = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
                 self.slots.decode_compiled_cpu(idx, torch.full_like(idx, 2))
+        self._warmed_up = True
         return time.perf_counter() - t0
 
     def close(self) -> None:

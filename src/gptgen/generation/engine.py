@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import shutil
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -186,6 +187,13 @@ _GUARD_OPTIONS = ({"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_module
 _STEP_IDS = itertools.count()
 
 
+def require_cxx_compiler() -> None:
+    """Inductor's CPU backend builds C++: one clear error where no compiler is on PATH."""
+    if not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        raise GenerationError("Compiling the CPU decode step needs a C++ compiler (g++ or clang++), and none "
+                              "is on PATH.")
+
+
 def _compiled_cpu_step(model, body=None):
     """The CPU decode step `body(model, *args, head_t)` (default: the per-call engine's step) compiled by
     inductor (C++ kernels, no per-op Python dispatch), kept on the model per body and rebuilt when the
@@ -195,6 +203,7 @@ def _compiled_cpu_step(model, body=None):
     steps = model.__dict__.setdefault("_gptgen_cpu_steps", {})
     cached = steps.get(body)
     if cached is None or cached[0] != key:
+        require_cxx_compiler()
         head_t = _head(model)
 
         def step(*args):  # the model from the closure: its weights freeze

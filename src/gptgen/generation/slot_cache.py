@@ -24,7 +24,7 @@ import copy
 import torch
 
 from ..model import KVCache
-from .engine import _compiled_cpu_step, _head
+from .engine import _compiled_cpu_step, _head, _lm_head
 
 
 class SlotKVCache(KVCache):
@@ -80,14 +80,8 @@ def _decode_step(model, idx, positions, mask):
 def _cpu_slot_step(model, idx, positions, mask, head_t):
     """One token per row for rows 0..B-1 (CPU, compiled): each row writes its own position and attends
     its slots up to it, reading the first mask.shape[1] slots of the cache (the longest filled length)."""
-    x = _run_blocks(model, idx, positions, mask[:, None, None, :], mask.shape[1])[:, -1]
-    if head_t is None:
-        logits = model.lm_head(x)
-    else:
-        logits = x @ head_t
-        if model.lm_head.bias is not None:
-            logits = logits + model.lm_head.bias
-    return logits.float()
+    x = _run_blocks(model, idx, positions, mask[:, None, None, :], mask.shape[1])[:, -1:]
+    return _lm_head(model, x, head_t)[:, 0].float()
 
 
 class SlotModel:
