@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from gptgen.quantize import QUANTIZE_HELP, QUANTIZE_MODES
 
 
 def parse_args(argv=None):
@@ -39,7 +40,7 @@ def parse_args(argv=None):
                         "temperature 1 over the whole vocabulary (OpenAI's defaults); greedy")
     p.add_argument("--compile", action="store_true",
                    help="also time BatchEngine(compile=True) (CPU: the decode step compiled by inductor)")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only layers (gptgen.quantize)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help=QUANTIZE_HELP)
     p.add_argument("--tokenizer", help="a tokenizer directory (text deltas are then decoded as a server would)")
     return p.parse_args(argv)
 

@@ -1,6 +1,6 @@
 """CPU decoding side by side with peers on the same random GPT-2 weights: HF transformers, CTranslate2
-(float32, int8), llama.cpp through llama-cpp-python (f32, q8_0), and gptgen (fp32, bf16, int8; eager or
-with the compiled decode step).
+(float32, int8), llama.cpp through llama-cpp-python (f32, q8_0), and gptgen (fp32, bf16, int8 weight-only,
+int8 weights and activations "int8dyn"; eager or with the compiled decode step).
 
     pip install ctranslate2 llama-cpp-python gguf     # peers; a missing one is skipped with a printed line
     python bench/bench_cpu_peers.py                   # both shapes, greedy b1 and sampling b16
@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 
 SHAPES = {"small": dict(n_layer=6, n_embd=384, n_head=6), "gpt2": dict(n_layer=12, n_embd=768, n_head=12)}
-ENGINES = ("hf", "gptgen-fp32", "gptgen-bf16", "gptgen-int8", "gptgen-fp32-compile", "gptgen-bf16-compile",
-           "gptgen-int8-compile", "ct2-float32", "ct2-int8", "llama-f32", "llama-q8_0")
+ENGINES = ("hf", "gptgen-fp32", "gptgen-bf16", "gptgen-int8", "gptgen-int8dyn", "gptgen-fp32-compile",
+           "gptgen-bf16-compile", "gptgen-int8-compile", "gptgen-int8dyn-compile", "ct2-float32", "ct2-int8",
+           "llama-f32", "llama-q8_0")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -151,7 +152,7 @@ def worker(engine: str, job: dict) -> dict:
         elif "-int8" in engine:
             from gptgen.quantize import quantize_model
 
-            quantize_model(model)
+            quantize_model(model, "int8-dynamic" if "-int8dyn" in engine else "int8")
         compile_ = engine.endswith("-compile")
         kw = dict(do_sample=False) if greedy else dict(do_sample=True, top_k=50, top_p=0.95, seed=0)
         if compile_:
@@ -267,6 +268,9 @@ def ppl_cost(args) -> int:
     if cpu_bf16_native():
         rows.append(("int8 weights, bf16 activations",
                      LanguageModel(quantize_model(copy.deepcopy(lm.model), compute_dtype=torch.bfloat16), tok)))
+    for dtype in (torch.float32, torch.bfloat16) if cpu_bf16_native() else (torch.float32,):
+        rows.append((f"int8 weights and activations ({'bf16' if dtype == torch.bfloat16 else 'fp32'} rest)",
+                     LanguageModel(quantize_model(copy.deepcopy(lm.model), "int8-dynamic", compute_dtype=dtype), tok)))
     base = None
     for name, model in rows:
         ppl = evaluate(model, val, batch_size=32, seq_len=128, add_bos=True, device="cpu")["perplexity"]

@@ -111,7 +111,8 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
     """Load a model directory (gptgen, Hugging Face GPT-2 or KerasHub preset) or a named pretrained model
     ("gpt2", "skt/kogpt2-base-v2", "user/repo@REV", "gpt2_base_en") as a LanguageModel; see docs/models.md.
 
-    quantize="int8": int8 weight-only Linear layers for CPU decoding (gptgen.quantize)."""
+    quantize="int8": int8 weight-only Linear layers for CPU decoding; "int8-dynamic": int8 weights and
+    activations, the fastest CPU decoding where the CPU has AVX512-VNNI (gptgen.quantize)."""
     _check_path_argument(directory, "load()")
     directory = checkpoint.resolve_dir(directory, revision)  # names go through the Hugging Face cache
     model = checkpoint.load_model(directory, device=device, dtype=dtype)

@@ -12,6 +12,7 @@ import json
 import sys
 
 from ..errors import GenerationError
+from ..quantize import QUANTIZE_HELP, QUANTIZE_MODES
 from .generate import add_generation_arguments, generation_options
 
 HELP = """commands:
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_generation_arguments(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only layers for CPU decoding")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help=QUANTIZE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object per answered turn")
     p.set_defaults(handler=run_chat)
 

@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..errors import GenerationError
+from ..quantize import QUANTIZE_HELP, QUANTIZE_MODES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prompt", action="store_true", help="print only the generated text")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only layers for CPU decoding")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help=QUANTIZE_HELP)
     p.add_argument("--compile", action="store_true", default=None,
                    help="compile the one-token decode step (CPU: inductor C++ kernels; the first call takes "
                         "seconds to a minute, worth it for long or repeated generations; CUDA: on by default)")

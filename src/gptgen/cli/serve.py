@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import GptgenError
+from ..quantize import QUANTIZE_HELP, QUANTIZE_MODES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto (the tokenizer's BOS/EOS, KoGPT-2's <s>{text}</s>), kogpt2, plain, or none")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only layers (CPU: a quarter of fp32's bytes)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help=QUANTIZE_HELP)
     p.add_argument("--compile", action="store_true",
                    help="CPU: compile the decode step with inductor (C++ kernels) before serving; takes tens "
                         "of seconds at start, then serves 1-1.5x faster in fp32 and 2-3x with --quantize int8 "
