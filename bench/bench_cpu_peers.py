@@ -1,6 +1,7 @@
 """CPU decoding side by side with peers on the same random GPT-2 weights: HF transformers, CTranslate2
 (float32, int8), llama.cpp through llama-cpp-python (f32, q8_0), and gptgen (fp32, bf16, int8 weight-only,
-int8 weights and activations "int8dyn"; eager or with the compiled decode step).
+int8 weights and activations "int8dyn", which decodes through its native step; eager or with the compiled
+decode step).
 
     pip install ctranslate2 llama-cpp-python gguf     # peers; a missing one is skipped with a printed line
     python bench/bench_cpu_peers.py                   # both shapes, greedy b1 and sampling b16
@@ -31,7 +32,7 @@ from pathlib import Path
 
 SHAPES = {"small": dict(n_layer=6, n_embd=384, n_head=6), "gpt2": dict(n_layer=12, n_embd=768, n_head=12)}
 ENGINES = ("hf", "gptgen-fp32", "gptgen-bf16", "gptgen-int8", "gptgen-int8dyn", "gptgen-fp32-compile",
-           "gptgen-bf16-compile", "gptgen-int8-compile", "gptgen-int8dyn-compile", "ct2-float32", "ct2-int8",
+           "gptgen-bf16-compile", "gptgen-int8-compile", "ct2-float32", "ct2-int8",
            "llama-f32", "llama-q8_0")
 REPO = Path(__file__).resolve().parents[1]
 

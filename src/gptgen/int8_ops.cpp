@@ -16,6 +16,7 @@
 // Built with -ffp-contract=off so no multiply and add fuse.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
@@ -133,9 +134,304 @@ at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& packed, co
   return y;
 }
 
+
+
+// Vector helpers of the decode step ---------------------------------------------------------------------------
+// float -> bfloat16 -> float with round-to-nearest-even, as c10::BFloat16 rounds (NaN stays NaN).
+inline __m512 round_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  r = _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_mov_ps(_mm512_castsi512_ps(r), nan, v);
+}
+
+inline void round_bf16(float* v, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(v + i, round_bf16(_mm512_loadu_ps(v + i)));
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    _mm512_mask_storeu_ps(v + i, m, round_bf16(_mm512_maskz_loadu_ps(m, v + i)));
+  }
+}
+
+// e^x for |x| <= 88: x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 7 (relative error
+// below 2e-7), scaled by 2^n.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// GELU with tanh: 0.5 x (1 + tanh(u)) = x / (1 + e^(-2u)), u = sqrt(2 / pi) (x + 0.044715 x^3)
+inline __m512 gelu_tanh(__m512 x) {
+  const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, x));
+  const __m512 e = exp_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), u));
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+// 16 bf16 or float values as floats (masked: the first n < 16)
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+
+// Int8Decoder: the whole one-token decode step of an int8-dynamic GPT in one call ------------------------------
+//
+// What GPT.forward does for one new token per row over the KV cache (pre-norm GPT-2 or post-norm KerasHub
+// blocks, ReLU / GELU / tanh GELU), with every Linear the product above. A compiled step spends about as
+// long in the glue between its ~50 kernels (calls, buffers, the per-call checks of torch.compile) as in the
+// products; here the glue is a loop. Values are rounded to the model's dtype where the PyTorch model rounds
+// them (each layer's output, the residual sums), so the step follows the eager model's numbers closely.
+struct Product {
+  at::Tensor packed, offset, wscale, bias;
+  int64_t K = 0, N = 0, Kp = 0, Nb = 0;
+};
+
+struct Int8Decoder : torch::CustomClassHolder {
+  int64_t n_layer, C, H, D, inner, V;
+  bool pre_norm, final_norm, bf16;
+  int64_t activation;  // 0 relu, 1 gelu (erf), 2 gelu (tanh)
+  double eps;
+  at::Tensor wte, wpe, lnf_w, lnf_b;
+  std::vector<at::Tensor> ln;  // per layer: ln_1 weight, bias, ln_2 weight, bias (float32)
+  std::vector<Product> prods;  // per layer: c_attn, attn c_proj, c_fc, mlp c_proj; then the head
+  std::vector<at::Tensor> cache;  // per layer: k, v (B, H, T, D)
+  std::vector<float> x, h, buf, big;
+  std::vector<uint8_t> q;
+  std::vector<float> xs;
+
+  static Product product(const std::vector<at::Tensor>& t, size_t i) {
+    Product p{t[i], t[i + 1], t[i + 2], t[i + 3]};
+    p.Nb = p.packed.size(0);
+    p.Kp = p.packed.size(1) * 4;
+    p.N = p.offset.numel();
+    return p;
+  }
+
+  Int8Decoder(std::vector<at::Tensor> t, std::vector<int64_t> ints, double eps_) : eps(eps_) {
+    TORCH_CHECK(ints.size() == 9, "Int8Decoder: 9 sizes expected");
+    n_layer = ints[0]; C = ints[1]; H = ints[2]; D = ints[3]; pre_norm = ints[4]; activation = ints[5];
+    final_norm = ints[6]; V = ints[7]; bf16 = ints[8];
+    inner = H * D;
+    TORCH_CHECK(static_cast<int64_t>(t.size()) == 2 + 20 * n_layer + 2 + 4, "Int8Decoder: wrong number of tensors");
+    wte = t[0]; wpe = t[1];
+    const auto dt = bf16 ? at::kBFloat16 : at::kFloat;
+    TORCH_CHECK(wte.scalar_type() == dt && wpe.scalar_type() == dt && wte.is_contiguous() && wpe.is_contiguous());
+    const int64_t widths[4][2] = {{C, 3 * inner}, {inner, C}, {C, -1}, {-1, C}};
+    size_t i = 2;
+    for (int64_t l = 0; l < n_layer; ++l) {
+      ln.push_back(t[i]); ln.push_back(t[i + 1]);
+      for (int j = 0; j < 4; ++j) {
+        Product p = product(t, i + 2 + 4 * j);
+        p.K = widths[j][0] >= 0 ? widths[j][0] : prods.back().N;
+        check_weight(p.packed, p.offset, p.wscale, p.bias.numel() ? std::optional<at::Tensor>(p.bias) : std::nullopt, p.K, p.N);
+        TORCH_CHECK(widths[j][1] < 0 || p.N == widths[j][1], "Int8Decoder: a layer's width does not match");
+        prods.push_back(p);
+      }
+      ln.push_back(t[i + 18]); ln.push_back(t[i + 19]);
+      i += 20;
+    }
+    lnf_w = t[i]; lnf_b = t[i + 1];
+    Product head = product(t, i + 2);
+    head.K = C;
+    TORCH_CHECK(head.N == V, "Int8Decoder: the head's width does not match the vocabulary");
+    check_weight(head.packed, head.offset, head.wscale, head.bias.numel() ? std::optional<at::Tensor>(head.bias) : std::nullopt, C, V);
+    prods.push_back(head);
+    for (const auto& w : ln) TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == C);
+  }
+
+  void set_cache(std::vector<at::Tensor> kv) {
+    for (const auto& c : kv)
+      TORCH_CHECK(c.dim() == 4 && c.is_contiguous() && c.size(1) == H && c.size(3) == D &&
+                  c.scalar_type() == (bf16 ? at::kBFloat16 : at::kFloat), "Int8Decoder: a cache of the wrong shape or dtype");
+    TORCH_CHECK(kv.empty() || static_cast<int64_t>(kv.size()) == 2 * n_layer, "Int8Decoder: one k and one v per layer");
+    cache = std::move(kv);
+  }
+
+  inline float rnd(float v) const { return bf16 ? static_cast<float>(c10::BFloat16(v)) : v; }
+
+  float load(const at::Tensor& t, int64_t i) const {
+    return bf16 ? static_cast<float>(t.data_ptr<at::BFloat16>()[i]) : t.data_ptr<float>()[i];
+  }
+
+  void layer_norm(const float* in, float* out, int64_t B, const at::Tensor& w, const at::Tensor& b) const {
+    const float* wp = w.data_ptr<float>();
+    const float* bp = b.data_ptr<float>();
+    for (int64_t r = 0; r < B; ++r) {
+      const float* row = in + r * C;
+      float mean = 0.f, var = 0.f;
+      for (int64_t c = 0; c < C; ++c) mean += row[c];
+      mean /= C;
+      for (int64_t c = 0; c < C; ++c) var += (row[c] - mean) * (row[c] - mean);
+      const float inv = 1.0f / std::sqrt(var / C + static_cast<float>(eps));
+      for (int64_t c = 0; c < C; ++c) out[r * C + c] = rnd((row[c] - mean) * inv * wp[c] + bp[c]);
+    }
+  }
+
+  // out (B, p.N) = the product of in (B, p.K), rounded to the model's dtype
+  void linear(const Product& p, const float* in, float* out, int64_t B, bool round = true) {
+    q.resize(B * p.Kp);
+    xs.resize(B);
+    quantize_rows(in, B, p.K, p.Kp, q.data(), xs.data());
+    gemv_rows(q.data(), xs.data(), B, p.Kp, p.packed.data_ptr<int8_t>(), p.offset.data_ptr<int32_t>(),
+              p.wscale.data_ptr<float>(), p.bias.numel() ? p.bias.data_ptr<float>() : nullptr, p.Nb, p.N, out);
+    if (round && bf16) round_bf16(out, B * p.N);
+  }
+
+  template <typename T>
+  void attend(int64_t l, const float* qkv, float* out, int64_t B, const int64_t* mask, int64_t mask_stride,
+              int64_t slot) {
+    T* kc = cache[2 * l].data_ptr<T>();
+    T* vc = cache[2 * l + 1].data_ptr<T>();
+    const int64_t T_ = cache[2 * l].size(2), L = slot + 1;
+    // the new token's key and value into their slot
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t hh = 0; hh < H; ++hh)
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t at = ((b * H + hh) * T_ + slot) * D + d;
+          kc[at] = static_cast<T>(qkv[b * 3 * inner + inner + hh * D + d]);
+          vc[at] = static_cast<T>(qkv[b * 3 * inner + 2 * inner + hh * D + d]);
+        }
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    const int64_t chunks = (D + 15) / 16;
+    at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> s(L);
+      std::vector<__m512> qv(chunks), acc(chunks);
+      std::vector<__mmask16> dm(chunks);
+      for (int64_t c = 0; c < chunks; ++c) dm[c] = static_cast<__mmask16>((1u << std::min<int64_t>(16, D - 16 * c)) - 1u);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / H, hh = i % H;
+        const float* qp = qkv + b * 3 * inner + hh * D;
+        for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_maskz_loadu_ps(dm[c], qp + 16 * c);
+        const T* kr = kc + (b * H + hh) * T_ * D;
+        const T* vr = vc + (b * H + hh) * T_ * D;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < L; ++t) {
+          if (!mask[b * mask_stride + t]) { s[t] = -INFINITY; continue; }
+          __m512 dot = _mm512_setzero_ps();
+          for (int64_t c = 0; c < chunks; ++c) dot = _mm512_fmadd_ps(qv[c], load16(kr + t * D + 16 * c, dm[c]), dot);
+          s[t] = _mm512_reduce_add_ps(dot) * scale;
+          mx = std::max(mx, s[t]);
+        }
+        float sum = 0.f;
+        for (int64_t t = 0; t < L; ++t) {
+          s[t] = s[t] == -INFINITY ? 0.f : std::exp(s[t] - mx);
+          sum += s[t];
+        }
+        for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < L; ++t) {
+          if (s[t] == 0.f) continue;
+          const __m512 p = _mm512_set1_ps(s[t] / sum);
+          for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(p, load16(vr + t * D + 16 * c, dm[c]), acc[c]);
+        }
+        float* op = out + b * inner + hh * D;
+        for (int64_t c = 0; c < chunks; ++c) _mm512_mask_storeu_ps(op + 16 * c, dm[c], bf16 ? round_bf16(acc[c]) : acc[c]);
+      }
+    });
+  }
+
+  void activate(float* v, int64_t n) const {
+    at::parallel_for(0, (n + 15) / 16, 256, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t i = 16 * c;
+        const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1u);
+        __m512 a = _mm512_maskz_loadu_ps(m, v + i);
+        if (activation == 0) {
+          a = _mm512_max_ps(a, _mm512_setzero_ps());
+        } else if (activation == 2) {
+          a = gelu_tanh(a);
+        } else {
+          alignas(64) float t[16];
+          _mm512_store_ps(t, a);
+          for (int j = 0; j < 16; ++j) t[j] = 0.5f * t[j] * (1.0f + std::erf(t[j] * static_cast<float>(M_SQRT1_2)));
+          a = _mm512_load_ps(t);
+        }
+        _mm512_mask_storeu_ps(v + i, m, bf16 ? round_bf16(a) : a);
+      }
+    });
+  }
+
+  // x += y, rounded to the model's dtype
+  void residual(float* x_, const float* y, int64_t n) const {
+    int64_t i = 0;
+    for (; i < n; i += 16) {
+      const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1u);
+      __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x_ + i), _mm512_maskz_loadu_ps(m, y + i));
+      _mm512_mask_storeu_ps(x_ + i, m, bf16 ? round_bf16(v) : v);
+    }
+  }
+
+  std::tuple<at::Tensor, at::Tensor> step(at::Tensor tokens, at::Tensor pad_counts, at::Tensor mask, int64_t slot) {
+    TORCH_CHECK(static_cast<int64_t>(cache.size()) == 2 * n_layer, "Int8Decoder: set_cache first");
+    TORCH_CHECK(tokens.scalar_type() == at::kLong && pad_counts.scalar_type() == at::kLong && mask.scalar_type() == at::kLong);
+    TORCH_CHECK(mask.dim() == 2 && mask.stride(1) == 1 && mask.size(1) > slot && slot >= 0);
+    tokens = tokens.contiguous();
+    pad_counts = pad_counts.contiguous();
+    const int64_t B = tokens.numel();
+    TORCH_CHECK(pad_counts.numel() == B && mask.size(0) == B && cache[0].size(0) == B && cache[0].size(2) > slot);
+    const int64_t* tok = tokens.data_ptr<int64_t>();
+    const int64_t* pad = pad_counts.data_ptr<int64_t>();
+    const int64_t ffn = prods[2].N;
+    x.resize(B * C); h.resize(B * std::max(C, inner)); buf.resize(B * std::max({3 * inner, ffn, C}));
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(tok[b] >= 0 && tok[b] < wte.size(0), "token id out of range");
+      const int64_t pos = std::min(std::max<int64_t>(slot - pad[b], 0), wpe.size(0) - 1);
+      for (int64_t c = 0; c < C; ++c) x[b * C + c] = rnd(load(wte, tok[b] * C + c) + load(wpe, pos * C + c));
+    }
+    const int64_t* mp = mask.data_ptr<int64_t>();
+    const int64_t ms = mask.stride(0);
+    std::vector<float> a(B * std::max(C, inner));
+    for (int64_t l = 0; l < n_layer; ++l) {
+      const Product* p = &prods[4 * l];
+      const at::Tensor* n = &ln[4 * l];
+      // attention
+      const float* in = x.data();
+      if (pre_norm) { layer_norm(x.data(), h.data(), B, n[0], n[1]); in = h.data(); }
+      linear(p[0], in, buf.data(), B);
+      if (bf16) attend<at::BFloat16>(l, buf.data(), a.data(), B, mp, ms, slot);
+      else attend<float>(l, buf.data(), a.data(), B, mp, ms, slot);
+      linear(p[1], a.data(), h.data(), B);
+      residual(x.data(), h.data(), B * C);
+      if (!pre_norm) layer_norm(x.data(), x.data(), B, n[0], n[1]);
+      // MLP
+      in = x.data();
+      if (pre_norm) { layer_norm(x.data(), h.data(), B, n[2], n[3]); in = h.data(); }
+      linear(p[2], in, buf.data(), B);
+      activate(buf.data(), B * ffn);
+      linear(p[3], buf.data(), h.data(), B);
+      residual(x.data(), h.data(), B * C);
+      if (!pre_norm) layer_norm(x.data(), x.data(), B, n[2], n[3]);
+    }
+    if (final_norm) layer_norm(x.data(), x.data(), B, lnf_w, lnf_b);
+    at::Tensor hidden = at::from_blob(x.data(), {B, 1, C}, at::kFloat).to(bf16 ? at::kBFloat16 : at::kFloat, false, true);
+    at::Tensor logits = at::empty({B, V}, at::kFloat);
+    linear(prods.back(), x.data(), logits.data_ptr<float>(), B);
+    return {logits, hidden};
+  }
+};
+
 }  // namespace
 
 TORCH_LIBRARY(gptgen, m) {
+  m.class_<Int8Decoder>("Int8Decoder")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double>())
+      .def("set_cache", &Int8Decoder::set_cache)
+      .def("step", &Int8Decoder::step);
   m.def("int8_dynamic_linear(Tensor x, Tensor packed, Tensor offset, Tensor wscale, Tensor? bias, int N) -> Tensor");
 }
 

@@ -167,3 +167,56 @@ def linear(x: torch.Tensor, packed: torch.Tensor, offset: torch.Tensor, wscale: 
            bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """x (M, K) float32/bf16 contiguous -> float32 (M, N) through the kernel (available() must be True)."""
     return torch.ops.gptgen.int8_dynamic_linear(x, packed, offset, wscale, bias, n)
+
+
+_ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2}
+_decoders: "weakref.WeakKeyDictionary" = None  # model -> its Int8Decoder (or None where it cannot run)
+
+
+def decoder(model):
+    """The one-token decode step of an int8-dynamic GPT as one native call (torch.classes.gptgen.Int8Decoder),
+    built once per model; None where it cannot run (the kernel is unavailable, the model is not int8-dynamic
+    on CPU in float32/bf16, or a layer differs from the kernel's)."""
+    global _decoders
+    import weakref
+
+    from .quantize import Int8DynamicLinear
+
+    if _decoders is None:
+        _decoders = weakref.WeakKeyDictionary()
+    if model in _decoders:
+        return _decoders[model]
+    dec = None
+    cfg = model.config
+    dtype = model.embed.wte.weight.dtype
+    linears = [m for b in model.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+    linears.append(model.lm_head)
+    if (getattr(model, "quantized", None) == "int8-dynamic" and available() and dtype in (torch.float32, torch.bfloat16)
+            and model.embed.wte.weight.device.type == "cpu" and cfg.activation in _ACTIVATIONS
+            and all(isinstance(m, Int8DynamicLinear) and m.kernel for m in linears)
+            and all(isinstance(n, torch.nn.LayerNorm) for b in model.blocks for n in (b.ln_1, b.ln_2))):
+        def f32(t):
+            return t.detach().float().contiguous()
+
+        def product(m):
+            bias = m.bias if m.bias is not None else torch.empty(0)
+            return [m.packed, m.offset, m.scale, bias]
+
+        tensors = [model.embed.wte.weight.detach().contiguous(), model.embed.wpe.weight.detach().contiguous()]
+        eps = model.blocks[0].ln_1.eps if len(model.blocks) else 1e-5
+        for b in model.blocks:
+            tensors += [f32(b.ln_1.weight), f32(b.ln_1.bias)]
+            for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj):
+                tensors += product(m)
+            tensors += [f32(b.ln_2.weight), f32(b.ln_2.bias)]
+        final = isinstance(model.ln_f, torch.nn.LayerNorm)
+        tensors += [f32(model.ln_f.weight), f32(model.ln_f.bias)] if final else [torch.empty(0), torch.empty(0)]
+        tensors += product(model.lm_head)
+        attn = model.blocks[0].attn if len(model.blocks) else None
+        ints = [len(model.blocks), cfg.n_embd, attn.n_head if attn else 1, attn.head_dim if attn else 1,
+                int(cfg.norm_position == "pre"), _ACTIVATIONS[cfg.activation], int(final), cfg.vocab_size,
+                int(dtype == torch.bfloat16)]
+        if attn is not None and all(n.eps == eps for b in model.blocks for n in (b.ln_1, b.ln_2)):
+            dec = torch.classes.gptgen.Int8Decoder(tensors, ints, float(eps))
+    _decoders[model] = dec
+    return dec

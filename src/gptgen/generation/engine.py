@@ -39,13 +39,20 @@ class ModelBackend:
         self.model = model
         self.device = model.embed.wte.weight.device
         self.compile = (self.device.type == "cuda") if compile is None else compile
+        self.native = None
 
     def prefill(self, state: DecodeState, need_hidden):
         model, P = self.model, state.prompt_len
         total = P + state.max_new_tokens
         rows = state.num_rows
         dtype = model.embed.wte.weight.dtype
-        if self.compile:
+        # An int8-dynamic model on CPU decodes through its native step (one call per token, no compile).
+        self.native = _native_decoder(model) if self.device.type == "cpu" else None
+        if self.native is not None:
+            model.setup_kv_cache(rows, total)
+            self.native.set_cache([t for block in model.blocks
+                                   for t in (block.attn.kv_cache.k_cache, block.attn.kv_cache.v_cache)])
+        elif self.compile:
             # A cache kept between calls, so the captured graph is replayed; its length is a power of
             # two (at least 256, at most the context) so short generations do not read a full-context cache.
             total = min(model.config.n_positions, max(256, 1 << (total - 1).bit_length()))
@@ -68,6 +75,9 @@ class ModelBackend:
         return logits[:, -1].float(), hidden
 
     def step(self, feed: torch.Tensor, slot: int, need_hidden):
+        if self.native is not None:
+            logits, hidden = self.native.step(feed, self.pad_counts, self.mask, slot)
+            return logits, (hidden if need_hidden else None)
         pos = (slot - self.pad_counts).clamp(min=0)[:, None]
         input_pos = torch.full((1,), slot, dtype=torch.long, device=self.device)  # a fill, not a host copy
         if self.compile and self.device.type == "cpu":
@@ -114,8 +124,19 @@ class ModelBackend:
         self.pad_counts = self.pad_counts.index_select(0, index)
 
     def close(self) -> None:
-        if not self.compile:
+        if self.native is not None:
+            self.native.set_cache([])
+        if not self.compile or self.native is not None:
             self.model.clear_kv_cache()
+
+
+def _native_decoder(model):
+    """The model's Int8Decoder (gptgen.int8_ops) where it is int8-dynamic and the kernel runs, else None."""
+    if getattr(model, "quantized", None) != "int8-dynamic":
+        return None
+    from ..int8_ops import decoder
+
+    return decoder(model)
 
 
 def _head(model) -> torch.Tensor | None:
