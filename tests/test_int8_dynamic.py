@@ -337,20 +337,9 @@ def _native_step_in_use() -> bool:
     return hasattr(engine, "_native_decoder") and int8_ops.available()
 
 
-def _known_stale_decoder_bug(request):
-    """int8_ops.decoder(model) keeps one Int8Decoder per model object, built from the tensors the model had at
-    its first generation, and engine.ModelBackend uses it whatever happened to the model since (71ac182)."""
-    if _native_step_in_use():
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="bug: the native Int8Decoder is cached per model object (int8_ops.decoder), not "
-                                "rebuilt when the model's tensors change (model.to(dtype)), and holds float32 "
-                                "copies of a bf16 model's layer norms (load_state_dict does not reach them)"))
-
-
-def test_generation_after_the_model_moves_to_bf16(request):
+def test_generation_after_the_model_moves_to_bf16():
     """A quantized model that generated in fp32, then moved to bf16, generates what a model quantized for bf16
     generates: nothing built for the fp32 model (a cache, a native step) is reused for the moved one."""
-    _known_stale_decoder_bug(request)
     ref = tiny_gpt(3)
     q = quantize_model(copy.deepcopy(ref), "int8-dynamic", compute_dtype=torch.float32)
     assert len(generate_ids(q, [[1, 2, 3]], max_new_tokens=10, eos_token_id=[])[0]) == 10
@@ -361,11 +350,9 @@ def test_generation_after_the_model_moves_to_bf16(request):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_generation_after_load_state_dict_uses_the_loaded_weights(request, dtype):
+def test_generation_after_load_state_dict_uses_the_loaded_weights(dtype):
     """Generate, load another model's state (in place), generate again: the loaded model's tokens. (The native
-    step keeps float32 copies of a bf16 model's layer norms, so in bf16 it ran the old ones.)"""
-    if dtype == torch.bfloat16:
-        _known_stale_decoder_bug(request)
+    step keeps float32 copies of a bf16 model's layer norms: it must be rebuilt.)"""
     prompts = [[1, 2, 3]]
     model = quantize_model(tiny_gpt(0), "int8-dynamic", compute_dtype=dtype)
     other = quantize_model(tiny_gpt(1), "int8-dynamic", compute_dtype=dtype)

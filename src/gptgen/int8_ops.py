@@ -184,8 +184,12 @@ def decoder(model):
 
     if _decoders is None:
         _decoders = weakref.WeakKeyDictionary()
-    if model in _decoders:
-        return _decoders[model]
+    # Rebuilt when the model's tensors change (load_state_dict, model.to(dtype)): the step holds them, and
+    # float32 copies of a bf16 model's layer norms.
+    key = _tensors_key(model)
+    cached = _decoders.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     dec = None
     cfg = model.config
     dtype = model.embed.wte.weight.dtype
@@ -218,5 +222,17 @@ def decoder(model):
                 int(dtype == torch.bfloat16)]
         if attn is not None and all(n.eps == eps for b in model.blocks for n in (b.ln_1, b.ln_2)):
             dec = torch.classes.gptgen.Int8Decoder(tensors, ints, float(eps))
-    _decoders[model] = dec
+    _decoders[model] = (key, dec)
     return dec
+
+
+def _tensors_key(model) -> tuple:
+    """Where every parameter and buffer lives, its version and dtype, and a sample of each parameter's values
+    (in-place writes that leave the version counter alone still change it)."""
+    def sample(t):
+        flat = t.detach().reshape(-1)
+        return float(flat[::max(1, flat.numel() // 1024)].float().sum())
+
+    return (tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape), sample(t)) for t in model.parameters())
+            + tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape))
+                    for name, t in model.named_buffers() if ".kv_cache." not in name))
