@@ -75,9 +75,105 @@ inline void block_rows(const int8_t* blk, const uint8_t* q, int64_t Kp, __m512i 
   }
 }
 
+
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__linux__)
+// AMX: for several rows the product is arithmetic, not bytes, and one tile instruction (tdpbusd) multiplies
+// a 16 x 64 block of activations by a 64 x 16 block of weights. The packed weight block is already the B
+// tile's layout (16 rows of 4 k x 16 outputs), so a tile is 1 KiB at a 64-byte stride; activations load as
+// 16 rows of 64 bytes. The int32 sums are the same as the dpbusd path's.
+#include <sys/syscall.h>
+#include <unistd.h>
+
+bool amx_enabled() {
+  static const bool ok = [] {
+    constexpr long kReqPerm = 0x1023, kXtileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kReqPerm, kXtileData) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline void amx_store(const int32_t (*c)[16], const float* xsp, int64_t rows, const int32_t* off, const float* ws,
+                      const float* bp, int64_t N, int64_t n0, float* y) {
+  const int64_t nn = std::min<int64_t>(kBlock, N - n0);
+  const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
+  const __m512i o = _mm512_maskz_loadu_epi32(mask, off + n0);
+  const __m512 s = _mm512_maskz_loadu_ps(mask, ws + n0);
+  const __m512 bb = bp ? _mm512_maskz_loadu_ps(mask, bp + n0) : _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c[r]), o));
+    v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(xsp[r])), s), bb);
+    _mm512_mask_storeu_ps(y + r * N + n0, mask, v);
+  }
+}
+
+// y for blocks [b0, b1), every row: two blocks at a time (sums in tiles 0 and 1), activations in tile 2,
+// weights in tiles 3 and 4. q holds M rows rounded up to 16 (padding rows are 128: zero products).
+void amx_rows(const uint8_t* qp, const float* xsp, int64_t M, int64_t Kp, const int8_t* wp, const int32_t* off,
+              const float* ws, const float* bp, int64_t N, float* yp, int64_t b0, int64_t b1) {
+  TileConfig cfg;
+  for (int t = 0; t < 5; ++t) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+  _tile_loadconfig(&cfg);
+  alignas(64) int32_t c[2][16][16];
+  for (int64_t b = b0; b < b1; b += 2) {
+    const bool pair = b + 1 < b1;
+    const int8_t* w0 = wp + b * Kp * kBlock;
+    const int8_t* w1 = w0 + Kp * kBlock;
+    for (int64_t m0 = 0; m0 < M; m0 += 16) {
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t k = 0; k < Kp; k += 64) {
+        // the next pair's weights on their way: tile loads alone leave the memory system idle between them
+        const int8_t* next = w0 + 2 * Kp * kBlock + 2 * k * kBlock;
+        if (m0 == 0 && b + 2 < b1)
+          for (int64_t line = 0; line < 2 * 64 * kBlock; line += 64) _mm_prefetch(reinterpret_cast<const char*>(next + line), _MM_HINT_T0);
+        _tile_loadd(2, qp + m0 * Kp + k, Kp);
+        _tile_loadd(3, w0 + k * kBlock, 64);
+        _tile_dpbusd(0, 2, 3);
+        if (pair) {
+          _tile_loadd(4, w1 + k * kBlock, 64);
+          _tile_dpbusd(1, 2, 4);
+        }
+      }
+      const int64_t rows = std::min<int64_t>(16, M - m0);
+      _tile_stored(0, c[0], 64);
+      amx_store(c[0], xsp + m0, rows, off, ws, bp, N, b * kBlock, yp + m0 * N);
+      if (pair) {
+        _tile_stored(1, c[1], 64);
+        amx_store(c[1], xsp + m0, rows, off, ws, bp, N, (b + 1) * kBlock, yp + m0 * N);
+      }
+    }
+  }
+  _tile_release();
+}
+#define GPTGEN_AMX 1
+#endif
+
+// Rows from which AMX takes over (fewer rows stream the weights at the same speed either way).
+constexpr int64_t kAmxMinRows = 5;
+
+// q rows padded for AMX: M rounded up to 16, the padding 128 (zero once the offset comes off)
+inline int64_t padded_rows(int64_t M, int64_t Kp) {
+#ifdef GPTGEN_AMX
+  if (M >= kAmxMinRows && Kp % 64 == 0 && amx_enabled()) return (M + 15) / 16 * 16;
+#endif
+  return M;
+}
+
 // y (M, N) float32 = the product for M rows already quantized (q: M x Kp bytes, xs: M scales).
 void gemv_rows(const uint8_t* qp, const float* xsp, int64_t M, int64_t Kp, const int8_t* wp, const int32_t* off,
                const float* ws, const float* bp, int64_t Nb, int64_t N, float* yp) {
+#ifdef GPTGEN_AMX
+  if (M >= kAmxMinRows && Kp % 64 == 0 && amx_enabled()) {
+    at::parallel_for(0, Nb, 2, [&](int64_t b0, int64_t b1) { amx_rows(qp, xsp, M, Kp, wp, off, ws, bp, N, yp, b0, b1); });
+    return;
+  }
+#endif
   // Blocks of output rows split across threads; every row group of x passes over a block while it is in L1,
   // so the weights stream once whatever the number of rows.
   at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) {
@@ -122,7 +218,7 @@ at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& packed, co
   const int64_t Nb = packed.size(0), Kp = packed.size(1) * 4;
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return y;
-  std::vector<uint8_t> q(M * Kp);
+  std::vector<uint8_t> q(padded_rows(M, Kp) * Kp, static_cast<uint8_t>(128));
   std::vector<float> xs(M);
   if (x.scalar_type() == at::kFloat)
     quantize_rows(x.data_ptr<float>(), M, K, Kp, q.data(), xs.data());
@@ -285,7 +381,7 @@ struct Int8Decoder : torch::CustomClassHolder {
 
   // out (B, p.N) = the product of in (B, p.K), rounded to the model's dtype
   void linear(const Product& p, const float* in, float* out, int64_t B, bool round = true) {
-    q.resize(B * p.Kp);
+    q.assign(padded_rows(B, p.Kp) * p.Kp, static_cast<uint8_t>(128));
     xs.resize(B);
     quantize_rows(in, B, p.K, p.Kp, q.data(), xs.data());
     gemv_rows(q.data(), xs.data(), B, p.Kp, p.packed.data_ptr<int8_t>(), p.offset.data_ptr<int32_t>(),
@@ -329,9 +425,13 @@ struct Int8Decoder : torch::CustomClassHolder {
           mx = std::max(mx, s[t]);
         }
         float sum = 0.f;
-        for (int64_t t = 0; t < L; ++t) {
-          s[t] = s[t] == -INFINITY ? 0.f : std::exp(s[t] - mx);
-          sum += s[t];
+        for (int64_t t = 0; t < L; t += 16) {  // e^(s - max), 0 where masked
+          const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, L - t)) - 1u);
+          const __m512 v = _mm512_maskz_loadu_ps(m, s.data() + t);
+          const __mmask16 live = _mm512_mask_cmp_ps_mask(m, v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+          const __m512 e = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(v, _mm512_set1_ps(mx))));
+          _mm512_mask_storeu_ps(s.data() + t, m, e);
+          sum += _mm512_reduce_add_ps(e);
         }
         for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
         for (int64_t t = 0; t < L; ++t) {

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -227,12 +228,9 @@ def decoder(model):
 
 
 def _tensors_key(model) -> tuple:
-    """Where every parameter and buffer lives, its version and dtype, and a sample of each parameter's values
-    (in-place writes that leave the version counter alone still change it)."""
-    def sample(t):
-        flat = t.detach().reshape(-1)
-        return float(flat[::max(1, flat.numel() // 1024)].float().sum())
-
-    return (tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape), sample(t)) for t in model.parameters())
-            + tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape))
-                    for name, t in model.named_buffers() if ".kv_cache." not in name))
+    """Where every parameter and buffer (but the KV cache) lives, its version counter, dtype and shape: a
+    load_state_dict bumps the versions, model.to(dtype) moves the storage. (A quantized model does not train,
+    so no optimizer writes around the version counter.)"""
+    return tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape))
+                 for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+                 if ".kv_cache." not in name)

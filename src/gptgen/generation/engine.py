@@ -443,15 +443,19 @@ def _prepare(model, input_ids, *, max_length=None, max_new_tokens=None, sampler=
 
 
 def _iterate(run: _Run) -> Iterator[DecodeState]:
-    was_training = run.model.training
-    run.model.eval()
+    # Only the modules in training mode switch to eval and back (model.eval()/train() set every module's
+    # flag: ~1 ms a call for GPT-2's ~150 modules, a few percent of a short generation).
+    training = [m for m in run.model.modules() if m.training]
+    for m in training:
+        m.training = False
     # CUDA graphs are captured under no_grad (inference tensors would tie the graph to inference mode).
     grad_off = torch.no_grad() if run.backend.compile else torch.inference_mode()
     try:
         with grad_off:
             yield from decode_steps(run.backend, run.sampler, run.state, run.check_every)
     finally:
-        run.model.train(was_training)
+        for m in training:
+            m.training = True
 
 
 def _finalize(run: _Run) -> list[list[list[int]]]:
