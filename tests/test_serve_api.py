@@ -405,16 +405,18 @@ def test_an_engine_passed_in_is_used_and_sets_the_context(gpt2_lm):
         assert engine.generate(gpt2_lm.tokenizer.encode("x"))[0].completion_tokens == 16
 
 
-def test_an_int8_model_is_served_with_its_own_greedy_text(gpt2_lm):
+@pytest.mark.parametrize("mode", ["int8", "int8-dynamic"])
+def test_an_int8_model_is_served_with_its_own_greedy_text(gpt2_lm, mode):
     """`gptgen serve --quantize int8` loads through gptgen.load(quantize=...); the batch engine then runs
-    the int8 layers and gives the text the per-call engine gives for the same quantized model."""
+    the int8 layers and gives the text the per-call engine gives for the same quantized model (int8-dynamic:
+    the per-call engine's native step and the batch engine's layers agree)."""
     import copy
 
     from fastapi.testclient import TestClient
 
     from gptgen.quantize import quantize_model
 
-    lm = LanguageModel(quantize_model(copy.deepcopy(gpt2_lm.model), compute_dtype=torch.float32),
+    lm = LanguageModel(quantize_model(copy.deepcopy(gpt2_lm.model), mode, compute_dtype=torch.float32),
                        gpt2_lm.tokenizer)
     want = lm.generate(PROMPT, max_new_tokens=6, include_prompt=False)
     with TestClient(create_app(lm, max_batch=4, served_model_name="int8")) as http:

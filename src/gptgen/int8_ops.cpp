@@ -356,6 +356,8 @@ struct Int8Decoder : torch::CustomClassHolder {
       TORCH_CHECK(c.dim() == 4 && c.is_contiguous() && c.size(1) == H && c.size(3) == D &&
                   c.scalar_type() == (bf16 ? at::kBFloat16 : at::kFloat), "Int8Decoder: a cache of the wrong shape or dtype");
     TORCH_CHECK(kv.empty() || static_cast<int64_t>(kv.size()) == 2 * n_layer, "Int8Decoder: one k and one v per layer");
+    for (const auto& c : kv)
+      TORCH_CHECK(c.sizes() == kv[0].sizes(), "Int8Decoder: every layer's cache must have the same shape");
     cache = std::move(kv);
   }
 
