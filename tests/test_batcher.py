@@ -693,3 +693,36 @@ def test_compile_on_cpu_without_a_cxx_compiler_is_one_clear_error(lm, monkeypatc
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(GenerationError, match="needs a C\\+\\+ compiler"):
         BatchEngine(lm, compile=True)
+
+
+def test_int8_dynamic_engine_decodes_through_the_native_step_with_the_per_call_tokens(lm, tok):
+    """An int8-dynamic model on CPU (where the VNNI kernel runs): the batch engine's decode step is the native
+    Int8Decoder over its slot cache (rows at different positions, joining at different steps); greedy
+    tokens equal the per-call engine's (its native step over a left-padded cache); warm_up compiles nothing."""
+    import copy
+
+    from gptgen import int8_ops
+    from gptgen.quantize import quantize_model
+
+    if not int8_ops.available():
+        pytest.skip(f"the int8-dynamic kernel is unavailable here: {int8_ops.status()['detail']}")
+    qlm = LanguageModel(quantize_model(copy.deepcopy(lm.model), "int8-dynamic", compute_dtype=torch.float32), tok)
+    prompts = [_prompt(tok, p) for p in OTHER_PROMPTS[:4]]
+    lengths = [12, 20, 16, 24]
+    refs = [generate_ids(qlm.model, [p], max_new_tokens=n, eos_token_id=tok.eos_token_id)[0]
+            for p, n in zip(prompts, lengths)]
+    eng = BatchEngine(qlm, max_batch=4, compile=True)
+    assert eng.slots.native is not None and eng.warm_up() == 0.0
+    calls = []
+    step_rows = eng.slots.decode_native
+    eng.slots.decode_native = lambda idx, pos: calls.append(idx.shape[0]) or step_rows(idx, pos)
+    with eng:
+        sinks = [Collector() for _ in prompts]
+        reqs = []
+        for p, n, sink in zip(prompts, lengths, sinks):
+            reqs.append(eng.submit(p, SamplingParams(max_tokens=n, temperature=0.0), sink))
+            sink.first.wait(10)  # the next joins a step later: rows at different positions
+        for r in reqs:
+            assert r.done.wait(60)
+    assert [s.tokens() for s in sinks] == refs
+    assert max(calls) > 1 and len(calls) >= max(lengths) - 1  # batched native steps ran

@@ -391,36 +391,38 @@ struct Int8Decoder : torch::CustomClassHolder {
     if (round && bf16) round_bf16(out, B * p.N);
   }
 
+  // Row b writes its key and value at slots[b] and attends slots 0..slots[b] (those the mask marks, with one).
   template <typename T>
   void attend(int64_t l, const float* qkv, float* out, int64_t B, const int64_t* mask, int64_t mask_stride,
-              int64_t slot) {
+              const int64_t* slots) {
     T* kc = cache[2 * l].data_ptr<T>();
     T* vc = cache[2 * l + 1].data_ptr<T>();
-    const int64_t T_ = cache[2 * l].size(2), L = slot + 1;
+    const int64_t T_ = cache[2 * l].size(2);
     // the new token's key and value into their slot
     for (int64_t b = 0; b < B; ++b)
       for (int64_t hh = 0; hh < H; ++hh)
         for (int64_t d = 0; d < D; ++d) {
-          const int64_t at = ((b * H + hh) * T_ + slot) * D + d;
+          const int64_t at = ((b * H + hh) * T_ + slots[b]) * D + d;
           kc[at] = static_cast<T>(qkv[b * 3 * inner + inner + hh * D + d]);
           vc[at] = static_cast<T>(qkv[b * 3 * inner + 2 * inner + hh * D + d]);
         }
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
     const int64_t chunks = (D + 15) / 16;
+    const int64_t Lmax = *std::max_element(slots, slots + B) + 1;
     at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> s(L);
+      std::vector<float> s(Lmax);
       std::vector<__m512> qv(chunks), acc(chunks);
       std::vector<__mmask16> dm(chunks);
       for (int64_t c = 0; c < chunks; ++c) dm[c] = static_cast<__mmask16>((1u << std::min<int64_t>(16, D - 16 * c)) - 1u);
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / H, hh = i % H;
+        const int64_t b = i / H, hh = i % H, L = slots[b] + 1;
         const float* qp = qkv + b * 3 * inner + hh * D;
         for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_maskz_loadu_ps(dm[c], qp + 16 * c);
         const T* kr = kc + (b * H + hh) * T_ * D;
         const T* vr = vc + (b * H + hh) * T_ * D;
         float mx = -INFINITY;
         for (int64_t t = 0; t < L; ++t) {
-          if (!mask[b * mask_stride + t]) { s[t] = -INFINITY; continue; }
+          if (mask && !mask[b * mask_stride + t]) { s[t] = -INFINITY; continue; }
           __m512 dot = _mm512_setzero_ps();
           for (int64_t c = 0; c < chunks; ++c) dot = _mm512_fmadd_ps(qv[c], load16(kr + t * D + 16 * c, dm[c]), dot);
           s[t] = _mm512_reduce_add_ps(dot) * scale;
@@ -478,25 +480,47 @@ struct Int8Decoder : torch::CustomClassHolder {
     }
   }
 
+  // The per-call engine's step: every row writes cache slot `slot`; row b's position is slot - pad_counts[b]
+  // (left padding) and it attends the slots its mask row marks.
   std::tuple<at::Tensor, at::Tensor> step(at::Tensor tokens, at::Tensor pad_counts, at::Tensor mask, int64_t slot) {
-    TORCH_CHECK(static_cast<int64_t>(cache.size()) == 2 * n_layer, "Int8Decoder: set_cache first");
-    TORCH_CHECK(tokens.scalar_type() == at::kLong && pad_counts.scalar_type() == at::kLong && mask.scalar_type() == at::kLong);
-    TORCH_CHECK(mask.dim() == 2 && mask.stride(1) == 1 && mask.size(1) > slot && slot >= 0);
-    tokens = tokens.contiguous();
+    TORCH_CHECK(pad_counts.scalar_type() == at::kLong && mask.scalar_type() == at::kLong, "Int8Decoder: int64 pad counts and mask");
+    TORCH_CHECK(mask.dim() == 2 && mask.stride(1) == 1 && mask.size(1) > slot && slot >= 0, "Int8Decoder: the slot is outside the mask");
     pad_counts = pad_counts.contiguous();
     const int64_t B = tokens.numel();
-    TORCH_CHECK(pad_counts.numel() == B && mask.size(0) == B && cache[0].size(0) == B && cache[0].size(2) > slot);
-    const int64_t* tok = tokens.data_ptr<int64_t>();
+    TORCH_CHECK(pad_counts.numel() == B && mask.size(0) == B, "Int8Decoder: one pad count and one mask row per token");
+    std::vector<int64_t> slots(B, slot), positions(B);
     const int64_t* pad = pad_counts.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) positions[b] = std::max<int64_t>(slot - pad[b], 0);
+    return run(tokens, slots, positions, mask.data_ptr<int64_t>(), mask.stride(0));
+  }
+
+  // The serving engine's step: row b (cache row b) is at position positions[b], writes that slot and attends
+  // every slot up to it.
+  std::tuple<at::Tensor, at::Tensor> step_rows(at::Tensor tokens, at::Tensor positions) {
+    TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == tokens.numel(), "Int8Decoder: one int64 position per token");
+    positions = positions.contiguous();
+    const int64_t* pp = positions.data_ptr<int64_t>();
+    std::vector<int64_t> pos(pp, pp + positions.numel());
+    for (int64_t p : pos) TORCH_CHECK(p >= 0, "Int8Decoder: a negative position");
+    return run(tokens, pos, pos, nullptr, 0);
+  }
+
+  std::tuple<at::Tensor, at::Tensor> run(at::Tensor tokens, const std::vector<int64_t>& slots,
+                                         const std::vector<int64_t>& positions, const int64_t* mp, int64_t ms) {
+    TORCH_CHECK(static_cast<int64_t>(cache.size()) == 2 * n_layer, "Int8Decoder: set_cache first");
+    TORCH_CHECK(tokens.scalar_type() == at::kLong, "Int8Decoder: int64 tokens");
+    tokens = tokens.contiguous();
+    const int64_t B = tokens.numel();
+    TORCH_CHECK(B > 0 && cache[0].size(0) >= B, "Int8Decoder: more rows than the cache holds");
+    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(slots[b] >= 0 && slots[b] < cache[0].size(2), "Int8Decoder: a slot outside the cache");
+    const int64_t* tok = tokens.data_ptr<int64_t>();
     const int64_t ffn = prods[2].N;
     x.resize(B * C); h.resize(B * std::max(C, inner)); buf.resize(B * std::max({3 * inner, ffn, C}));
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK(tok[b] >= 0 && tok[b] < wte.size(0), "token id out of range");
-      const int64_t pos = std::min(std::max<int64_t>(slot - pad[b], 0), wpe.size(0) - 1);
+      const int64_t pos = std::min(positions[b], wpe.size(0) - 1);
       for (int64_t c = 0; c < C; ++c) x[b * C + c] = rnd(load(wte, tok[b] * C + c) + load(wpe, pos * C + c));
     }
-    const int64_t* mp = mask.data_ptr<int64_t>();
-    const int64_t ms = mask.stride(0);
     std::vector<float> a(B * std::max(C, inner));
     for (int64_t l = 0; l < n_layer; ++l) {
       const Product* p = &prods[4 * l];
@@ -505,8 +529,8 @@ struct Int8Decoder : torch::CustomClassHolder {
       const float* in = x.data();
       if (pre_norm) { layer_norm(x.data(), h.data(), B, n[0], n[1]); in = h.data(); }
       linear(p[0], in, buf.data(), B);
-      if (bf16) attend<at::BFloat16>(l, buf.data(), a.data(), B, mp, ms, slot);
-      else attend<float>(l, buf.data(), a.data(), B, mp, ms, slot);
+      if (bf16) attend<at::BFloat16>(l, buf.data(), a.data(), B, mp, ms, slots.data());
+      else attend<float>(l, buf.data(), a.data(), B, mp, ms, slots.data());
       linear(p[1], a.data(), h.data(), B);
       residual(x.data(), h.data(), B * C);
       if (!pre_norm) layer_norm(x.data(), x.data(), B, n[0], n[1]);
@@ -533,7 +557,8 @@ TORCH_LIBRARY(gptgen, m) {
   m.class_<Int8Decoder>("Int8Decoder")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double>())
       .def("set_cache", &Int8Decoder::set_cache)
-      .def("step", &Int8Decoder::step);
+      .def("step", &Int8Decoder::step)
+      .def("step_rows", &Int8Decoder::step_rows);
   m.def("int8_dynamic_linear(Tensor x, Tensor packed, Tensor offset, Tensor wscale, Tensor? bias, int N) -> Tensor");
 }
 

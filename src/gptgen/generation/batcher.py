@@ -319,7 +319,7 @@ class BatchEngine:
         with self._lock:
             if self._thread is not None or self._active:
                 raise GenerationError("warm_up() must run before the engine starts.")
-        if self._warmed_up:
+        if self._warmed_up or self.slots.native is not None:  # the native step compiles nothing
             return 0.0
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -503,6 +503,8 @@ class BatchEngine:
             if self.use_graphs:
                 bucket = min(self.max_batch, 1 << (len(seqs) - 1).bit_length())
                 logits = self.slots.decode_graphed(idx, pos, bucket)
+            elif self.slots.native is not None:
+                logits = self.slots.decode_native(idx, pos)
             elif self.compile_cpu:
                 logits = self.slots.decode_compiled_cpu(idx, pos)
             else:

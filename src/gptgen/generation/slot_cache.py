@@ -24,7 +24,7 @@ import copy
 import torch
 
 from ..model import KVCache
-from .engine import _compiled_cpu_step, _head, _lm_head
+from .engine import _compiled_cpu_step, _head, _lm_head, _native_decoder
 
 
 class SlotKVCache(KVCache):
@@ -99,6 +99,10 @@ class SlotModel:
             attn.kv_cache = SlotKVCache(slots, max_len, attn.n_head, attn.head_dim, dtype, self.device)
         m.max_cache_len = max_len
         self.caches = [block.attn.kv_cache for block in m.blocks]
+        # An int8-dynamic model on CPU decodes through its native step (gptgen.int8_ops), over these caches.
+        self.native = _native_decoder(m) if self.device.type == "cpu" else None
+        if self.native is not None:
+            self.native.set_cache([t for c in self.caches for t in (c.k_cache, c.v_cache)])
         self._compiled = None
         self._cpu_head = None  # (_head(model),): looked up at each prefill, reused by the decode steps
         self._cpu_step = None  # the compiled CPU step: looked up (a check of the weights) after each prefill
@@ -165,6 +169,10 @@ class SlotModel:
         if self._cpu_step is None:
             self._cpu_step = _compiled_cpu_step(self.model, _cpu_slot_step)
         return self._cpu_step(idx, positions, mask)
+
+    def decode_native(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """forward(idx, positions) for rows 0..B-1 (one token each) through the native int8-dynamic step."""
+        return self.native.step_rows(idx.reshape(-1), positions.reshape(-1))[0]
 
     # Row moves (the scheduler keeps decoding rows packed at the front) ------------------------------
     def move_row(self, src: int, dst: int, length: int) -> None:
