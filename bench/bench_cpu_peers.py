@@ -13,8 +13,9 @@ process they slow each other), rounds are interleaved (machine noise hits every 
 median of the rounds is reported. Before timing, greedy tokens of gptgen fp32, HF and CTranslate2
 float32 are compared: a fast wrong engine is no peer. llama.cpp's GGUF is made by llama.cpp's own
 convert_hf_to_gguf.py (pass --llama-convert PATH to it: it ships in the llama-cpp-python sdist under
-vendor/llama.cpp/); its q8_0 runs with use_extra_bufts=False (the AMX int8 path crashed on a Xeon here; on our
-Sapphire-Rapids-class Xeon q8_0 still crashed with it: the bench reports the crash and goes on).
+vendor/llama.cpp/); its q8_0 runs with use_extra_bufts=False. A llama.cpp built with its AMX int8 path dies in
+q8_0 with SIGILL on our AMX Xeon (the bench reports the crash and goes on); built without it (CMAKE_ARGS in
+docs/performance.md, "Peers") q8_0 runs on AVX512-VNNI.
 """
 
 from __future__ import annotations

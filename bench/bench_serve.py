@@ -9,6 +9,9 @@ Servers (each a subprocess on a loopback port, streaming over the OpenAI API):
   naive         `gptgen serve --max-batch 1`: the same app answering one request at a time
   gptgen-compiled  `gptgen serve --max-batch 32 --compile`: the CPU decode step compiled by inductor
                 (--peers gptgen-compiled; it compiles every batch size before it answers)
+  gptgen-int8dyn  `gptgen serve --max-batch 32 --quantize int8-dynamic`: int8 weights and activations, the
+                native decode step where the CPU has AVX512-VNNI (--peers gptgen-int8dyn; --gptgen-args
+                do not apply to it)
   transformers  `transformers serve` on the model exported to Hugging Face format (--peers transformers;
                 transformers-cb adds its --continuous-batching)
   llama.cpp     llama-cpp-python's server on the same weights converted to GGUF (--peers llama.cpp; needs
@@ -55,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-words", type=int, default=12, help="words per prompt (default 12, ~16 tokens)")
     p.add_argument("--max-batch", type=int, default=32, help="gptgen's --max-batch (default 32)")
     p.add_argument("--peers", default="naive",
-                   help="comma list of naive, gptgen-compiled, transformers, transformers-cb, llama.cpp (default naive)")
+                   help="comma list of naive, gptgen-compiled, gptgen-int8dyn, transformers, transformers-cb, llama.cpp "
+                   "(default naive)")
     p.add_argument("--gptgen-args", default="",
                    help="extra arguments for every gptgen server, e.g. '--quantize int8' (default none)")
     p.add_argument("--level-seconds", type=float, default=120,
@@ -333,6 +337,9 @@ def main(argv=None) -> int:
         if "gptgen-compiled" in peers:
             servers.append(start_gptgen("gptgen-compiled", native, args.max_batch, args.threads,
                                         [*extra, "--compile"]))
+        if "gptgen-int8dyn" in peers:
+            servers.append(start_gptgen("gptgen-int8dyn", native, args.max_batch, args.threads,
+                                        ["--quantize", "int8-dynamic"]))
         for name in ("transformers", "transformers-cb"):
             if name in peers:
                 try:
