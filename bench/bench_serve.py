@@ -58,8 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-words", type=int, default=12, help="words per prompt (default 12, ~16 tokens)")
     p.add_argument("--max-batch", type=int, default=32, help="gptgen's --max-batch (default 32)")
     p.add_argument("--peers", default="naive",
-                   help="comma list of naive, gptgen-compiled, gptgen-int8dyn, transformers, transformers-cb, llama.cpp "
-                   "(default naive)")
+                   help="comma list of naive, gptgen-compiled, gptgen-int8dyn, transformers, transformers-cb, "
+                   "llama.cpp (default naive)")
     p.add_argument("--gptgen-args", default="",
                    help="extra arguments for every gptgen server, e.g. '--quantize int8' (default none)")
     p.add_argument("--level-seconds", type=float, default=120,

@@ -1,5 +1,5 @@
 """The native one-token decode step of int8-dynamic models (Int8Decoder in gptgen/int8_ops.cpp, built by
-int8_ops.decoder, used by engine.ModelBackend on CPU) against the model's own layers.
+int8_step.decoder, used by engine.ModelBackend on CPU) against the model's own layers.
 
 Oracle: the same quantized model decoding through its modules: `engine._native_decoder` patched to return
 None, so ModelBackend runs GPT's blocks (the same int8 products, PyTorch's layer norms, SDPA, activations).
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from gptgen import int8_ops
 from gptgen.config import preset
-from gptgen.generation import engine, generate_ids
+from gptgen.generation import engine, generate_ids, int8_step
 from gptgen.generation.engine import DecodeState, ModelBackend
 from gptgen.model import GPT
 from gptgen.quantize import quantize_model
@@ -305,7 +305,7 @@ def test_the_cache_filled_up_to_the_context_length(style, monkeypatch):
 # 5. The decoder drops its cache; the next generation binds a new one ------------------------------------------
 def test_the_decoder_drops_its_cache_and_serves_another_batch_size(monkeypatch):
     model = build("mini", 1)
-    dec = int8_ops.decoder(model)
+    dec = int8_step.decoder(model)
     assert dec is not None
     run = engine._prepare(model, PROMPTS, max_new_tokens=8, eos_token_id=[])
     it = engine._iterate(run)
@@ -326,7 +326,7 @@ def test_the_decoder_drops_its_cache_and_serves_another_batch_size(monkeypatch):
         native, layers = generate_both(model, monkeypatch, prompts=prompts, max_new_tokens=12)
         assert [len(t) for t in native] == [12] * len(prompts)
         differ += sum(a != b for a, b in zip(native, layers))
-        assert int8_ops.decoder(model) is dec
+        assert int8_step.decoder(model) is dec
     assert differ <= 1
 
 
@@ -365,7 +365,7 @@ def test_step_rejects_bad_inputs_with_a_runtime_error(monkeypatch):
 
 def test_set_cache_rejects_a_cache_of_the_wrong_dtype_or_count(monkeypatch):
     model = build("gpt2", 0)
-    dec = int8_ops.decoder(model)
+    dec = int8_step.decoder(model)
     k = torch.zeros(3, 4, 10, 16)
     with pytest.raises(RuntimeError, match="wrong shape or dtype"):
         dec.set_cache([k.bfloat16()] * 4)
@@ -378,7 +378,7 @@ def test_set_cache_rejects_a_cache_of_the_wrong_dtype_or_count(monkeypatch):
 
 def test_set_cache_rejects_caches_of_different_sizes():
     model = build("gpt2", 0)
-    dec = int8_ops.decoder(model)
+    dec = int8_step.decoder(model)
     full, short = torch.zeros(3, 4, 10, 16), torch.zeros(3, 4, 2, 16)
     try:
         with pytest.raises(RuntimeError):  # layer 1's k and v hold 2 slots, layer 0's 10

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import os
 import platform
 import shutil
@@ -25,6 +24,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from .native_cache import cache_dir, cpu_key
 
 _SOURCE = Path(__file__).with_name("int8_ops.cpp")
 _lock = threading.Lock()
@@ -96,12 +97,10 @@ def available() -> bool:
     if not cpu_has_vnni():
         _status.update(state="unavailable", detail="the CPU lacks AVX512-VNNI")
         return False
-    from .generation.native import _cache_dir, _cpu_key
-
-    key = hashlib.sha256(_SOURCE.read_bytes() + _cpu_key().encode() + torch.__version__.encode()).hexdigest()[:16]
+    key = hashlib.sha256(_SOURCE.read_bytes() + cpu_key().encode() + torch.__version__.encode()).hexdigest()[:16]
     with _lock:
         fallback = Path(tempfile.gettempdir()) / f"gptgen-native-{getattr(os, 'getuid', lambda: 0)()}"
-        for directory in (_cache_dir(), fallback):
+        for directory in (cache_dir(), fallback):
             path = directory / f"int8-ops-{key}.so"
             if not path.exists():
                 cxx = _compiler()
@@ -152,7 +151,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8, scale float32 per row) with the kernel's rounding: q = round(x * (127 / amax))."""
     x = x.float()
     amax = x.abs().amax(dim=1).clamp(min=1e-12)
-    inv = torch.full_like(amax, 127.0).div(amax)  # a true division, as the kernel's (127.0 / t is a reciprocal times 127)
+    # a true division, as the kernel's: 127.0 / t would be a reciprocal times 127 (other roundings)
+    inv = torch.full_like(amax, 127.0).div(amax)
     return torch.round(x * inv[:, None]).to(torch.int8), amax / 127.0
 
 
@@ -169,68 +169,3 @@ def linear(x: torch.Tensor, packed: torch.Tensor, offset: torch.Tensor, wscale: 
     """x (M, K) float32/bf16 contiguous -> float32 (M, N) through the kernel (available() must be True)."""
     return torch.ops.gptgen.int8_dynamic_linear(x, packed, offset, wscale, bias, n)
 
-
-_ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2}
-_decoders: "weakref.WeakKeyDictionary" = None  # model -> its Int8Decoder (or None where it cannot run)
-
-
-def decoder(model):
-    """The one-token decode step of an int8-dynamic GPT as one native call (torch.classes.gptgen.Int8Decoder),
-    built once per model; None where it cannot run (the kernel is unavailable, the model is not int8-dynamic
-    on CPU in float32/bf16, or a layer differs from the kernel's)."""
-    global _decoders
-    import weakref
-
-    from .quantize import Int8DynamicLinear
-
-    if _decoders is None:
-        _decoders = weakref.WeakKeyDictionary()
-    # Rebuilt when the model's tensors change (load_state_dict, model.to(dtype)): the step holds them, and
-    # float32 copies of a bf16 model's layer norms.
-    key = _tensors_key(model)
-    cached = _decoders.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    dec = None
-    cfg = model.config
-    dtype = model.embed.wte.weight.dtype
-    linears = [m for b in model.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
-    linears.append(model.lm_head)
-    if (getattr(model, "quantized", None) == "int8-dynamic" and available() and dtype in (torch.float32, torch.bfloat16)
-            and model.embed.wte.weight.device.type == "cpu" and cfg.activation in _ACTIVATIONS
-            and all(isinstance(m, Int8DynamicLinear) and m.kernel for m in linears)
-            and all(isinstance(n, torch.nn.LayerNorm) for b in model.blocks for n in (b.ln_1, b.ln_2))):
-        def f32(t):
-            return t.detach().float().contiguous()
-
-        def product(m):
-            bias = m.bias if m.bias is not None else torch.empty(0)
-            return [m.packed, m.offset, m.scale, bias]
-
-        tensors = [model.embed.wte.weight.detach().contiguous(), model.embed.wpe.weight.detach().contiguous()]
-        eps = model.blocks[0].ln_1.eps if len(model.blocks) else 1e-5
-        for b in model.blocks:
-            tensors += [f32(b.ln_1.weight), f32(b.ln_1.bias)]
-            for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj):
-                tensors += product(m)
-            tensors += [f32(b.ln_2.weight), f32(b.ln_2.bias)]
-        final = isinstance(model.ln_f, torch.nn.LayerNorm)
-        tensors += [f32(model.ln_f.weight), f32(model.ln_f.bias)] if final else [torch.empty(0), torch.empty(0)]
-        tensors += product(model.lm_head)
-        attn = model.blocks[0].attn if len(model.blocks) else None
-        ints = [len(model.blocks), cfg.n_embd, attn.n_head if attn else 1, attn.head_dim if attn else 1,
-                int(cfg.norm_position == "pre"), _ACTIVATIONS[cfg.activation], int(final), cfg.vocab_size,
-                int(dtype == torch.bfloat16)]
-        if attn is not None and all(n.eps == eps for b in model.blocks for n in (b.ln_1, b.ln_2)):
-            dec = torch.classes.gptgen.Int8Decoder(tensors, ints, float(eps))
-    _decoders[model] = (key, dec)
-    return dec
-
-
-def _tensors_key(model) -> tuple:
-    """Where every parameter and buffer (but the KV cache) lives, its version counter, dtype and shape: a
-    load_state_dict bumps the versions, model.to(dtype) moves the storage. (A quantized model does not train,
-    so no optimizer writes around the version counter.)"""
-    return tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape))
-                 for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
-                 if ".kv_cache." not in name)

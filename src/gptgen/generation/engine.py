@@ -134,7 +134,7 @@ def _native_decoder(model):
     """The model's Int8Decoder (gptgen.int8_ops) where it is int8-dynamic and the kernel runs, else None."""
     if getattr(model, "quantized", None) != "int8-dynamic":
         return None
-    from ..int8_ops import decoder
+    from .int8_step import decoder
 
     return decoder(model)
 

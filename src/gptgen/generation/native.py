@@ -17,7 +17,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -26,17 +25,12 @@ from pathlib import Path
 
 import torch
 
+from ..native_cache import cache_dir as _cache_dir
+from ..native_cache import cpu_key as _cpu_key
+
 _SOURCE = Path(__file__).with_name("native.c")
 _lock = threading.Lock()
 _status = {"state": "not built", "detail": ""}
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("GPTGEN_CACHE_DIR")
-    if root:
-        return Path(root) / "native"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gptgen" / "native"
 
 
 def _compiler() -> str | None:
@@ -44,16 +38,6 @@ def _compiler() -> str | None:
         if name and shutil.which(name):
             return shutil.which(name)
     return None
-
-
-def _cpu_key() -> str:
-    """What -march=native depends on: the CPU's model and flags."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
-        return platform.machine() + "".join(sorted(set(lines)))
-    except OSError:
-        return platform.machine() + platform.processor()
 
 
 def _build(cc: str, out: Path) -> str:
