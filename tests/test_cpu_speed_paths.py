@@ -204,7 +204,46 @@ def test_cached_head_follows_weights_a_fused_optimizer_changes():
 
 def test_compiled_cpu_step_without_a_cxx_compiler_is_one_clear_error(monkeypatch):
     from gptgen.errors import GenerationError
+    from gptgen.generation import engine
 
+    # inductor's step (a float32 model takes the native step instead where its library is already built)
+    monkeypatch.setattr(engine, "_native_fp32_decoder", lambda model: None)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(GenerationError, match="needs a C\\+\\+ compiler"):
         generate_ids(tiny_gpt(), [[3, 4, 5]], max_new_tokens=2, eos_token_id=[], compile=True)
+
+
+def test_compile_true_on_a_float32_model_takes_the_native_step_where_it_runs():
+    """compile=True with float32 weights on CPU decodes through the native step (generation/int8_step.py, the
+    weights packed into a copy; no inductor compile) where its library runs: logits within float rounding of
+    the eager step's, the same greedy tokens, and a rebuild after the weights change in place."""
+    from gptgen import int8_ops
+    from gptgen.generation import engine
+
+    if not int8_ops.available():
+        pytest.skip(f"the native step's library is unavailable here: {int8_ops.status()['detail']}")
+    model = tiny_gpt(5)
+    prompts = [[3, 4, 5, 6], [7, 8]]
+    backend = engine.ModelBackend(model, compile=True)
+    eager = engine.ModelBackend(model, compile=False)
+    from gptgen.generation.loop import DecodeState
+
+    def state():
+        return DecodeState(prompts=prompts, rows_per_prompt=1, num_return_sequences=1, max_new_tokens=4,
+                           eos_ids=[], pad_id=0, device="cpu", generator=None, processors=[])
+
+    logits = []
+    for be in (backend, eager):
+        st = state()
+        with torch.inference_mode():
+            be.prefill(st, False)
+            logits.append(be.step(torch.tensor([9, 10]), st.prompt_len, False)[0])
+        be.close()
+    assert backend.native is not None and eager.native is None
+    assert torch.allclose(logits[0], logits[1], atol=1e-5, rtol=0)
+    want = generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[])
+    assert generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[], compile=True) == want
+    with torch.no_grad():  # an in-place update (an optimizer step would do this): the packed copy is rebuilt
+        model.lm_head.weight.mul_(-1.0)
+    assert generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[], compile=True) == \
+        generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[])

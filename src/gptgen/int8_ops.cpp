@@ -232,6 +232,50 @@ at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& packed, co
 
 
 
+// fp32 products of the native step (a float32 model decoded with compile=True): W packed as (ceil(N/16), K, 16)
+// floats, so each k is one 64-byte line of 16 outputs, multiplied by the broadcast activation (FMA).
+template <int R, int U>
+inline void block_rows_f32(const float* blk, const float* x, int64_t K, __m512 bias, float* y, int64_t ldy,
+                           __mmask16 mask) {
+  __m512 acc[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + U <= K; k += U)
+    for (int u = 0; u < U; ++u) {
+      const __m512 w = _mm512_loadu_ps(blk + (k + u) * kBlock);
+      for (int r = 0; r < R; ++r) acc[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k + u]), w, acc[r][u]);
+    }
+  for (; k < K; ++k) {
+    const __m512 w = _mm512_loadu_ps(blk + k * kBlock);
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), w, acc[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512 sum = acc[r][0];
+    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[r][u]);
+    _mm512_mask_storeu_ps(y + r * ldy, mask, _mm512_add_ps(sum, bias));
+  }
+}
+
+void gemv_f32(const float* x, int64_t M, int64_t K, const float* wp, const float* bp, int64_t Nb, int64_t N, float* y) {
+  at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* blk = wp + b * K * kBlock;
+      const int64_t n0 = b * kBlock, nn = std::min<int64_t>(kBlock, N - n0);
+      const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
+      const __m512 bb = bp ? _mm512_maskz_loadu_ps(mask, bp + n0) : _mm512_setzero_ps();
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) block_rows_f32<4, 2>(blk, x + m * K, K, bb, y + m * N + n0, N, mask);
+      switch (M - m) {
+        case 3: block_rows_f32<3, 2>(blk, x + m * K, K, bb, y + m * N + n0, N, mask); break;
+        case 2: block_rows_f32<2, 4>(blk, x + m * K, K, bb, y + m * N + n0, N, mask); break;
+        case 1: block_rows_f32<1, 8>(blk, x + m * K, K, bb, y + m * N + n0, N, mask); break;
+        default: break;
+      }
+    }
+  });
+}
+
 // Vector helpers of the decode step ---------------------------------------------------------------------------
 // float -> bfloat16 -> float with round-to-nearest-even, as c10::BFloat16 rounds (NaN stays NaN).
 inline __m512 round_bf16(__m512 v) {
@@ -294,8 +338,9 @@ inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps
 // products; here the glue is a loop. Values are rounded to the model's dtype where the PyTorch model rounds
 // them (each layer's output, the residual sums), so the step follows the eager model's numbers closely.
 struct Product {
-  at::Tensor packed, offset, wscale, bias;
+  at::Tensor packed, offset, wscale, bias;  // fp32 products: packed (Nb, K, 16) float32; offset, wscale unused
   int64_t K = 0, N = 0, Kp = 0, Nb = 0;
+  bool f32 = false;
 };
 
 struct Int8Decoder : torch::CustomClassHolder {
@@ -313,9 +358,10 @@ struct Int8Decoder : torch::CustomClassHolder {
 
   static Product product(const std::vector<at::Tensor>& t, size_t i) {
     Product p{t[i], t[i + 1], t[i + 2], t[i + 3]};
+    p.f32 = p.packed.scalar_type() == at::kFloat;
     p.Nb = p.packed.size(0);
-    p.Kp = p.packed.size(1) * 4;
-    p.N = p.offset.numel();
+    p.Kp = p.f32 ? p.packed.size(1) : p.packed.size(1) * 4;
+    p.N = p.offset.numel();  // fp32 products: a placeholder of N elements
     return p;
   }
 
@@ -335,7 +381,7 @@ struct Int8Decoder : torch::CustomClassHolder {
       for (int j = 0; j < 4; ++j) {
         Product p = product(t, i + 2 + 4 * j);
         p.K = widths[j][0] >= 0 ? widths[j][0] : prods.back().N;
-        check_weight(p.packed, p.offset, p.wscale, p.bias.numel() ? std::optional<at::Tensor>(p.bias) : std::nullopt, p.K, p.N);
+        check_product(p);
         TORCH_CHECK(widths[j][1] < 0 || p.N == widths[j][1], "Int8Decoder: a layer's width does not match");
         prods.push_back(p);
       }
@@ -346,9 +392,20 @@ struct Int8Decoder : torch::CustomClassHolder {
     Product head = product(t, i + 2);
     head.K = C;
     TORCH_CHECK(head.N == V, "Int8Decoder: the head's width does not match the vocabulary");
-    check_weight(head.packed, head.offset, head.wscale, head.bias.numel() ? std::optional<at::Tensor>(head.bias) : std::nullopt, C, V);
+    check_product(head);
     prods.push_back(head);
     for (const auto& w : ln) TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == C);
+  }
+
+  static void check_product(const Product& p) {
+    const std::optional<at::Tensor> bias = p.bias.numel() ? std::optional<at::Tensor>(p.bias) : std::nullopt;
+    if (!p.f32) {
+      check_weight(p.packed, p.offset, p.wscale, bias, p.K, p.N);
+      return;
+    }
+    TORCH_CHECK(p.packed.dim() == 3 && p.packed.is_contiguous() && p.packed.size(1) == p.K && p.packed.size(2) == kBlock &&
+                p.Nb * kBlock >= p.N && (p.Nb - 1) * kBlock < p.N, "Int8Decoder: an fp32 weight of the wrong shape");
+    if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == p.N, "bias: float32 (N,)");
   }
 
   void set_cache(std::vector<at::Tensor> kv) {
@@ -383,6 +440,11 @@ struct Int8Decoder : torch::CustomClassHolder {
 
   // out (B, p.N) = the product of in (B, p.K), rounded to the model's dtype
   void linear(const Product& p, const float* in, float* out, int64_t B, bool round = true) {
+    if (p.f32) {
+      gemv_f32(in, B, p.K, p.packed.data_ptr<float>(), p.bias.numel() ? p.bias.data_ptr<float>() : nullptr, p.Nb, p.N, out);
+      if (round && bf16) round_bf16(out, B * p.N);
+      return;
+    }
     q.assign(padded_rows(B, p.Kp) * p.Kp, static_cast<uint8_t>(128));
     xs.resize(B);
     quantize_rows(in, B, p.K, p.Kp, q.data(), xs.data());

@@ -47,7 +47,11 @@ class ModelBackend:
         rows = state.num_rows
         dtype = model.embed.wte.weight.dtype
         # An int8-dynamic model on CPU decodes through its native step (one call per token, no compile).
-        self.native = _native_decoder(model) if self.device.type == "cpu" else None
+        self.native = None
+        if self.device.type == "cpu":
+            self.native = _native_decoder(model)
+            if self.native is None and self.compile:
+                self.native = _native_fp32_decoder(model)
         if self.native is not None:
             model.setup_kv_cache(rows, total)
             self.native.set_cache([t for block in model.blocks
@@ -131,12 +135,22 @@ class ModelBackend:
 
 
 def _native_decoder(model):
-    """The model's Int8Decoder (gptgen.int8_ops) where it is int8-dynamic and the kernel runs, else None."""
+    """The native decode step (generation/int8_step.py) of an int8-dynamic model where it runs, else None."""
     if getattr(model, "quantized", None) != "int8-dynamic":
         return None
     from .int8_step import decoder
 
     return decoder(model)
+
+
+def _native_fp32_decoder(model):
+    """The native decode step of a float32 model (its weights packed into a copy), where it runs, else None:
+    what compile=True runs on CPU for float32 weights (measured faster than inductor's graph here)."""
+    if getattr(model, "quantized", None) is not None or model.embed.wte.weight.dtype != torch.float32:
+        return None
+    from .int8_step import decoder
+
+    return decoder(model, _weights_key)
 
 
 def _head(model) -> torch.Tensor | None:

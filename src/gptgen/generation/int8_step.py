@@ -19,13 +19,20 @@ _ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2}
 _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, Int8Decoder or None)
 
 
-def decoder(model):
-    """The one-token decode step of an int8-dynamic GPT as one native call (torch.classes.gptgen.Int8Decoder),
-    built once per model; None where it cannot run (the kernel is unavailable, the model is not int8-dynamic
-    on CPU in float32/bf16, or a layer differs from the kernel's)."""
+def decoder(model, weights_key=None):
+    """The one-token decode step of an int8-dynamic GPT, or of a float32 GPT (its weights packed into a copy),
+    as one native call (torch.classes.gptgen.Int8Decoder), built once per model and rebuilt when its tensors
+    change; None where it cannot run (the kernel library is unavailable, the model is on another device or
+    dtype, or a layer differs from the step's). weights_key(model): for a float32 model, a key of its
+    weights that changes with in-place updates too (engine._weights_key)."""
     # Rebuilt when the model's tensors change (load_state_dict, model.to(dtype)): the step holds them, and
     # float32 copies of a bf16 model's layer norms.
-    key = _tensors_key(model)
+    int8 = getattr(model, "quantized", None) == "int8-dynamic"
+    # fp32 weights are packed into copies: any in-place update (an optimizer step) must rebuild them, so their
+    # key also samples the values.
+    if not int8 and weights_key is None:
+        return None
+    key = _tensors_key(model) if int8 else weights_key(model)
     cached = _decoders.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -34,17 +41,23 @@ def decoder(model):
     dtype = model.embed.wte.weight.dtype
     linears = [m for b in model.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
     linears.append(model.lm_head)
-    if (getattr(model, "quantized", None) == "int8-dynamic" and int8_ops.available()
-            and dtype in (torch.float32, torch.bfloat16) and model.embed.wte.weight.device.type == "cpu"
+    if int8:
+        layers_ok = dtype in (torch.float32, torch.bfloat16) and all(
+            isinstance(m, Int8DynamicLinear) and m.kernel for m in linears)
+    else:
+        layers_ok = (getattr(model, "quantized", None) is None and dtype == torch.float32
+                     and all(type(m) is torch.nn.Linear for m in linears))
+    if (layers_ok and int8_ops.available() and model.embed.wte.weight.device.type == "cpu"
             and cfg.activation in _ACTIVATIONS
-            and all(isinstance(m, Int8DynamicLinear) and m.kernel for m in linears)
             and all(isinstance(n, torch.nn.LayerNorm) for b in model.blocks for n in (b.ln_1, b.ln_2))):
         def f32(t):
             return t.detach().float().contiguous()
 
         def product(m):
-            bias = m.bias if m.bias is not None else torch.empty(0)
-            return [m.packed, m.offset, m.scale, bias]
+            bias = f32(m.bias) if m.bias is not None else torch.empty(0)
+            if int8:
+                return [m.packed, m.offset, m.scale, bias]
+            return [_pack_f32(m.weight), torch.empty(m.out_features, dtype=torch.int32), torch.empty(0), bias]
 
         tensors = [model.embed.wte.weight.detach().contiguous(), model.embed.wpe.weight.detach().contiguous()]
         eps = model.blocks[0].ln_1.eps if len(model.blocks) else 1e-5
@@ -64,6 +77,15 @@ def decoder(model):
             dec = torch.classes.gptgen.Int8Decoder(tensors, ints, float(eps))
     _decoders[model] = (key, dec)
     return dec
+
+
+def _pack_f32(w: torch.Tensor) -> torch.Tensor:
+    """An fp32 weight (N, K) as the native step reads it: (ceil(N/16), K, 16), each k a line of 16 outputs."""
+    n, k = w.shape
+    np_ = -(-n // 16) * 16
+    padded = torch.zeros(np_, k, dtype=torch.float32)
+    padded[:n] = w.detach()
+    return padded.view(np_ // 16, 16, k).transpose(1, 2).contiguous()
 
 
 def _tensors_key(model) -> tuple:
