@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, help=QUANTIZE_HELP)
     p.add_argument("--compile", action="store_true", default=None,
-                   help="compile the one-token decode step (CPU: inductor C++ kernels; the first call takes "
-                        "seconds to a minute, worth it for long or repeated generations; CUDA: on by default)")
+                   help="a fast one-token decode step (CPU: float32 weights go through gptgen's native step, "
+                        "other weights through inductor's C++ kernels, whose first call takes seconds to a "
+                        "minute; CUDA: on by default)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--stream", action="store_true", help="print tokens as they are produced (one prompt)")
     out.add_argument("--json", action="store_true", help="print a JSON object per prompt")
