@@ -64,7 +64,8 @@ def test_bad_warper_values_are_one_sentence(model_dir, capsys, flag, value):
 
 @pytest.mark.slow
 def test_compile_flag_gives_the_eager_greedy_text(model_dir, capsys, monkeypatch):
-    """--compile runs the compiled CPU decode step (fp32 here): the same greedy text as without it."""
+    """--compile runs the fast CPU decode step (fp32 here: the native step where its library runs, else
+    inductor's compiled step): the same greedy text as without it."""
     import shutil
 
     from gptgen.generation import engine
@@ -74,9 +75,19 @@ def test_compile_flag_gives_the_eager_greedy_text(model_dir, capsys, monkeypatch
     built = []
     real = engine._compiled_cpu_step
     monkeypatch.setattr(engine, "_compiled_cpu_step", lambda model: built.append(model) or real(model))
+    real_native = engine._native_fp32_decoder
+    natives = []
+
+    def native(model):
+        dec = real_native(model)
+        if dec is not None:
+            natives.append(dec)
+        return dec
+
+    monkeypatch.setattr(engine, "_native_fp32_decoder", native)
     code, eager, _ = _cli(capsys, "--model", model_dir, "the sea", "--max-new-tokens", 8)
-    assert code == 0 and not built
+    assert code == 0 and not built and not natives
     code, compiled, err = _cli(capsys, "--model", model_dir, "the sea", "--max-new-tokens", 8, "--compile")
     assert code == 0, err
-    assert len(built) == 1  # the flag reached the engine
+    assert len(built) + len(natives) == 1  # the flag reached the engine: one fast step, native or inductor's
     assert compiled == eager
