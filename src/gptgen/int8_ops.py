@@ -14,18 +14,14 @@ libraries, into the cache directory of gptgen's other native code ($GPTGEN_CACHE
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
-from .native_cache import cache_dir, cpu_key
+from .native_cache import OUT, build_and_load, compiler, native_off
 
 _SOURCE = Path(__file__).with_name("int8_ops.cpp")
 _lock = threading.Lock()
@@ -46,40 +42,21 @@ def cpu_has_vnni() -> bool:
     return {"avx512f", "avx512bw", "avx512_vnni"} <= set(flags)
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _build(cxx: str, out: Path) -> str:
-    """Compile int8_ops.cpp into out (atomically); '' on success, else the compiler's last line."""
+def _commands(cxx: str) -> list[list[str]]:
+    """Against PyTorch's own headers and libraries (its libgomp: one OpenMP runtime in the process)."""
     root = Path(torch.__file__).parent
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
     lib = root / "lib"
-    try:
-        error = "failed"
-        for std in ("-std=c++20", "-std=c++17"):
-            cmd = [cxx, "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", std, abi,
-                   "-w", f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
-                   str(_SOURCE), f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}", "-o", tmp]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            except (OSError, subprocess.SubprocessError) as e:
-                return str(e)
-            if done.returncode == 0:
-                os.replace(tmp, out)
-                return ""
-            lines = (done.stderr or done.stdout).strip().splitlines()
-            error = next((line for line in lines if "error" in line), lines[-1] if lines else "failed")
-        return error
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
+    return [[cxx, "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", std, abi, "-w",
+             f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+             str(_SOURCE), f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}", "-o", OUT]
+            for std in ("-std=c++20", "-std=c++17")]
+
+
+def _load(path: Path) -> bool:
+    torch.ops.load_library(str(path))
+    _register_fake()
+    return True
 
 
 def _register_fake() -> None:
@@ -91,38 +68,15 @@ def _register_fake() -> None:
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
     """Whether torch.ops.gptgen.int8_dynamic_linear is loaded (built on the first call); status() says why not."""
-    if os.environ.get("GPTGEN_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if native_off():
         _status.update(state="off", detail="GPTGEN_NATIVE=0")
         return False
     if not cpu_has_vnni():
         _status.update(state="unavailable", detail="the CPU lacks AVX512-VNNI")
         return False
-    key = hashlib.sha256(_SOURCE.read_bytes() + cpu_key().encode() + torch.__version__.encode()).hexdigest()[:16]
-    with _lock:
-        fallback = Path(tempfile.gettempdir()) / f"gptgen-native-{getattr(os, 'getuid', lambda: 0)()}"
-        for directory in (cache_dir(), fallback):
-            path = directory / f"int8-ops-{key}.so"
-            if not path.exists():
-                cxx = _compiler()
-                if cxx is None:
-                    _status.update(state="unavailable", detail="no C++ compiler (c++, g++ or clang++) on PATH")
-                    return False
-                try:
-                    error = _build(cxx, path)
-                except OSError as e:
-                    error = str(e)
-                if error:
-                    _status.update(state="unavailable", detail=f"building {_SOURCE.name} failed: {error}")
-                    continue
-            try:
-                torch.ops.load_library(str(path))
-                _register_fake()
-            except (OSError, RuntimeError) as e:
-                _status.update(state="unavailable", detail=f"loading {path} failed: {e}")
-                continue
-            _status.update(state="ready", detail=str(path))
-            return True
-    return False
+    cxx = compiler((os.environ.get("CXX"), "c++", "g++", "clang++"))
+    return bool(build_and_load("int8-ops", _SOURCE, torch.__version__.encode(), cxx,
+                               "no C++ compiler (c++, g++ or clang++) on PATH", _commands, _load, _status, _lock))
 
 
 def status() -> dict:

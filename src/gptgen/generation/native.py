@@ -15,53 +15,23 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
-from ..native_cache import cache_dir as _cache_dir
-from ..native_cache import cpu_key as _cpu_key
+from ..native_cache import OUT, build_and_load, compiler, native_off
 
 _SOURCE = Path(__file__).with_name("native.c")
 _lock = threading.Lock()
 _status = {"state": "not built", "detail": ""}
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _build(cc: str, out: Path) -> str:
-    """Compile native.c into out (atomically); '' on success, else the compiler's complaint."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    base = [cc, "-O3", "-shared", "-fPIC", "-std=c11", "-fno-math-errno", str(_SOURCE), "-o", tmp]
-    try:
-        error = ""
-        for arch in (["-march=native"], ["-mcpu=native"], []):  # gcc/clang on x86 / arm; then generic
-            try:
-                done = subprocess.run(base[:2] + arch + base[2:], capture_output=True, text=True, timeout=120)
-            except (OSError, subprocess.SubprocessError) as e:
-                return str(e)
-            if done.returncode == 0:
-                os.replace(tmp, out)
-                return ""
-            error = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["failed"]
-            error = error[0]
-        return error
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _commands(cc: str) -> list[list[str]]:
+    base = ["-O3", "-shared", "-fPIC", "-std=c11", "-fno-math-errno", str(_SOURCE), "-o", OUT]
+    return [[cc, arch, *base] if arch else [cc, *base]  # gcc/clang on x86 / arm; then generic
+            for arch in ("-march=native", "-mcpu=native", "")]
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -76,34 +46,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None where they cannot be had (status() says why)."""
-    if os.environ.get("GPTGEN_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if native_off():
         _status.update(state="off", detail="GPTGEN_NATIVE=0")
         return None
-    key = hashlib.sha256(_SOURCE.read_bytes() + _cpu_key().encode()).hexdigest()[:16]
-    with _lock:
-        fallback = Path(tempfile.gettempdir()) / f"gptgen-native-{getattr(os, 'getuid', lambda: 0)()}"
-        for directory in (_cache_dir(), fallback):
-            path = directory / f"kernels-{key}.so"
-            if not path.exists():
-                cc = _compiler()
-                if cc is None:
-                    _status.update(state="unavailable", detail="no C compiler (cc, gcc or clang) on PATH")
-                    return None
-                try:
-                    error = _build(cc, path)
-                except OSError as e:
-                    error = str(e)
-                if error:
-                    _status.update(state="unavailable", detail=f"building {_SOURCE.name} failed: {error}")
-                    continue
-            try:
-                lib = _declare(ctypes.CDLL(str(path)))
-            except OSError as e:
-                _status.update(state="unavailable", detail=f"loading {path} failed: {e}")
-                continue
-            _status.update(state="ready", detail=str(path))
-            return lib
-    return None
+    cc = compiler((os.environ.get("CC"), "cc", "gcc", "clang"))
+    return build_and_load("kernels", _SOURCE, b"", cc, "no C compiler (cc, gcc or clang) on PATH", _commands,
+                          lambda path: _declare(ctypes.CDLL(str(path))), _status, _lock, timeout=120)
 
 
 def status() -> dict:
