@@ -157,19 +157,23 @@ void amx_rows(const uint8_t* qp, const float* xsp, int64_t M, int64_t Kp, const 
 // Rows from which AMX takes over (fewer rows stream the weights at the same speed either way).
 constexpr int64_t kAmxMinRows = 5;
 
-// q rows padded for AMX: M rounded up to 16, the padding 128 (zero once the offset comes off)
-inline int64_t padded_rows(int64_t M, int64_t Kp) {
+// Whether the product of M rows (packed width Kp) runs on AMX tiles
+inline bool use_amx(int64_t M, int64_t Kp) {
 #ifdef GPTGEN_AMX
-  if (M >= kAmxMinRows && Kp % 64 == 0 && amx_enabled()) return (M + 15) / 16 * 16;
+  return M >= kAmxMinRows && Kp % 64 == 0 && amx_enabled();
+#else
+  return false;
 #endif
-  return M;
 }
+
+// q rows padded for AMX: M rounded up to 16, the padding 128 (zero once the offset comes off)
+inline int64_t padded_rows(int64_t M, int64_t Kp) { return use_amx(M, Kp) ? (M + 15) / 16 * 16 : M; }
 
 // y (M, N) float32 = the product for M rows already quantized (q: M x Kp bytes, xs: M scales).
 void gemv_rows(const uint8_t* qp, const float* xsp, int64_t M, int64_t Kp, const int8_t* wp, const int32_t* off,
                const float* ws, const float* bp, int64_t Nb, int64_t N, float* yp) {
 #ifdef GPTGEN_AMX
-  if (M >= kAmxMinRows && Kp % 64 == 0 && amx_enabled()) {
+  if (use_amx(M, Kp)) {
     at::parallel_for(0, Nb, 2, [&](int64_t b0, int64_t b1) { amx_rows(qp, xsp, M, Kp, wp, off, ws, bp, N, yp, b0, b1); });
     return;
   }

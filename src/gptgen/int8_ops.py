@@ -31,15 +31,12 @@ K_MULTIPLE = 16  # the packed width is a multiple of this
 
 
 def cpu_has_vnni() -> bool:
-    """AVX512F, AVX512BW and AVX512-VNNI (x86-64 Linux, read from /proc/cpuinfo)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return {"avx512f", "avx512bw", "avx512_vnni"} <= set(flags)
+    """AVX512F, AVX512BW and AVX512-VNNI on x86-64 (gptgen.hardware's detection)."""
+    from .hardware import cpu_features
+
+    feats = cpu_features()
+    return (platform.machine().lower() in ("x86_64", "amd64") and feats.avx512_vnni
+            and {"avx512f", "avx512bw"} <= feats.flags)
 
 
 def _commands(cxx: str) -> list[list[str]]:

@@ -32,15 +32,20 @@ QUANTIZE_HELP = ("int8: int8 weight-only layers (a quarter of fp32's bytes); int
 KERNEL_MAX_ROWS = 4
 
 
+def _quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 (out, in), float32 scale per output row): symmetric, absmax / 127."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
 class Int8Linear(nn.Module):
     """y = x W^T * scale + b with W int8 (out, in) and scale per output row."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
         super().__init__()
-        w = weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        q, scale = _quantize_weight(weight)
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
         self.compute_dtype = compute_dtype
         self.register_buffer("weight_int8", q.contiguous())
         self.register_buffer("scale", scale.to(compute_dtype))
@@ -81,14 +86,12 @@ class Int8DynamicLinear(nn.Module):
         super().__init__()
         from . import int8_ops
 
-        w = weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        q, scale = _quantize_weight(weight)
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         # One copy of the weights, in the layout of whichever product runs here.
-        self.kernel = w.device.type == "cpu" and int8_ops.available()
+        self.kernel = q.device.type == "cpu" and int8_ops.available()
         if self.kernel:
             packed, offset = int8_ops.pack(q)
             self.register_buffer("packed", packed)

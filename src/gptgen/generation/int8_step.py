@@ -26,10 +26,9 @@ def decoder(model, weights_key=None):
     dtype, or a layer differs from the step's). weights_key(model): for a float32 model, a key of its
     weights that changes with in-place updates too (engine._weights_key)."""
     # Rebuilt when the model's tensors change (load_state_dict, model.to(dtype)): the step holds them, and
-    # float32 copies of a bf16 model's layer norms.
+    # float32 copies of the layer norms. fp32 weights are packed into copies too: an in-place update (an
+    # optimizer step) must rebuild them, so their key also samples the values.
     int8 = getattr(model, "quantized", None) == "int8-dynamic"
-    # fp32 weights are packed into copies: any in-place update (an optimizer step) must rebuild them, so their
-    # key also samples the values.
     if not int8 and weights_key is None:
         return None
     key = _tensors_key(model) if int8 else weights_key(model)
@@ -60,7 +59,7 @@ def decoder(model, weights_key=None):
             return [_pack_f32(m.weight), torch.empty(m.out_features, dtype=torch.int32), torch.empty(0), bias]
 
         tensors = [model.embed.wte.weight.detach().contiguous(), model.embed.wpe.weight.detach().contiguous()]
-        eps = model.blocks[0].ln_1.eps if len(model.blocks) else 1e-5
+        eps = model.blocks[0].ln_1.eps  # GPTConfig has at least one layer
         for b in model.blocks:
             tensors += [f32(b.ln_1.weight), f32(b.ln_1.bias)]
             for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj):
@@ -69,11 +68,10 @@ def decoder(model, weights_key=None):
         final = isinstance(model.ln_f, torch.nn.LayerNorm)
         tensors += [f32(model.ln_f.weight), f32(model.ln_f.bias)] if final else [torch.empty(0), torch.empty(0)]
         tensors += product(model.lm_head)
-        attn = model.blocks[0].attn if len(model.blocks) else None
-        ints = [len(model.blocks), cfg.n_embd, attn.n_head if attn else 1, attn.head_dim if attn else 1,
-                int(cfg.norm_position == "pre"), _ACTIVATIONS[cfg.activation], int(final), cfg.vocab_size,
-                int(dtype == torch.bfloat16)]
-        if attn is not None and all(n.eps == eps for b in model.blocks for n in (b.ln_1, b.ln_2)):
+        attn = model.blocks[0].attn
+        ints = [len(model.blocks), cfg.n_embd, attn.n_head, attn.head_dim, int(cfg.norm_position == "pre"),
+                _ACTIVATIONS[cfg.activation], int(final), cfg.vocab_size, int(dtype == torch.bfloat16)]
+        if all(n.eps == eps for b in model.blocks for n in (b.ln_1, b.ln_2)):
             dec = torch.classes.gptgen.Int8Decoder(tensors, ints, float(eps))
     _decoders[model] = (key, dec)
     return dec
