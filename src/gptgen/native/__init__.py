@@ -1,0 +1,56 @@
+"""gptgen's native code in one place: the one-token decode step, the int8 x int8 product, the sampler kernels.
+
+Public API:
+  decoder(model)  -> the native one-token decode step of a float32 or int8-dynamic GPT on this CPU (methods
+                     set_cache(list of k/v tensors), step(tokens, pad_counts, mask, slot), step_rows(ids,
+                     positions)), or None where it cannot run (status() says why).
+  status()        -> dict: which kernels run, on which instruction-set path, and why the others do not.
+  build_and_load  -> the build-once-then-load step of every native library (cached per machine).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ..native_cache import build_and_load, cache_dir, native_off
+
+__all__ = ["decoder", "status", "build_and_load", "cache_dir", "native_off", "weights_key"]
+
+
+def _fingerprint(t: torch.Tensor) -> float:
+    """The sum of ~4,096 evenly spaced elements: in-place updates that leave the version counter alone (the
+    fused AdamW kernels do) still change it."""
+    flat = t.detach().reshape(-1)
+    return float(flat[::max(1, flat.numel() // 4096)].float().sum())
+
+
+def weights_key(model) -> tuple:
+    """A key of a float32 model's weights that changes with load_state_dict, .to() and in-place updates."""
+    return tuple((p.data_ptr(), p._version, p.dtype, tuple(p.shape), _fingerprint(p))
+                 for p in itertools.chain(model.parameters()))
+
+
+def decoder(model):
+    """The native one-token decode step of `model` (float32 or quantize="int8-dynamic", on CPU), built once per
+    model and rebuilt when its weights change; None where it cannot run here."""
+    from ..generation import int8_step
+
+    if getattr(model, "quantized", None) == "int8-dynamic":
+        return int8_step.decoder(model)
+    if getattr(model, "quantized", None) is not None:
+        return None
+    return int8_step.decoder(model, weights_key)
+
+
+def status() -> dict:
+    """Which native kernels run here, on which instruction-set path, and why the others do not."""
+    from .. import int8_ops
+    from ..generation import native as sampler
+    from ..hardware import cpu_features
+
+    int8_ops.available()
+    sampler.library()
+    return {"cpu": cpu_features().describe(), "decoder": int8_ops.status(), "int8_dynamic_linear": int8_ops.status(),
+            "sampler": sampler.status()}
