@@ -14,7 +14,7 @@ import itertools
 
 import torch
 
-from ..native_cache import build_and_load, cache_dir, native_off
+from .build import build_and_load, cache_dir, native_off
 
 __all__ = ["decoder", "status", "build_and_load", "cache_dir", "native_off", "weights_key"]
 
@@ -35,7 +35,7 @@ def weights_key(model) -> tuple:
 def decoder(model):
     """The native one-token decode step of `model` (float32 or quantize="int8-dynamic", on CPU), built once per
     model and rebuilt when its weights change; None where it cannot run here."""
-    from ..generation import int8_step
+    from . import step as int8_step
 
     if getattr(model, "quantized", None) == "int8-dynamic":
         return int8_step.decoder(model)
@@ -46,8 +46,8 @@ def decoder(model):
 
 def status() -> dict:
     """Which native kernels run here, on which instruction-set path, and why the others do not."""
-    from .. import int8_ops
-    from ..generation import native as sampler
+    from . import int8 as int8_ops
+    from . import sampler
     from ..hardware import cpu_features
 
     int8_ops.available()
