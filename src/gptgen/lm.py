@@ -84,6 +84,13 @@ class LanguageModel:
 
         return stream(self, prompt, **options)
 
+    def chat(self, messages, **options):
+        """The assistant's answer to OpenAI-style messages through the chat template (template="auto": the
+        model directory's chat_template); see gptgen.chat.chat for the options."""
+        from .chat import chat
+
+        return chat(self, messages, **options)
+
     def fit(self, train_data, **options):
         """Train or fine-tune; see gptgen.training.fit."""
         from .training import fit
@@ -127,4 +134,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
             tok = Tokenizer.from_pretrained(tokenizer or directory)
         except TokenizerError as exc:
             raise CheckpointError(f"{directory} holds no usable tokenizer: {exc}") from None
+        from .chat import read_chat_template
+
+        tok.chat_template = read_chat_template(tokenizer or directory)
     return LanguageModel(model.eval(), tok)

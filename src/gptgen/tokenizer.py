@@ -45,6 +45,7 @@ class Tokenizer:
                  kind: str | None = None) -> None:
         self.backend = backend
         self.kind = kind
+        self.chat_template: str | None = None  # Jinja, saved as tokenizer_config.json's chat_template
         self.special_tokens: dict[str, str] = {}
         for role, token in (special_tokens or {}).items():
             self._set_role(role, token)
@@ -344,6 +345,8 @@ class Tokenizer:
                "model_max_length": int(1e30)}
         for role, token in self.special_tokens.items():
             cfg[f"{role}_token"] = token
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
         (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(cfg, indent=2, ensure_ascii=False), "utf-8")
 
 

@@ -29,12 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a model directory (gptgen, Hugging Face GPT-2, KerasHub preset) or a Hub name "
                         "(gpt2, skt/kogpt2-base-v2, gpt2_base_en)")
     p.add_argument("--tokenizer", help="tokenizer directory or file, when the model directory has none")
-    p.add_argument("--template", default="auto",
-                   help="turn format: auto (<bos>{text}<eos> with the tokenizer's tokens, KoGPT-2's "
-                        "<s>{text}</s>), kogpt2, or plain ('Q: ...' / 'A: ...' lines)")
+    p.add_argument("--template", "--chat-template", dest="template", default="auto", metavar="NAME|FILE",
+                   help="chat template: auto (the model directory's Jinja chat_template, else <bos>{text}<eos> "
+                        "with the tokenizer's tokens, KoGPT-2's <s>{text}</s>), kogpt2, plain ('Q: ...' / "
+                        "'A: ...' lines), chatml, or a Jinja file (the same templates as gptgen serve)")
     p.add_argument("--user-template", help="user turn, e.g. '<s>{text}</s>' (with --assistant-template)")
     p.add_argument("--assistant-template", help="assistant turn; the text after {text} ends an answer")
-    p.add_argument("--system", default="", help="text put before the conversation")
+    p.add_argument("--system", default="", help="a system message, put before the conversation as its own turn")
     p.add_argument("--history", type=int, default=3, help="exchanges kept in the prompt (default 3)")
     p.add_argument("--candidates", type=int, help="answers per question (default: --num-return-sequences)")
     add_generation_arguments(p)
@@ -51,9 +52,12 @@ def build_template(args, tokenizer):
     if args.user_template or args.assistant_template:
         if not (args.user_template and args.assistant_template):
             raise GenerationError("Give both --user-template and --assistant-template.")
-        return ChatTemplate(user=args.user_template, assistant=args.assistant_template, system=args.system)
-    base = get_template(args.template, tokenizer)
-    return ChatTemplate(user=base.user, assistant=base.assistant, system=args.system or base.system)
+        return ChatTemplate(user=args.user_template, assistant=args.assistant_template,
+                            system_turn="{text}\n")
+    try:
+        return get_template(args.template, tokenizer)
+    except GenerationError as exc:
+        raise GenerationError(f"--template: {exc}") from None
 
 
 def run_chat(args, stdin=None, stdout=None) -> int:
@@ -64,6 +68,12 @@ def run_chat(args, stdin=None, stdout=None) -> int:
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
+    from ..chat import check_template_name
+
+    try:  # before the model loads
+        check_template_name(args.template)
+    except GenerationError as exc:
+        raise GenerationError(f"--template: {exc}") from None
     dtype = getattr(torch, args.dtype) if args.dtype else None
     lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize)
     options = generation_options(args)
@@ -72,7 +82,7 @@ def run_chat(args, stdin=None, stdout=None) -> int:
         candidates = args.candidates
     options.pop("truncate_prompt", None)  # the session always keeps the end of a long conversation
     session = ChatSession(lm, template=build_template(args, lm.tokenizer), history_turns=args.history,
-                          candidates=candidates, options={k: v for k, v in options.items() if v is not None})
+                          candidates=candidates, system=args.system, options={k: v for k, v in options.items() if v is not None})
     interactive = stdin.isatty()
     if interactive:
         try:

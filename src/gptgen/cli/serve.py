@@ -23,8 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cors", action="append", metavar="ORIGIN",
                    help="allow browser calls from this origin (repeatable; '*' for any; default: none)")
     p.add_argument("--served-model-name", help="the model name clients send (default: the directory's name)")
-    p.add_argument("--chat-template", default="auto",
-                   help="auto (the tokenizer's BOS/EOS, KoGPT-2's <s>{text}</s>), kogpt2, plain, or none")
+    p.add_argument("--chat-template", default="auto", metavar="NAME|FILE",
+                   help="auto (the model directory's Jinja chat_template, else <bos>{text}<eos> with the "
+                        "tokenizer's tokens, KoGPT-2's <s>{text}</s>), kogpt2, plain, chatml, a Jinja file or "
+                        "a model directory holding one, or none (chat refused)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, help=QUANTIZE_HELP)
@@ -49,6 +51,12 @@ def run_serve(args) -> int:
 
     if not 0 < args.port < 65536:
         raise GptgenError(f"--port must be between 1 and 65535, got {args.port}.")
+    from ..chat import check_template_name
+
+    try:  # before the model loads: a wrong name fails in a second, not after the load
+        check_template_name(args.chat_template)
+    except GptgenError as exc:
+        raise GptgenError(f"--chat-template: {exc}") from None
     dtype = getattr(torch, args.dtype) if args.dtype else None
     lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize)
     template = None if args.chat_template == "none" else args.chat_template

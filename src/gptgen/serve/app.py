@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..chat import ChatTemplate, get_template
+from ..chat import ChatTemplate, _special_marker_id, get_template
 from ..errors import GenerationError, GptgenError
 from ..generation.batcher import token_text
 from .errors import APIError, error_body
@@ -64,11 +64,14 @@ def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, ap
     template, template_error = None, None
     if chat_template is None:
         template_error = "This server has no chat template; use /v1/completions."
-    else:
+    elif chat_template == "auto":
         try:
             template = get_template(chat_template, lm.tokenizer)
         except GenerationError as exc:
             template_error = f"This model has no chat template, so /v1/chat/completions is unavailable: {exc}"
+    else:  # a template asked for by name or path must work, or the server does not start
+        template = get_template(chat_template, lm.tokenizer)
+        template.end_markers  # noqa: B018  (refuses a template whose answers could never end)
     if isinstance(cors, str):
         cors = [cors]
 
@@ -282,7 +285,8 @@ class _ServerState:
     def chat_job(self, req: ChatCompletionRequest, http_request) -> "_Job":
         if self.template is None:
             raise APIError(400, self.template_error, param="messages", code="no_chat_template")
-        prompt = self._render_chat(req.messages)
+        add_generation_prompt = True if req.add_generation_prompt is None else req.add_generation_prompt
+        prompt = self.chat_prompt(req.messages, add_generation_prompt=add_generation_prompt)
         tok = self.tokenizer
         add_bos = bool(self.lm.config.extra.get("add_bos", False))
         if tok.bos_token and prompt.startswith(tok.bos_token):
@@ -293,24 +297,30 @@ class _ServerState:
             max_tokens = max(1, self.context - len(ids))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, max_tokens=max_tokens, logprobs=logprobs, prompt_len=len(ids))
-        marker = self.template.end_marker
-        if marker in tok.special_tokens.values() and tok.token_to_id(marker) is not None:
-            eos = params.stop_token_ids if params.stop_token_ids is not None else (
-                [tok.eos_token_id] if tok.eos_token_id is not None else [])
-            params.stop_token_ids = sorted(set(eos) | {tok.token_to_id(marker)})
-        else:
-            params.stop = list(params.stop) + [marker]
+        for marker in self.template.end_markers:
+            marker_id = _special_marker_id(tok, marker)
+            if marker_id is not None:
+                eos = params.stop_token_ids if params.stop_token_ids is not None else (
+                    [tok.eos_token_id] if tok.eos_token_id is not None else [])
+                params.stop_token_ids = sorted(set(eos) | {marker_id})
+            else:
+                params.stop = list(params.stop) + [marker]
         return _Job(self, [ids], params, req, http_request)
 
-    def _render_chat(self, messages) -> str:
-        system = "".join(m.text() for m in messages if m.role in ("system", "developer"))
-        turns = [m for m in messages if m.role in ("user", "assistant")]
-        if not turns or turns[-1].role != "user":
-            raise APIError(400, "The last message must have the role 'user'.", param="messages")
-        parts = [system or self.template.system]
-        parts += [self.template.turn(m.role, m.text()) for m in turns]
-        parts.append(self.template.assistant_prefix)
-        return "".join(parts)
+    def chat_prompt(self, messages, add_generation_prompt: bool = True) -> str:
+        """The prompt the chat template renders for request messages (developer is OpenAI's new name for
+        system, and is given to the template as system)."""
+        plain = []
+        for m in messages:
+            role = "system" if m.role == "developer" else m.role
+            plain.append({"role": role, "content": m.text(), "name": m.name})
+        if add_generation_prompt and plain[-1]["role"] != "user":
+            raise APIError(400, "The last message must have the role 'user' (or send add_generation_prompt: "
+                                "false to render the conversation as it is).", param="messages")
+        try:
+            return self.template.apply(plain, add_generation_prompt=add_generation_prompt)
+        except GenerationError as exc:
+            raise APIError(400, str(exc), param="messages") from None
 
     def _start_ids(self) -> list[int]:
         tok = self.tokenizer

@@ -107,6 +107,7 @@ class ChatCompletionRequest(_Sampling):
     tools: Optional[list[Any]] = None
     functions: Optional[list[Any]] = None
     response_format: Optional[dict[str, Any]] = None
+    add_generation_prompt: Optional[bool] = None  # vLLM's: false renders the conversation as it is
 
     @model_validator(mode="after")
     def _check_logprobs(self):
