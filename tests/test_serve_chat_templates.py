@@ -194,3 +194,20 @@ class _NoEngine:
 
     def stats(self):
         return {}
+
+
+def test_fine_tuning_on_question_answer_pairs_saves_the_chat_template(tmp_path):
+    import gptgen
+
+    rows = tmp_path / "pairs.csv"
+    rows.write_text("Q,A\n" + "".join(f"hello {i},fine thanks {i}\n" for i in range(40)), "utf-8")
+    run = gptgen.train(data=[rows], reader="csv", template="<s>{Q}</s><s>{A}</s>", preset="mini",
+                       config=dict(n_layer=1, n_embd=16, n_head=2, n_positions=32), train_tokenizer="bpe",
+                       vocab_size=120, reserved_tokens=list(SPECIALS.values()), seq_len=16, batch_size=8,
+                       max_steps=1, threads=1, progress=False, samples=False, output_dir=tmp_path / "run",
+                       print_fn=None)
+    saved = load(run.model_dir)
+    template = get_template("auto", saved.tokenizer)  # no flag: the directory's own chat_template
+    assert template.apply(USER_ONLY) == "<s>good morning</s><s>"
+    assert json.loads((run.model_dir / "tokenizer_config.json").read_text("utf-8"))["chat_template"] == \
+        TEMPLATES["kogpt2"].source

@@ -284,6 +284,26 @@ def read_chat_template(directory: str | os.PathLike) -> str | None:
     return template if isinstance(template, str) and template.strip() else None
 
 
+def template_from_pair_format(fmt: str | None) -> ChatTemplate | None:
+    """The chat template of a two-field training format such as the chatbot data set's
+    "<s>{Q}</s><s>{A}</s>" or "Q: {question}\nA: {answer}\n" (the text between the fields is the user turn's
+    end then the assistant turn's start); None for any other format."""
+    import re
+
+    if not fmt:
+        return None
+    parts = re.split(r"\{[A-Za-z_][A-Za-z0-9_]*\}", fmt)
+    if len(parts) != 3:
+        return None
+    prefix, middle, suffix = parts
+    if not suffix or not middle.startswith(suffix) or "{" in fmt.replace("{", "", 2):
+        return None
+    try:
+        return ChatTemplate(user=prefix + "{text}" + suffix, assistant=middle[len(suffix):] + "{text}" + suffix)
+    except GenerationError:
+        return None
+
+
 def template_source(template) -> str:
     """The Jinja source to save as a model's chat_template, from a template or a built-in name."""
     return get_template(template).source

@@ -231,6 +231,21 @@ def _model(s, tok):
         raise ConfigError(f"Bad model config override: {exc}.") from None
 
 
+def _keep_chat_template(lm, s) -> None:
+    """Training on question/answer pairs (a format like "<s>{Q}</s><s>{A}</s>"): the model directory keeps that
+    turn format as its chat_template, so `gptgen serve` and `gptgen chat` use it with no flag."""
+    from .chat import template_from_pair_format
+
+    fmt = s.get("template")
+    if fmt is None and s.get("dataset"):
+        from .data.registry import get_spec
+
+        fmt = get_spec(s["dataset"]).options.get("template")
+    template = template_from_pair_format(fmt)
+    if template is not None and not getattr(lm.tokenizer, "chat_template", None):
+        lm.tokenizer.chat_template = template.source
+
+
 def packing_for(lm, seq_len: int | None, add_bos: bool | None, packing: str = "pad", new_model: bool = False):
     """The example length and BOS choice for lm: seq_len within its context; BOS as the model was trained
     (a new model: with pad packing, when the tokenizer has one)."""
@@ -295,6 +310,7 @@ def train(recipe: str | None = None, *, data=None, val_data=None, dataset: str |
             f"texts; {threads} CPU thread(s).")
         tok = _tokenizer(s, corpus, output, env, say, timings) if s["model"] is None else None
         lm = _model(s, tok)
+        _keep_chat_template(lm, s)
         seq_len, add_bos = packing_for(lm, s["seq_len"], s["add_bos"], s["packing"], new_model=s["model"] is None)
         if add_bos and s["packing"] == "pad":
             lm.config.extra["add_bos"] = True  # generation then starts from BOS, as the model was trained
