@@ -36,6 +36,7 @@ HF_BIN_FILE = "pytorch_model.bin"
 MODEL_DIR_FILES = frozenset({
     "config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "training_state.pt", "training_state.json", "metrics.json",
+    "adapter_config.json", "adapter_model.safetensors",  # a LoRA run's adapter, in peft's format
 })
 # What lm.save(format="kerashub") writes: files at the top, the tokenizer's two files under assets/tokenizer/.
 KERASHUB_DIR_FILES = frozenset({
@@ -211,6 +212,10 @@ def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 def save_model_files(directory: Path, model: GPT) -> None:
     (directory / CONFIG_FILE).write_text(model.config.to_json(), "utf-8")
     save_file(model_state_dict(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    from . import lora
+
+    if lora.has_lora(model):  # the adapter also in peft's format (model.safetensors keeps base + lora_ keys)
+        lora.save_adapter_files(directory, model, getattr(model, "name_or_path", None))
 
 
 def is_hf_gpt2_dir(directory: Path) -> bool:
@@ -287,7 +292,15 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
         state = hf_state_to_native(_load_hf_weights(directory), config)
     else:
         state = _load_safetensors(directory / WEIGHTS_FILE)
+    from . import lora
+
+    state, adapter = lora.split_lora_state(state)  # a LoRA run's checkpoint: base + adapter
     model = _build_with_state(config, state, directory)
+    if adapter:  # loaded for use: the adapter folded into the weights (settings from adapter_config.json)
+        settings = json.loads((directory / lora.ADAPTER_CONFIG).read_text("utf-8")) if lora.is_adapter_dir(directory) else {}
+        lora.apply_adapter(model, settings, adapter, where=str(directory))
+        lora.merge_lora(model)
+    model.name_or_path = str(directory)
     return model.to(device=device, dtype=dtype) if dtype else model.to(device)
 
 
@@ -414,7 +427,12 @@ def hf_state_to_native(state: dict[str, torch.Tensor], config: GPTConfig) -> dic
 
 def native_state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     out = {}
-    for name, tensor in model_state_dict(model).items():
+    from . import lora
+
+    state = model_state_dict(model)
+    if lora.has_lora(model):  # transformers' GPT-2 has no adapters: export the merged weights
+        state = {k: v for k, v in lora.merged_state_dict(model).items() if k in state}
+    for name, tensor in state.items():
         if name.startswith("embed."):
             key = "transformer." + name[len("embed."):]
         elif name.startswith("blocks."):

@@ -58,7 +58,8 @@ class LanguageModel:
 
             kerashub.check_exportable(self.config, self.tokenizer)  # fail before writing anything
             return checkpoint.write_dir_atomically(
-                directory, lambda tmp: kerashub.save_preset_files(tmp, self.model, self.tokenizer), overwrite=overwrite)
+                directory, lambda tmp: kerashub.save_preset_files(tmp, _merged_copy(self.model), self.tokenizer),
+                overwrite=overwrite)
         if format not in ("gptgen", "hf"):
             raise CheckpointError(f"Unknown checkpoint format {format!r}; choose 'gptgen', 'hf' or 'kerashub'.")
         writer = checkpoint.save_model_files if format == "gptgen" else checkpoint.save_hf_model_files
@@ -91,6 +92,39 @@ class LanguageModel:
 
         return chat(self, messages, **options)
 
+    # LoRA (gptgen.lora): adapters in peft's format ----------------------------------------------------
+    def enable_lora(self, rank: int = 8, alpha: float = 16, dropout: float = 0.0, target=None,
+                    use_rslora: bool = False) -> int:
+        """Freeze the model and add trainable low-rank adapters (KerasHub's name; peft's LoRA) to its block
+        Linears (target: default c_attn, c_proj, c_fc); returns the number of trainable parameters."""
+        from .lora import enable_lora
+
+        return enable_lora(self.model, rank, alpha, dropout, target, use_rslora)
+
+    def load_lora(self, directory: str | os.PathLike, merge: bool = False) -> "LanguageModel":
+        """Load a peft LoRA adapter directory (adapter_config.json + adapter_model.safetensors) onto the model."""
+        from .lora import load_adapter
+
+        load_adapter(self.model, directory, merge=merge)
+        return self
+
+    def save_lora(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the adapters alone as a peft adapter directory (peft.PeftModel.from_pretrained loads it)."""
+        from .lora import save_adapter_files
+
+        _check_path_argument(directory, "save_lora()")
+        checkpoint.check_write_target(directory, overwrite)
+        return checkpoint.write_dir_atomically(
+            directory, lambda tmp: save_adapter_files(tmp, self.model, getattr(self.model, "name_or_path", None)),
+            overwrite=overwrite)
+
+    def merge_lora(self) -> "LanguageModel":
+        """Fold the adapters into the weights (plain Linears again, every weight trainable)."""
+        from .lora import merge_lora
+
+        merge_lora(self.model)
+        return self
+
     def fit(self, train_data, **options):
         """Train or fine-tune; see gptgen.training.fit."""
         from .training import fit
@@ -107,6 +141,17 @@ class LanguageModel:
         return f"LanguageModel({self.num_parameters():,} parameters, {self.tokenizer!r})"
 
 
+def _merged_copy(model: GPT) -> GPT:
+    """The model itself, or for one with LoRA adapters a copy with them folded in (exports without adapters)."""
+    from .lora import has_lora, merge_lora
+
+    if not has_lora(model):
+        return model
+    import copy
+
+    return merge_lora(copy.deepcopy(model))
+
+
 def _check_path_argument(directory, what: str) -> None:
     if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
         raise CheckpointError(f"{what} needs a model directory (a str or Path), got {directory!r}.")
@@ -114,15 +159,21 @@ def _check_path_argument(directory, what: str) -> None:
 
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None, tokenizer: str | os.PathLike | Tokenizer | None = None,
-         revision: str | None = None, quantize: str | None = None) -> LanguageModel:
+         revision: str | None = None, quantize: str | None = None,
+         lora: str | os.PathLike | None = None) -> LanguageModel:
     """Load a model directory (gptgen, Hugging Face GPT-2 or KerasHub preset) or a named pretrained model
     ("gpt2", "skt/kogpt2-base-v2", "user/repo@REV", "gpt2_base_en") as a LanguageModel; see docs/models.md.
 
     quantize="int8": int8 weight-only Linear layers for CPU decoding; "int8-dynamic": int8 weights and
-    activations, the fastest CPU decoding where the CPU has AVX512-VNNI (gptgen.quantize)."""
+    activations, the fastest CPU decoding where the CPU has AVX512-VNNI (gptgen.quantize).
+    lora: a peft LoRA adapter directory to run with the model (merged into its weights)."""
     _check_path_argument(directory, "load()")
     directory = checkpoint.resolve_dir(directory, revision)  # names go through the Hugging Face cache
     model = checkpoint.load_model(directory, device=device, dtype=dtype)
+    if lora is not None:  # base + adapter, folded into the weights (the decode paths run plain Linears)
+        from .lora import load_adapter
+
+        load_adapter(model, lora, merge=True)
     if quantize:
         from .quantize import quantize_model
 

@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, help=QUANTIZE_HELP)
+    p.add_argument("--lora", metavar="DIR", help="a LoRA adapter directory (peft format) to run with the model")
     p.add_argument("--json", action="store_true", help="print one JSON object per answered turn")
     p.set_defaults(handler=run_chat)
 
@@ -75,7 +76,8 @@ def run_chat(args, stdin=None, stdout=None) -> int:
     except GenerationError as exc:
         raise GenerationError(f"--template: {exc}") from None
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize)
+    lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize,
+              lora=args.lora)
     options = generation_options(args)
     candidates = options.pop("num_return_sequences")
     if args.candidates is not None:

@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, help=QUANTIZE_HELP)
+    p.add_argument("--lora", metavar="DIR", help="a LoRA adapter directory (peft format) to run with the model")
     p.add_argument("--compile", action="store_true", default=None,
                    help="a fast one-token decode step (CPU: float32 weights go through gptgen's native step, "
                         "other weights through inductor's C++ kernels, whose first call takes seconds to a "
@@ -89,7 +90,8 @@ def run_generate(args) -> int:
     from ..lm import load
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize)
+    lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize,
+              lora=args.lora)
     options = generation_options(args)
     if args.stream:
         if len(args.prompts) != 1:

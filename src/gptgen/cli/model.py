@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=["gptgen", "hf", "kerashub"], default=None,
                    help="target format (default: gptgen for HF/KerasHub sources, hf for gptgen ones)")
     p.add_argument("--tokenizer", help="tokenizer directory or file, when the source has none beside it")
+    p.add_argument("--merge-lora", metavar="ADAPTER_DIR",
+                   help="fold this LoRA adapter (peft format, e.g. a LoRA run's last/) into the source's weights")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a model directory gptgen wrote at the target (other directories are never replaced)")
     p.set_defaults(handler=run_convert)
@@ -64,9 +66,10 @@ def run_convert(args) -> int:
         from ..kerashub import is_kerashub_dir
 
         to = "gptgen" if checkpoint.is_hf_gpt2_dir(source) or is_kerashub_dir(source) else "hf"
-    lm = load(source, tokenizer=args.tokenizer)
+    lm = load(source, tokenizer=args.tokenizer, lora=args.merge_lora)
     path = lm.save(args.target, format=to, overwrite=args.overwrite)
-    print(f"Wrote {to} model directory {path} ({lm.num_parameters():,} parameters).")
+    merged = f", LoRA adapter {args.merge_lora} merged" if args.merge_lora else ""
+    print(f"Wrote {to} model directory {path} ({lm.num_parameters():,} parameters{merged}).")
     return 0
 
 

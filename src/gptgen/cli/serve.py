@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default as stored)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, help=QUANTIZE_HELP)
+    p.add_argument("--lora", metavar="DIR", help="a LoRA adapter directory (peft format) to run with the model")
     p.add_argument("--compile", action="store_true",
                    help="CPU: compile the decode step with inductor (C++ kernels) before serving; takes tens "
                         "of seconds at start, then serves 1-1.5x faster in fp32 and 2-3x with --quantize int8 "
@@ -58,7 +59,8 @@ def run_serve(args) -> int:
     except GptgenError as exc:
         raise GptgenError(f"--chat-template: {exc}") from None
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize)
+    lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize,
+              lora=args.lora)
     template = None if args.chat_template == "none" else args.chat_template
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key, cors=args.cors,

@@ -87,6 +87,34 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", action="store_true", help="print the final result as JSON")
 
 
+def _memory_args(p: argparse.ArgumentParser, lora: bool) -> None:
+    g = p.add_argument_group("memory (LoRA, activation checkpointing, FSDP; see docs/training.md)")
+    if lora:
+        g.add_argument("--lora-rank", type=int, metavar="R",
+                       help="train rank-R LoRA adapters only, the base frozen (peft-format adapters in the run's "
+                            "last/ and best/)")
+        g.add_argument("--lora-alpha", type=float, help="LoRA scaling numerator: adapters scale by alpha/rank "
+                                                        "(default 16)")
+        g.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default 0)")
+        g.add_argument("--lora-target", nargs="+", metavar="NAME",
+                       help="layers given adapters: c_attn c_proj c_fc (the default: every block Linear), or a "
+                            "regex of whole names such as 'blocks\\.[0-5]\\..*'")
+    g.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute each block's activations in the backward pass: less memory, ~30%% more time")
+    g.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard weights, gradients and Adam state over the processes (FSDP2) "
+                        "instead of copying them to each (DDP)")
+
+
+def _memory_settings(args) -> dict[str, Any]:
+    target = getattr(args, "lora_target", None)
+    if target is not None and len(target) == 1 and any(c in target[0] for c in "\\.*[("):
+        target = target[0]  # one regex
+    return dict(lora_rank=getattr(args, "lora_rank", None), lora_alpha=getattr(args, "lora_alpha", None),
+                lora_dropout=getattr(args, "lora_dropout", None), lora_target=target,
+                gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from a preset (and a tokenizer, given or trained here)")
     p.add_argument("--preset", help="model preset (mini, gpt2, ...)")
@@ -101,12 +129,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reserved-tokens", help="comma-separated tokens placed first in the vocabulary")
     _data_args(p)
     _train_args(p)
+    _memory_args(p, lora=False)
     p.set_defaults(handler=run_train)
 
     p = sub.add_parser("finetune", help="fine-tune a gptgen or Hugging Face GPT-2 model directory")
     _model_args(p)
     _data_args(p)
     _train_args(p)
+    _memory_args(p, lora=True)
     p.set_defaults(handler=run_finetune)
 
     p = sub.add_parser("eval", help="loss, perplexity and token accuracy of a model on data")
@@ -153,7 +183,7 @@ def _train_settings(args) -> dict[str, Any]:
         overwrite=args.overwrite or None, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
         save_every=args.save_every, early_stopping=args.early_stopping, samples=args.samples,
         sample_prompt=args.sample_prompt, sample_tokens=args.sample_tokens, sampler=args.sampler, top_k=args.top_k,
-        progress=args.progress, print_fn=None if args.json else _print,
+        progress=args.progress, print_fn=None if args.json else _print, **_memory_settings(args),
     )
 
 

@@ -53,6 +53,13 @@ class TrainConfig:
     shuffle: bool = True
     progress: bool = True
     chunk_rows: int | None = None  # rows per chunk of the fused head + cross-entropy
+    # Memory: LoRA adapters (gptgen.lora; only they train), activation checkpointing, FSDP2 under torchrun.
+    lora_rank: int | None = None  # None/0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target: Any = None  # module names (default c_attn, c_proj, c_fc) or a regex of whole names
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the torchrun processes
 
     def validate(self) -> None:
         """Raise TrainingError (one sentence naming the option) for any value training cannot use."""
@@ -91,6 +98,18 @@ class TrainConfig:
             if not 0 <= _number(f"beta{i}", beta) < 1:
                 raise TrainingError(f"beta{i} (--beta{i}) must be in [0, 1), got {beta}.")
         check_device(self.device)
+        if self.lora_rank is not None:
+            _int_option("lora_rank", self.lora_rank, 0)
+        if not (_number("lora_alpha", self.lora_alpha) > 0 and math.isfinite(self.lora_alpha)):
+            raise TrainingError(f"lora_alpha (--lora-alpha) must be a positive number, got {self.lora_alpha}.")
+        if not 0 <= _number("lora_dropout", self.lora_dropout) < 1:
+            raise TrainingError(f"lora_dropout (--lora-dropout) must be in [0, 1), got {self.lora_dropout}.")
+        if isinstance(self.lora_target, list):
+            self.lora_target = tuple(self.lora_target)
+        if self.lora_target is not None and not (isinstance(self.lora_target, str) or (
+                isinstance(self.lora_target, tuple) and self.lora_target
+                and all(isinstance(t, str) and t for t in self.lora_target))):
+            raise TrainingError(f"lora_target (--lora-target) must be module names or a regex, got {self.lora_target!r}.")
         if self.resume and not self.output_dir:
             raise TrainingError("resume needs an output directory to resume from (output_dir, --output).")
         if self.resume and self.overwrite:

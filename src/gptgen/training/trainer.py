@@ -161,6 +161,14 @@ class Trainer:
         self.lm.to(self.device)
         model = self.lm.model
         model.train()
+        if cfg.fsdp or cfg.gradient_checkpointing:
+            raise TrainingError("fsdp and gradient_checkpointing are not available yet in this build.")
+        if cfg.lora_rank:  # only the adapters train (and are in the optimizer); the base stays frozen
+            from ..lora import enable_lora, has_lora
+
+            if not has_lora(model):
+                enable_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
+        self.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.loss_module = LossModule(model, compile=cfg.compile, chunk_rows=cfg.chunk_rows)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -193,6 +201,7 @@ class Trainer:
         checkpointing.save_best(self)
 
     def _resume(self) -> None:
+        _check_resume_lora(self.config, self.output_dir / "last" / STATE_JSON)
         checkpointing.resume(self)
 
     def _open_log(self) -> None:
@@ -306,7 +315,9 @@ class Trainer:
         self._open_log()
         if self.log_records == 0:  # a resumed run keeps the record its first start wrote
             self.log({"event": "begin", "step": self.step, "precision": self.precision,
-                      "precision_reason": self.precision_reason})
+                      "precision_reason": self.precision_reason,
+                      "trainable_parameters": self.trainable_parameters,
+                      "parameters": self.lm.model.num_parameters()})
         if self.is_main and cfg.precision == "auto":
             print(f"precision auto -> {self.precision} ({self.precision_reason})", file=sys.stderr, flush=True)
         from tqdm.auto import tqdm
@@ -423,6 +434,26 @@ class Trainer:
             f"that update{where}; resume it with a lower learning rate (resume=True with a smaller lr, "
             f"--resume --lr ...; the new rate applies from the checkpoint on) or enable gradient clipping."
         )
+
+
+def _check_resume_lora(cfg: TrainConfig, state_json: Path) -> None:
+    """A LoRA run resumes with the adapters it saved: the same rank, alpha and targets (and a full run as full)."""
+    if not state_json.is_file():
+        return
+    try:
+        saved = json.loads(state_json.read_text("utf-8")).get("train_config") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return  # the resume itself reports an unreadable checkpoint
+    target = saved.get("lora_target")
+    now = cfg.lora_target if isinstance(cfg.lora_target, (str, type(None))) else list(cfg.lora_target)
+    for name, old, new in (("lora_rank", saved.get("lora_rank") or 0, cfg.lora_rank or 0),
+                           ("lora_alpha", saved.get("lora_alpha", 16.0) if saved.get("lora_rank") else None,
+                            cfg.lora_alpha if cfg.lora_rank else None),
+                           ("lora_target", target if saved.get("lora_rank") else None, now if cfg.lora_rank else None)):
+        if old != new:
+            flag = "--" + name.replace("_", "-")
+            raise TrainingError(f"The run in {state_json.parent.parent} was trained with {name} {old!r} and cannot "
+                                f"resume with {new!r}; resume with the run's {name} ({flag}) or start a new run.")
 
 
 class _NonFiniteLoss(Exception):
