@@ -3,6 +3,7 @@
 from .config import PRESETS, GPTConfig, preset
 from .errors import (CheckpointError, ConfigError, DataError, GenerationError, GptgenError, TokenizerError,
                      TrainingError)
+from .generation.config import GenerationConfig
 from .lm import LanguageModel, load
 from .model import GPT
 from .pipeline import Run, train
@@ -13,5 +14,5 @@ __version__ = "0.1.0"
 __all__ = [
     "GPT", "GPTConfig", "PRESETS", "preset", "Tokenizer", "LanguageModel", "load", "train", "Run",
     "GptgenError", "ConfigError", "CheckpointError", "TokenizerError", "DataError", "GenerationError",
-    "TrainingError", "__version__",
+    "TrainingError", "GenerationConfig", "__version__",
 ]

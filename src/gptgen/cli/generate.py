@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
 from ..errors import GenerationError
+from ..generation.config import GenerationConfig
 from ..quantize import QUANTIZE_HELP, QUANTIZE_MODES
 
 
@@ -34,53 +36,57 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
-    """The sampler and decoding-control flags that generation_options() reads (shared with `gptgen chat`)."""
-    p.add_argument("--sampler", help="greedy, beam, random, top_k, top_p or contrastive (default: greedy, "
-                                     "or sampling when --do-sample / --top-k / --top-p / --temperature is given)")
-    p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 50)")
-    p.add_argument("--max-length", type=int, help="prompt plus generated tokens, as KerasHub and HF count them")
-    p.add_argument("--do-sample", action="store_true", default=None, help="sample (HF semantics: top-k 50 by default)")
-    p.add_argument("--temperature", type=float, help="softmax temperature; 0 means greedy")
-    p.add_argument("--top-k", type=int, help="k of top-k (0 turns it off with --do-sample)")
-    p.add_argument("--top-p", type=float, help="p of nucleus sampling, in (0, 1]")
-    p.add_argument("--num-beams", type=int, help="beams of beam search")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty (default 1.0)")
-    p.add_argument("--early-stopping", choices=["true", "false", "never"], default="false",
-                   help="beam search stopping rule (default false)")
-    p.add_argument("--penalty-alpha", type=float, help="degeneration penalty of contrastive search")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL repetition penalty (default 1.0)")
-    p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="ban repeated n-grams of this size")
-    p.add_argument("--min-new-tokens", type=int, default=0, help="no end-of-sequence before this many tokens")
-    p.add_argument("--min-length", type=int, help="no end-of-sequence before prompt plus generated reach this")
-    p.add_argument("--min-p", type=float, help="drop tokens below min_p times the top token's probability")
-    p.add_argument("--typical-p", type=float, help="locally typical sampling mass, in (0, 1)")
-    p.add_argument("--epsilon-cutoff", type=float, help="drop tokens with probability below this")
-    p.add_argument("--eta-cutoff", type=float, help="eta sampling cutoff")
-    p.add_argument("--min-tokens-to-keep", type=int, help="the filters keep at least this many tokens (default 1)")
-    p.add_argument("--bad-words", action="append", metavar="TEXT", help="text never to generate (repeatable)")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="end a sequence at this text (repeatable)")
-    p.add_argument("--num-return-sequences", type=int, default=1, help="sequences per prompt")
-    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    """One flag per GenerationConfig option (--max-new-tokens, --top-p, ...), read back by generation_options()
+    (shared with `gptgen chat`). Numbers are read as numbers and checked by GenerationConfig, so a bad value
+    gets the sentence the API and the server give."""
+    g = p.add_argument_group("decoding options (GenerationConfig; defaults: the model directory's "
+                             "generation_config.json, else docs/generation.md)")
+    for f in dataclasses.fields(GenerationConfig):
+        if f.name in _NOT_FLAGS:
+            continue
+        kind, flag, text = f.metadata["kind"], "--" + f.name.replace("_", "-"), f.metadata["doc"]
+        if kind in ("int", "float", "id"):
+            g.add_argument(flag, type=_number, metavar="N", help=text)
+        elif kind == "bool":
+            g.add_argument(flag, action="store_true", default=None, help=text)
+        elif kind == "texts":
+            g.add_argument(flag, action="append", metavar="TEXT", help=text + " (repeatable)")
+        elif kind == "ids":
+            g.add_argument(flag, action="append", type=_number, metavar="ID", help=text + " (repeatable)")
+        elif kind == "early_stopping":
+            g.add_argument(flag, choices=["true", "false", "never"], help=text)
+        else:
+            g.add_argument(flag, help=text)
     p.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt longer than the context")
 
 
+# Options a command line has no use for: token-id lists, the server's logprobs, structured output.
+_NOT_FLAGS = {"bad_words_ids", "logprobs", "response_format"}
+
+
+def _number(text: str):
+    """An int where the text is one, else a float (nan, inf, 1e-300 included): GenerationConfig judges it."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
 def generation_options(args) -> dict:
-    """The generate() keyword arguments the parsed flags ask for."""
-    early = {"true": True, "false": False, "never": "never"}[args.early_stopping]
-    return dict(
-        sampler=args.sampler, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
-        do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=early,
-        penalty_alpha=args.penalty_alpha, repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
-        bad_words=args.bad_words, stop=args.stop, num_return_sequences=args.num_return_sequences, seed=args.seed,
-        truncate_prompt=args.truncate_prompt, compile=getattr(args, "compile", None),
-        **{name: getattr(args, name) for name in _WARPERS if getattr(args, name) is not None},
-    )
-
-
-# transformers' warper options, passed only when given (generate() keeps its own defaults)
-_WARPERS = ("min_length", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_tokens_to_keep")
+    """The GenerationConfig options the parsed flags give (only those given: the rest keep the model's defaults)."""
+    out = {}
+    for f in dataclasses.fields(GenerationConfig):
+        value = getattr(args, f.name, None)
+        if f.name in _NOT_FLAGS or value is None:
+            continue
+        if f.name == "early_stopping":
+            value = {"true": True, "false": False, "never": "never"}[value]
+        out[f.name] = value
+    return out
 
 
 def run_generate(args) -> int:
@@ -93,10 +99,11 @@ def run_generate(args) -> int:
     lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize,
               lora=args.lora)
     options = generation_options(args)
+    options.update(truncate_prompt=args.truncate_prompt, compile=args.compile)
     if args.stream:
         if len(args.prompts) != 1:
             raise GenerationError("--stream takes one prompt.")
-        if args.num_return_sequences != 1:
+        if options.get("num_return_sequences", 1) != 1:
             raise GenerationError("--stream produces one sequence; drop --num-return-sequences.")
         if not args.no_prompt:
             sys.stdout.write(args.prompts[0])

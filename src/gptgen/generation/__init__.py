@@ -7,7 +7,8 @@
 """
 
 from .batcher import BatchEngine, Completion, PromptTooLong, QueueFull, SamplingParams, TokenEvent
-from .engine import DEFAULT_MAX_NEW_TOKENS, decode_steps, generate, generate_ids, resolve_sampler, stream
+from .config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
+from .engine import decode_steps, generate, generate_ids, resolve_sampler, stream
 from .processors import (BadWords, LogitsProcessor, MinNewTokens, NoRepeatNGram, PresenceFrequencyPenalty,
                          RepetitionPenalty)
 from .samplers import (SAMPLERS, BeamSampler, ContrastiveSampler, GreedySampler, RandomSampler, Sampler,
@@ -15,7 +16,7 @@ from .samplers import (SAMPLERS, BeamSampler, ContrastiveSampler, GreedySampler,
                        min_p_filter, sample, top_k_filter, top_p_filter, typical_filter, warp)
 
 __all__ = [
-    "generate", "stream", "generate_ids", "resolve_sampler", "decode_steps", "DEFAULT_MAX_NEW_TOKENS",
+    "GenerationConfig", "generate", "stream", "generate_ids", "resolve_sampler", "decode_steps", "DEFAULT_MAX_NEW_TOKENS",
     "Sampler", "GreedySampler", "BeamSampler", "RandomSampler", "TopKSampler", "TopPSampler",
     "ContrastiveSampler", "SAMPLERS", "get_sampler",
     "LogitsProcessor", "RepetitionPenalty", "NoRepeatNGram", "BadWords", "MinNewTokens", "PresenceFrequencyPenalty",

@@ -7,7 +7,6 @@ generated), never left padding, so a prompt gives the same result alone or in a 
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -24,16 +23,13 @@ class LogitsProcessor:
         raise NotImplementedError
 
 
-def _values(value, name: str, check, integer: bool = False):
-    """A Python number as it is, or per-row values as a tuple (one per row); each passes check()."""
-    many = not isinstance(value, (int, float)) or isinstance(value, bool)
-    items = list(value.tolist() if isinstance(value, torch.Tensor) else value) if many else [value]
-    for v in items:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()) \
-                or not math.isfinite(v) or not check(v):
-            raise GenerationError(f"{name}, got {v!r}.")
+def _values(value, integer: bool = False):
+    """A Python number as it is, or per-row values as a tuple (one per row). Values come checked from a
+    GenerationConfig."""
     cast = int if integer else float
-    return tuple(cast(v) for v in items) if many else cast(value)
+    if isinstance(value, (int, float)):
+        return cast(value)
+    return tuple(cast(v) for v in (value.tolist() if isinstance(value, torch.Tensor) else value))
 
 
 class _PerRow:
@@ -72,7 +68,7 @@ class RepetitionPenalty(LogitsProcessor):
     `penalty` (multiplied where negative). `penalty` is one number or one per row (1.0: off)."""
 
     def __init__(self, penalty) -> None:
-        self.penalty = _values(penalty, "repetition_penalty must be a positive finite number", lambda v: v > 0)
+        self.penalty = _values(penalty)
         self._rows = _PerRow(self.penalty)
 
     def __call__(self, scores, state):
@@ -89,8 +85,7 @@ class PresenceFrequencyPenalty(LogitsProcessor):
     logit -= presence * (count > 0) + frequency * count. Each is one number or one per row (0: off)."""
 
     def __init__(self, presence=0.0, frequency=0.0) -> None:
-        self.presence = _values(presence, "presence_penalty must be a finite number", lambda v: True)
-        self.frequency = _values(frequency, "frequency_penalty must be a finite number", lambda v: True)
+        self.presence, self.frequency = _values(presence), _values(frequency)
         self._p, self._f = _PerRow(self.presence), _PerRow(self.frequency)
 
     def __call__(self, scores, state):
@@ -119,8 +114,7 @@ class NoRepeatNGram(LogitsProcessor):
     `n` is one size or one per row (0: off for that row)."""
 
     def __init__(self, n) -> None:
-        self.n = _values(n, "no_repeat_ngram_size must be a non-negative integer (0 turns it off)",
-                         lambda v: v >= 0, integer=True)
+        self.n = _values(n, integer=True)
 
     def banned(self, seq: Sequence[int], n: int | None = None) -> set[int]:
         n = self.n if n is None else n
@@ -152,8 +146,6 @@ class BadWords(LogitsProcessor):
         self.multi: list[tuple[tuple[int, ...], int]] = []
         for seq in bad_words_ids:
             seq = [int(t) for t in seq]
-            if not seq:
-                raise GenerationError("bad_words_ids must not contain an empty sequence.")
             bad = [t for t in seq if not 0 <= t < vocab_size]
             if bad:
                 raise GenerationError(f"bad_words_ids holds token id {bad[0]}, outside the vocabulary of {vocab_size}.")
@@ -195,8 +187,7 @@ class MinNewTokens(LogitsProcessor):
     one per row; 0: off)."""
 
     def __init__(self, min_new_tokens, eos_ids: Sequence[int]) -> None:
-        self.min_new_tokens = _values(min_new_tokens, "min_new_tokens must be a non-negative integer",
-                                      lambda v: v >= 0, integer=True)
+        self.min_new_tokens = _values(min_new_tokens, integer=True)
         self._rows = _PerRow(self.min_new_tokens)
         self.eos_ids = [int(e) for e in eos_ids]
         self._eos: torch.Tensor | None = None
@@ -218,11 +209,14 @@ class MinNewTokens(LogitsProcessor):
 
 def build_processors(*, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                      bad_words_ids=None, min_new_tokens=0, eos_ids: Sequence[int] = (),
-                     vocab_size: int) -> list[LogitsProcessor]:
+                     vocab_size: int, presence_penalty: float = 0.0,
+                     frequency_penalty: float = 0.0) -> list[LogitsProcessor]:
     """The processors the options ask for, in HF's order. min_new_tokens may be one value per row."""
     procs: list[LogitsProcessor] = []
     if repetition_penalty is not None and repetition_penalty != 1.0:
         procs.append(RepetitionPenalty(repetition_penalty))
+    if presence_penalty or frequency_penalty:
+        procs.append(PresenceFrequencyPenalty(presence_penalty, frequency_penalty))
     if no_repeat_ngram_size:
         procs.append(NoRepeatNGram(no_repeat_ngram_size))
     if bad_words_ids:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import GenerationError
 from . import native
+from .config import check_option
 from .loop import run_functional
 
 NEG = -1.0e9
@@ -29,44 +30,17 @@ NEG_INF = float("-inf")
 LARGE_VOCAB = 1024  # CPU rows at least this long: top-p orders ties canonically; sample() may use candidates
 
 
-def _check_temperature(temperature) -> float:
-    if temperature is None:
-        return 1.0
-    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature)
-            or temperature < 0):
-        raise GenerationError(f"temperature must be a finite number of at least 0 (0 means greedy), got {temperature!r}.")
-    return float(temperature)
-
-
-def _check_positive_temperature(temperature, sampler: str) -> float:
-    t = _check_temperature(temperature)
-    if t == 0:
-        raise GenerationError(f"The {sampler} sampler needs a temperature above 0, got {temperature!r}.")
-    return t
-
-
-def _check_k(k, name: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise GenerationError(f"{name} must be a positive integer, got {k!r}.")
+def _positive_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise GenerationError(f"top_k must be a positive integer for this sampler, got {k!r}.")
     return k
 
 
-def _check_fraction(value, name: str, low_open: bool = True, high_open: bool = True, default=None) -> float:
-    """A finite float in the interval named by the flags (0..1)."""
-    if value is None:
-        return default
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1))
-    if not ok:
-        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
-        raise GenerationError(f"{name} must be a number in {interval}, got {value!r}.")
-    return float(value)
-
-
-def _check_min_tokens_to_keep(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise GenerationError(f"min_tokens_to_keep must be a positive integer, got {value!r}.")
-    return value
+def _positive_temperature(temperature, sampler: str) -> float:
+    t = 1.0 if temperature is None else check_option("temperature", temperature)
+    if t == 0:
+        raise GenerationError(f"The {sampler} sampler needs a temperature above 0, got {temperature!r}.")
+    return t
 
 
 # Per-row functions ----------------------------------------------------------------------------------
@@ -101,12 +75,23 @@ def _kth_largest(scores: torch.Tensor, k) -> torch.Tensor:
 
 
 def apply_temperature(scores: torch.Tensor, temperature) -> torch.Tensor:
-    """scores / temperature; rows with temperature 0 are returned unchanged (the caller takes their argmax)."""
+    """scores / temperature; rows with temperature 0 are returned unchanged (the caller takes their argmax).
+    Below 1 the row's maximum is taken off first and the divisor is at least the dtype's smallest normal
+    number, so nothing overflows: the top score becomes 0, the others finite or -inf (1e-300 acts as greedy)."""
     t = _rows(temperature, scores)
+    tiny = torch.finfo(scores.dtype).tiny
     if not isinstance(t, torch.Tensor):
-        return scores if t in (0, 1) else scores / t
+        if t in (0, 1):
+            return scores
+        return scores / t if t > 1 else (scores - _row_max(scores)) / max(t, tiny)
     t = torch.where(t == 0, torch.ones_like(t), t)
-    return scores / t.to(scores.dtype)
+    shift = torch.where(t < 1, _row_max(scores), torch.zeros((), dtype=scores.dtype, device=scores.device))
+    return (scores - shift) / t.to(scores.dtype).clamp(min=tiny)
+
+
+def _row_max(scores: torch.Tensor) -> torch.Tensor:
+    """(rows, 1) each row's highest score (the dtype's lowest number for a row of -inf: no inf - inf)."""
+    return scores.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(scores.dtype).min)
 
 
 def top_k_filter(scores: torch.Tensor, k, min_tokens_to_keep: int = 1) -> torch.Tensor:
@@ -455,7 +440,7 @@ class Sampler:
     deterministic = False
 
     def __init__(self, temperature: float = 1.0) -> None:
-        self.temperature = _check_temperature(temperature)
+        self.temperature = 1.0 if temperature is None else check_option("temperature", temperature)
 
     # Engine hooks ---------------------------------------------------------------------------------
     def rows_per_sequence(self, num_return_sequences: int) -> int:
@@ -527,11 +512,11 @@ class _FilteringSampler(Sampler):
                  epsilon_cutoff: float | None = None, eta_cutoff: float | None = None,
                  min_tokens_to_keep: int = 1) -> None:
         super().__init__(temperature)
-        self.min_p = _check_fraction(min_p, "min_p", low_open=False, high_open=False, default=0.0)
-        self.typical_p = _check_fraction(typical_p, "typical_p", high_open=False, default=1.0)
-        self.epsilon_cutoff = _check_fraction(epsilon_cutoff, "epsilon_cutoff", low_open=False, default=0.0)
-        self.eta_cutoff = _check_fraction(eta_cutoff, "eta_cutoff", low_open=False, default=0.0)
-        self.min_tokens_to_keep = _check_min_tokens_to_keep(min_tokens_to_keep)
+        self.min_p = check_option("min_p", min_p) or 0.0
+        self.typical_p = check_option("typical_p", typical_p) or 1.0
+        self.epsilon_cutoff = check_option("epsilon_cutoff", epsilon_cutoff) or 0.0
+        self.eta_cutoff = check_option("eta_cutoff", eta_cutoff) or 0.0
+        self.min_tokens_to_keep = check_option("min_tokens_to_keep", min_tokens_to_keep) or 1
 
     def filter(self, scores: torch.Tensor) -> torch.Tensor:
         """The scores after temperature and every filter (-inf for tokens that cannot be drawn)."""
@@ -558,7 +543,7 @@ class TopKSampler(_FilteringSampler):
 
     def __init__(self, k: int = 5, temperature: float = 1.0, **options) -> None:
         super().__init__(temperature, **options)
-        self.k = _check_k(k)
+        self.k = _positive_k(k)
 
     @property
     def top_k(self):
@@ -573,10 +558,8 @@ class TopPSampler(_FilteringSampler):
 
     def __init__(self, p: float = 0.1, k: int | None = None, temperature: float = 1.0, **options) -> None:
         super().__init__(temperature, **options)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
-            raise GenerationError(f"p (top_p) must be in (0, 1], got {p!r}.")
-        self.p = float(p)
-        self.k = None if k is None else _check_k(k)
+        self.p = check_option("top_p", p)
+        self.k = None if k is None else _positive_k(k)
 
     @property
     def top_k(self):
@@ -597,17 +580,10 @@ class BeamSampler(Sampler):
 
     def __init__(self, num_beams: int = 5, length_penalty: float = 1.0, early_stopping: bool | str = False,
                  return_all_beams: bool = False, temperature: float = 1.0) -> None:
-        super().__init__(_check_positive_temperature(temperature, "beam"))
-        if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-            raise GenerationError(f"num_beams must be a positive integer, got {num_beams!r}.")
-        if early_stopping not in (True, False, "never"):
-            raise GenerationError(f"early_stopping must be True, False or 'never', got {early_stopping!r}.")
-        if (isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float))
-                or not math.isfinite(length_penalty)):
-            raise GenerationError(f"length_penalty must be a finite number, got {length_penalty!r}.")
-        self.num_beams = num_beams
-        self.length_penalty = float(length_penalty)
-        self.early_stopping = early_stopping
+        super().__init__(_positive_temperature(temperature, "beam"))
+        self.num_beams = check_option("num_beams", num_beams)
+        self.length_penalty = check_option("length_penalty", length_penalty)
+        self.early_stopping = check_option("early_stopping", early_stopping)
         self.return_all_beams = bool(return_all_beams)
 
     def rows_per_sequence(self, num_return_sequences):
@@ -732,12 +708,9 @@ class ContrastiveSampler(Sampler):
     deterministic = True
 
     def __init__(self, k: int = 5, alpha: float = 0.6, temperature: float = 1.0) -> None:
-        super().__init__(_check_positive_temperature(temperature, "contrastive"))
-        self.k = _check_k(k)
-        if (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)
-                or not 0 <= alpha <= 1):
-            raise GenerationError(f"alpha (penalty_alpha) must be in [0, 1], got {alpha!r}.")
-        self.alpha = float(alpha)
+        super().__init__(_positive_temperature(temperature, "contrastive"))
+        self.k = _positive_k(k)
+        self.alpha = check_option("penalty_alpha", alpha)
 
     def rows_per_sequence(self, num_return_sequences):
         return self.k

@@ -15,31 +15,16 @@ REPLACEMENT = "\ufffd"
 ANCHOR_TOKENS = 4  # prompt tokens decoded in front of the generated ones
 
 
-def normalize_stop(stop) -> list[str]:
-    from ..errors import GenerationError
-
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    out = []
-    for s in stop:
-        if not isinstance(s, str):
-            raise GenerationError(f"stop must be a string or a list of strings, got {type(s).__name__}.")
-        if s:
-            out.append(s)
-    return out
-
-
 class TextTracker:
     """Text of one prompt's generated tokens, for stop strings, streaming and the final output."""
 
     def __init__(self, tokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = (),
-                 skip_special_tokens: bool = True) -> None:
+                 skip_special_tokens: bool = True, include_stop: bool = False) -> None:
         self.tokenizer = tokenizer
         self.anchor = list(prompt_ids[-ANCHOR_TOKENS:])
         self.stop = list(stop)
         self.skip = skip_special_tokens
+        self.include_stop = include_stop  # the text ends after the stop string rather than before it
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         # A model may have more ids than its tokenizer (a padded vocabulary); those decode to nothing, as
         # the tokenizers library always made them, while Tokenizer.decode refuses them.
@@ -69,9 +54,17 @@ class TextTracker:
         raw = self._text(gen, False)
         return any(s in raw for s in self.stop)
 
+    def _cut(self, text: str) -> int:
+        """Where the text ends at its first stop string (after it with include_stop), or -1."""
+        hits = [(i, len(s)) for s, i in ((s, text.find(s)) for s in self.stop) if i >= 0]
+        if not hits:
+            return -1
+        i, n = min(hits)
+        return i + n if self.include_stop else i
+
     def final(self, gen: Sequence[int]) -> str:
         text = self._text(gen, self.skip)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        cut = self._cut(text)
         if cut >= 0:
             return text[:cut]
         return text.rstrip(REPLACEMENT)
@@ -81,7 +74,7 @@ class TextTracker:
         if done:
             return self.final(gen)
         text = self._text(gen, self.skip)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        cut = self._cut(text)
         if cut >= 0:
             return text[:cut]
         text = text.rstrip(REPLACEMENT)

@@ -30,38 +30,36 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+# An integer option may arrive as a JSON number such as 1e300: GenerationConfig gives its sentence.
+_Int = Union[int, float]
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
 class _Sampling(_Strict):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+    """Fields shared by /v1/completions and /v1/chat/completions. Only their JSON types are checked here:
+    values (bounds included) are judged by GenerationConfig.from_openai, which also takes every other
+    GenerationConfig option by its name and refuses fields it does not know (extra="allow" keeps them)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
 
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, ge=0, le=1)
-    n: int = Field(1, ge=1, le=128)
+    max_tokens: Optional[_Int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: _Int = 1
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[_Int] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
     user: Optional[str] = None
     # Refused with a 400 when asked for: they need the per-call engine (see docs/serving.md).
     best_of: Optional[int] = Field(None, ge=1)
     use_beam_search: bool = False
-    num_beams: Optional[int] = Field(None, ge=1)
-    penalty_alpha: Optional[float] = Field(None, ge=0)
-    # gptgen's extras, under their Hugging Face / vLLM names.
-    top_k: Optional[int] = Field(None, ge=-1)
-    min_p: Optional[float] = Field(None, ge=0, le=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
-    no_repeat_ngram_size: Optional[int] = Field(None, ge=0)
-    min_tokens: Optional[int] = Field(None, ge=0)
-    bad_words: Optional[list[str]] = None
-    ignore_eos: bool = False
     # OpenAI fields this server cannot honour: refused when set rather than silently ignored.
     logit_bias: Optional[dict[str, float]] = None
 
@@ -77,7 +75,7 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
-    logprobs: Optional[int] = Field(None, ge=0, le=20)
+    logprobs: Optional[_Int] = None
     suffix: Optional[str] = None
 
 
@@ -103,7 +101,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    top_logprobs: Optional[_Int] = None
     tools: Optional[list[Any]] = None
     functions: Optional[list[Any]] = None
     response_format: Optional[dict[str, Any]] = None
