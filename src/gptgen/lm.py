@@ -11,6 +11,7 @@ import torch
 from . import checkpoint
 from .config import GPTConfig, check_vocab_fits, preset
 from .errors import CheckpointError, TokenizerError
+from .generation.config import GenerationConfig
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -20,6 +21,8 @@ class LanguageModel:
         check_vocab_fits(tokenizer, model.config)
         self.model = model
         self.tokenizer = tokenizer
+        # Decoding defaults: a model directory's generation_config.json (HF's file), saved with the model.
+        self.generation_config = GenerationConfig()
 
     @classmethod
     def from_preset(cls, name: str, tokenizer: Tokenizer, **overrides: Any) -> "LanguageModel":
@@ -69,21 +72,24 @@ class LanguageModel:
         def fill(tmp: Path) -> None:
             writer(tmp, self.model)
             self.tokenizer.save(tmp)
+            if self.generation_config.to_dict():
+                self.generation_config.save(tmp)
 
         return checkpoint.write_dir_atomically(directory, fill, overwrite=overwrite)
 
     # Generation lives in gptgen.generation, training in gptgen.training; these are the entry points.
-    def generate(self, prompts, **options):
-        """Generate text; see gptgen.generation.generate for the options (KerasHub and HF names)."""
+    def generate(self, prompts, config: GenerationConfig | None = None, **options):
+        """Generate text with a GenerationConfig (default: self.generation_config) and keyword options over it
+        (KerasHub and HF names); see gptgen.generation.generate."""
         from .generation import generate
 
-        return generate(self, prompts, **options)
+        return generate(self, prompts, config, **options)
 
-    def stream(self, prompt, **options):
+    def stream(self, prompt, config: GenerationConfig | None = None, **options):
         """Yield text pieces of one generation as tokens are produced."""
         from .generation import stream
 
-        return stream(self, prompt, **options)
+        return stream(self, prompt, config, **options)
 
     def chat(self, messages, **options):
         """The assistant's answer to OpenAI-style messages through the chat template (template="auto": the
@@ -188,4 +194,6 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
         from .chat import read_chat_template
 
         tok.chat_template = read_chat_template(tokenizer or directory)
-    return LanguageModel(model.eval(), tok)
+    lm = LanguageModel(model.eval(), tok)
+    lm.generation_config = GenerationConfig.from_model_dir(directory) or lm.generation_config
+    return lm

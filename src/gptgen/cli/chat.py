@@ -79,10 +79,9 @@ def run_chat(args, stdin=None, stdout=None) -> int:
     lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize,
               lora=args.lora)
     options = generation_options(args)
-    candidates = options.pop("num_return_sequences")
+    candidates = options.pop("num_return_sequences", lm.generation_config.num_return_sequences)
     if args.candidates is not None:
         candidates = args.candidates
-    options.pop("truncate_prompt", None)  # the session always keeps the end of a long conversation
     session = ChatSession(lm, template=build_template(args, lm.tokenizer), history_turns=args.history,
                           candidates=candidates, system=args.system, options={k: v for k, v in options.items() if v is not None})
     interactive = stdin.isatty()

@@ -299,12 +299,10 @@ class _ServerState:
         params = self._params(req, max_tokens=max_tokens, logprobs=logprobs, prompt_len=len(ids))
         for marker in self.template.end_markers:
             marker_id = _special_marker_id(tok, marker)
-            if marker_id is not None:
-                eos = params.stop_token_ids if params.stop_token_ids is not None else (
-                    [tok.eos_token_id] if tok.eos_token_id is not None else [])
-                params.stop_token_ids = sorted(set(eos) | {marker_id})
+            if marker_id is not None:  # stop_token_ids end a sequence beside EOS
+                params = params.replace(stop_token_ids=sorted(set(params.stop_token_ids or ()) | {marker_id}))
             else:
-                params.stop = list(params.stop) + [marker]
+                params = params.replace(stop=params.stop + (marker,))
         return _Job(self, [ids], params, req, http_request)
 
     def chat_prompt(self, messages, add_generation_prompt: bool = True) -> str:
@@ -354,55 +352,43 @@ class _ServerState:
                 texts.append(tok.decode([t for t in p if t < tok.vocab_size]))
         return ids, texts
 
-    def _params(self, req, *, max_tokens: int, logprobs: int | None, prompt_len: int):
-        from ..generation.batcher import SamplingParams
+    def _params(self, req, *, max_tokens, logprobs, prompt_len: int):
+        """The request's GenerationConfig, over the model directory's defaults (GenerationConfig.from_openai:
+        one sentence and a 400 for a bad value, the same the API and the CLI give)."""
+        from ..generation.config import GenerationConfig
 
-        for name in ("use_beam_search",):
-            if getattr(req, name):
-                raise APIError(400, "Beam search is not available in the batching server; use gptgen generate "
-                                    "--num-beams or LanguageModel.generate(num_beams=...).", param=name)
-        if req.num_beams is not None and req.num_beams > 1:
+        if req.use_beam_search:
             raise APIError(400, "Beam search is not available in the batching server; use gptgen generate "
-                                "--num-beams or LanguageModel.generate(num_beams=...).", param="num_beams")
+                                "--num-beams or LanguageModel.generate(num_beams=...).", param="use_beam_search")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of is not supported by the batching server; ask for n choices instead.",
                            param="best_of")
-        if req.penalty_alpha:
-            raise APIError(400, "Contrastive search is not available in the batching server; use gptgen generate "
-                                "--penalty-alpha or LanguageModel.generate(penalty_alpha=...).", param="penalty_alpha")
         if req.logit_bias:
             raise APIError(400, "logit_bias is not supported by this server; use bad_words to ban text.",
                            param="logit_bias")
         for name in ("tools", "functions"):
             if getattr(req, name, None):
                 raise APIError(400, f"{name} (function calling) is not supported by this model.", param=name)
-        response_format = getattr(req, "response_format", None)
-        if response_format and response_format.get("type", "text") != "text":
-            raise APIError(400, "Only the text response_format is supported by this model.", param="response_format")
-        if prompt_len + max_tokens > self.context:
+        fields = {name: getattr(req, name) for name in _REQUEST_OPTIONS if getattr(req, name, None) is not None}
+        fields.update(req.model_extra or {}, max_tokens=max_tokens, logprobs=logprobs)
+        try:
+            params = GenerationConfig.from_openai(fields, base=self.lm.generation_config)
+        except GenerationError as exc:
+            word = str(exc).split(" ", 1)[0]
+            param = next((k for k in fields if k == word or _OPENAI_NAMES.get(k) == word), None)
+            raise APIError(400, str(exc), param=param, code="invalid_value") from None
+        if prompt_len + params.max_new_tokens > self.context:
             tokens = f"{prompt_len} token{'' if prompt_len == 1 else 's'}"
             raise APIError(400, f"The prompt has {tokens} and max_tokens is {max_tokens}, more than the "
                                 f"model's context of {self.context} tokens; shorten the prompt or lower max_tokens.",
                            param="max_tokens", code="context_length_exceeded")
-        temperature = 1.0 if req.temperature is None else float(req.temperature)
-        top_p = 1.0 if req.top_p is None else float(req.top_p)
-        if top_p == 0.0:  # an empty nucleus keeps only the most likely token
-            temperature, top_p = 0.0, 1.0
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if any(not s for s in stop):
-            raise APIError(400, "Stop strings must not be empty.", param="stop")
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_k=max(0, req.top_k or 0), top_p=top_p,
-            min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
-            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-            no_repeat_ngram_size=req.no_repeat_ngram_size or 0, min_tokens=req.min_tokens or 0, stop=stop,
-            ignore_eos=req.ignore_eos, bad_words=list(req.bad_words or []), seed=req.seed, logprobs=logprobs,
-            n=req.n)
-        try:
-            params.validate(self.lm.config.vocab_size)
-        except GenerationError as exc:
-            raise APIError(400, str(exc), code="invalid_value") from None
         return params
+
+
+# Request fields that are decoding options (GenerationConfig.from_openai maps their names).
+_REQUEST_OPTIONS = ("temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
+                    "response_format")
+_OPENAI_NAMES = {"max_tokens": "max_new_tokens", "n": "num_return_sequences", "min_tokens": "min_new_tokens"}
 
 
 class _Job:
@@ -416,7 +402,7 @@ class _Job:
         self.prompts = prompts
         self.params = params
         self.req = req
-        self.n = params.n
+        self.n = params.num_return_sequences
         self.prompt_texts: list[str] = []
         self.arrival = time.perf_counter()
         self.created = int(time.time())
