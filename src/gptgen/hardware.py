@@ -7,6 +7,10 @@ is slower than fp32, so `precision="auto"` and the decode engine use it only whe
 Detection asks PyTorch's own runtime checks (torch.cpu._is_amx_tile_supported and friends, the same
 cpuinfo PyTorch's kernels dispatch on) and falls back to the flags of /proc/cpuinfo on Linux.
 GPTGEN_CPU_BF16=0/1 overrides the answer (to measure fp32 on a bf16 machine, or in tests).
+
+GPTGEN_CPU_FEATURES=portable|avx2|avx512|amx masks what gptgen uses to at most that instruction-set path (the
+native kernels' paths, see `isa_paths`; avx2 also hides AVX-512 and AMX from the bf16 choice): an AVX-512 machine
+can run and test what an AVX2-only CPU runs, and any machine the portable C++ path.
 """
 
 from __future__ import annotations
@@ -67,8 +71,72 @@ def _torch_check(name: str) -> bool | None:
         return None
 
 
+ISA_PATHS = ("portable", "avx2", "avx512", "amx")  # the native kernels' paths, lowest first
+
+
+def cpu_mask() -> str | None:
+    """The path GPTGEN_CPU_FEATURES caps gptgen at (one of ISA_PATHS), or None."""
+    value = os.environ.get("GPTGEN_CPU_FEATURES", "").strip().lower()
+    if not value:
+        return None
+    aliases = {"none": "portable", "generic": "portable", "scalar": "portable", "avx512-vnni": "avx512",
+               "avx512_vnni": "avx512", "vnni": "avx512"}
+    value = aliases.get(value, value)
+    if value not in ISA_PATHS:
+        from .errors import ConfigError
+
+        raise ConfigError(f"GPTGEN_CPU_FEATURES must be one of {', '.join(ISA_PATHS)}, got {value!r}.")
+    return value
+
+
+_MASKED = {"portable": ("avx2", "fma", "avx512", "amx"), "avx2": ("avx512", "amx"), "avx512": ("amx",), "amx": ()}
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_features() -> CPUFeatures:
+    """What the CPU has, less what GPTGEN_CPU_FEATURES masks."""
+    feats = _detect()
+    mask = cpu_mask()
+    if mask is None or not _MASKED[mask]:
+        return feats
+    hidden = _MASKED[mask]
+    flags = frozenset(f for f in feats.flags if not f.startswith(hidden))
+    capability = {"portable": "DEFAULT", "avx2": "AVX2"}.get(mask, feats.capability)
+    if feats.capability in ("DEFAULT", "AVX2") and mask == "avx2":
+        capability = feats.capability
+    return CPUFeatures(model=feats.model, capability=capability, amx_bf16=False,
+                       avx512_bf16=feats.avx512_bf16 and "avx512" not in hidden, amx_int8=False,
+                       avx512_vnni=feats.avx512_vnni and "avx512" not in hidden, flags=flags)
+
+
+def isa_paths() -> dict[str, str]:
+    """Each native kernel path (ISA_PATHS) this CPU runs, mapped to '' , or to why it does not (the missing
+    instructions, or the GPTGEN_CPU_FEATURES mask)."""
+    real = _detect()
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    masked = cpu_mask()
+    need = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
+            "amx": {"amx_tile", "amx_int8"}}
+    out = {"portable": ""}
+    for path in ISA_PATHS[1:]:
+        missing = sorted(need[path] - real.flags) if x86 else []
+        if path == "avx512" and real.avx512_vnni and "avx512_vnni" in missing:
+            missing.remove("avx512_vnni")
+        if path == "amx" and real.amx_int8:
+            missing = []
+        if not x86:
+            out[path] = f"not an x86-64 CPU ({platform.machine()})"
+        elif missing:
+            out[path] = f"the CPU lacks {', '.join(m.upper() for m in missing)}"
+        elif masked is not None and ISA_PATHS.index(path) > ISA_PATHS.index(masked):
+            out[path] = f"masked by GPTGEN_CPU_FEATURES={masked}"
+        else:
+            out[path] = ""
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _detect() -> CPUFeatures:
     model, flags = _proc_cpuinfo()
     try:
         capability = torch.backends.cpu.get_cpu_capability()

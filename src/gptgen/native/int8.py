@@ -1,18 +1,22 @@
-"""The int8 x int8 product of quantize="int8-dynamic" (int8_ops.cpp), built on first use as a PyTorch op.
+"""The int8 x int8 product of quantize="int8-dynamic" and the native decode step's library (kernels.cpp).
 
 `linear(x, packed, offset, wscale, bias, n)` quantizes each row of x to int8 (symmetric, max|x| / 127) and
-multiplies it by the packed int8 weight, summing in int32: `torch.ops.gptgen.int8_dynamic_linear`, an
-AVX512-VNNI kernel, where the CPU has AVX512-VNNI and a C++ compiler is on PATH; elsewhere (or with
-GPTGEN_NATIVE=0) `reference`, PyTorch operations that give the same numbers. As a registered op with a
-shape function, the kernel runs inside a torch.compile'd decode step as well as eagerly.
+multiplies it by the packed int8 weight, summing in int32: `torch.ops.gptgen.int8_dynamic_linear`, on the
+fastest instruction-set path this CPU runs (AMX, AVX512-VNNI, AVX2 + FMA, or portable C++: see
+kernels.cpp), where a C++ compiler is on PATH; elsewhere (or with GPTGEN_NATIVE=0) `reference`, PyTorch
+operations that give the same numbers. Every path gives exactly the reference's numbers. As a registered op
+with a shape function, the kernel runs inside a torch.compile'd decode step as well as eagerly.
 
 The library is compiled once per source, CPU and PyTorch version against PyTorch's own headers and
 libraries, into the cache directory of gptgen's other native code ($GPTGEN_CACHE_DIR/native, else
-~/.cache/gptgen/native), written atomically.
+~/.cache/gptgen/native), written atomically. It is compiled for the baseline instruction set with each
+path's functions compiled for their own (one build serves every path); the path in use is chosen at run
+time from gptgen.hardware's detection, capped by GPTGEN_CPU_FEATURES, and `use_path` switches it (tests).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -21,38 +25,46 @@ from pathlib import Path
 
 import torch
 
+from ..hardware import ISA_PATHS, isa_paths
 from .build import OUT, build_and_load, compiler, native_off
 
 _SOURCE = Path(__file__).with_name("kernels.cpp")
+_HEADERS = (Path(__file__).with_name("generic.h"),)
 _lock = threading.Lock()
 _status = {"state": "not built", "detail": ""}
+_max_isa = -1  # the highest path of the loaded library (-1: not loaded)
 BLOCK = 16  # output rows per packed block
 K_MULTIPLE = 16  # the packed width is a multiple of this
+# The path whose int8 product is at least as fast as fp32 at batch 1 (measured: docs/performance.md)
+FAST_INT8_PATHS = ("avx2", "avx512", "amx")
 
 
 def cpu_has_vnni() -> bool:
-    """AVX512F, AVX512BW and AVX512-VNNI on x86-64 (gptgen.hardware's detection)."""
-    from ..hardware import cpu_features
-
-    feats = cpu_features()
-    return (platform.machine().lower() in ("x86_64", "amd64") and feats.avx512_vnni
-            and {"avx512f", "avx512bw"} <= feats.flags)
+    """AVX512F, AVX512BW, AVX512VL and AVX512-VNNI on x86-64, not masked (gptgen.hardware's detection)."""
+    return isa_paths().get("avx512") == ""
 
 
 def _commands(cxx: str) -> list[list[str]]:
-    """Against PyTorch's own headers and libraries (its libgomp: one OpenMP runtime in the process)."""
+    """Against PyTorch's own headers and libraries (its libgomp: one OpenMP runtime in the process). No
+    -march: the kernels of each path carry their own target, so the library runs on any CPU of the kind."""
     root = Path(torch.__file__).parent
     lib = root / "lib"
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
-    return [[cxx, "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", std, abi, "-w",
-             f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    arches = ([[]] if x86 else [["-mcpu=native"], []])
+    defines = [[], ["-DGPTGEN_NO_AMX"]] if x86 else [[]]
+    return [[cxx, "-O2", *arch, *define, "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17", abi,
+             "-w", f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
              str(_SOURCE), f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}", "-o", OUT]
-            for std in ("-std=c++20", "-std=c++17")]
+            for arch in arches for define in defines]
 
 
 def _load(path: Path) -> bool:
+    global _max_isa
     torch.ops.load_library(str(path))
     _register_fake()
+    _max_isa = int(torch.ops.gptgen.max_isa())
+    select_path(best_path())
     return True
 
 
@@ -64,21 +76,68 @@ def _register_fake() -> None:
 
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether torch.ops.gptgen.int8_dynamic_linear is loaded (built on the first call); status() says why not."""
+    """Whether the library (torch.ops.gptgen.int8_dynamic_linear, torch.classes.gptgen.Int8Decoder) is loaded,
+    built on the first call; status() says why not."""
     if native_off():
         _status.update(state="off", detail="GPTGEN_NATIVE=0")
         return False
-    if not cpu_has_vnni():
-        _status.update(state="unavailable", detail="the CPU lacks AVX512-VNNI")
-        return False
     cxx = compiler((os.environ.get("CXX"), "c++", "g++", "clang++"))
-    return bool(build_and_load("int8-ops", _SOURCE, torch.__version__.encode(), cxx,
-                               "no C++ compiler (c++, g++ or clang++) on PATH", _commands, _load, _status, _lock))
+    key = torch.__version__.encode() + b"".join(h.read_bytes() for h in _HEADERS)
+    return bool(build_and_load("int8-ops", _SOURCE, key, cxx, "no C++ compiler (c++, g++ or clang++) on PATH",
+                               _commands, _load, _status, _lock, timeout=300))
+
+
+def paths() -> dict[str, str]:
+    """Each instruction-set path mapped to '' where this CPU and build run it, else why not."""
+    out = dict(isa_paths())
+    built = _max_isa
+    for i, name in enumerate(ISA_PATHS):
+        if not out[name] and i > built:
+            out[name] = "not in this build (compiler without that target)" if built >= 0 else "library not loaded"
+    return out
+
+
+def best_path() -> str:
+    """The fastest path this CPU and build run."""
+    runs = paths()
+    return [p for p in ISA_PATHS if runs[p] == ""][-1] if runs["portable"] == "" else "portable"
+
+
+def current_path() -> str | None:
+    """The path the kernels run on now (None before the library is loaded)."""
+    return _status.get("path")
+
+
+def select_path(name: str) -> str:
+    """Make the kernels run on path `name` (one of ISA_PATHS this CPU runs); returns it."""
+    why = paths().get(name)
+    if why is None:
+        raise ValueError(f"unknown instruction-set path {name!r}; one of {', '.join(ISA_PATHS)}")
+    if why:
+        raise ValueError(f"the {name} path cannot run here: {why}")
+    level = int(torch.ops.gptgen.set_isa(ISA_PATHS.index(name)))
+    _status["path"] = ISA_PATHS[level]
+    return ISA_PATHS[level]
+
+
+@contextlib.contextmanager
+def use_path(name: str):
+    """Run the kernels on path `name` inside the block (tests: each path against the reference)."""
+    before = current_path() or best_path()
+    select_path(name)
+    try:
+        yield name
+    finally:
+        select_path(before)
 
 
 def status() -> dict:
-    """{'state': 'ready' | 'off' | 'unavailable' | 'not built', 'detail': path or reason}."""
-    return dict(_status)
+    """{'state': 'ready' | 'off' | 'unavailable' | 'not built', 'detail': path or reason, 'path': the
+    instruction-set path in use, 'paths': {path: '' or why it does not run}}."""
+    out = dict(_status)
+    if out["state"] == "ready":
+        out["paths"] = paths()
+    return out
 
 
 def pack(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

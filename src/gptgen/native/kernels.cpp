@@ -1,30 +1,46 @@
-// gptgen::int8_dynamic_linear: y = x W^T with W int8 (one scale per output row) and x quantized to int8 per
-// row at run time (symmetric, max|x| / 127), products summed in int32 by AVX512-VNNI (vpdpbusd).
+// gptgen's native kernels: the int8 x int8 product of quantize="int8-dynamic" (gptgen::int8_dynamic_linear)
+// and the one-token decode step of a float32 or int8-dynamic GPT (gptgen.Int8Decoder), on one of several
+// instruction-set paths chosen at run time (gptgen::set_isa, from gptgen.hardware's detection):
+//
+//   0 portable   plain C++ (generic.h) for the baseline instruction set: any CPU and compiler
+//   1 avx2       AVX2 + FMA: int8 sums by vpmaddubsw / vpmaddwd, fp32 products by FMA, generic.h vectorized
+//   2 avx512     AVX512F/BW/VL + AVX512-VNNI: int8 sums by vpdpbusd, 16-wide fp32 products and helpers
+//   3 amx        the avx512 path, with AMX tiles (tdpbusd) for products of 5 rows or more
+//
+// The library is compiled for the baseline instruction set; each path's functions are compiled with their
+// own target (#pragma GCC target), so one build serves every x86-64 CPU and a mask can force a lower path
+// (tests check every path the CPU can run against the reference). ARM64 builds the portable path; a NEON
+// (sdot) path would be one more namespace with the two products, like avx2's.
 //
 // A decode step multiplies one row (or a few) by every weight matrix once: its time is the time to stream
 // the weights. Weight-only int8 kernels convert every weight to floating point first and run below the
-// cache bandwidth; dpbusd multiplies 64 int8 pairs per instruction, which leaves the stream the only cost.
+// cache bandwidth; int8 x int8 sums leave the stream the only cost.
 //
 // Layout: the weight (N, K) is packed as (ceil(N/16), Kp/4, 16, 4): for each block of 16 output rows, four
-// consecutive k of all 16 rows lie in one 64-byte line, the operand of one dpbusd. Kp is K padded to a
-// multiple of 16 (zeros). dpbusd multiplies unsigned by signed bytes, so activations go in as q + 128 and
-// 128 * sum_k W[n, k] ("offset") comes off the int32 sums.
+// consecutive k of all 16 rows lie in one 64-byte line, the operand of one dpbusd (two vpmaddubsw on AVX2).
+// Kp is K padded to a multiple of 16 (zeros). Activations are stored as q + 128 (dpbusd multiplies unsigned
+// by signed bytes; 128 * sum_k W[n, k], "offset", comes off its sums); the other paths take q back.
 //
-// Numbers (gptgen.int8_ops.reference computes the same ones with PyTorch operations):
+// Numbers (gptgen.native.int8.reference computes the same ones with PyTorch operations), on every path:
 //   amax = max(max_k |x[m, k]|, 1e-12); q = round_half_even(x * (127 / amax)); xs = amax / 127
 //   y[m, n] = float(sum_k q * W[n, k]) * xs * wscale[n] + bias[n]     (float32, left to right)
-// Built with -ffp-contract=off so no multiply and add fuse.
+// Built with -ffp-contract=off so no multiply and add fuse unless a kernel asks for it (the fp32 FMA products).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
-#include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define GPTGEN_X86 1
+#endif
 
 namespace {
 
@@ -47,6 +63,174 @@ void quantize_rows(const T* x, int64_t M, int64_t K, int64_t Kp, uint8_t* q, flo
     std::fill(out + K, out + Kp, static_cast<uint8_t>(128));  // padding: zero once the offset comes off
   }
 }
+
+// What attention needs: the new rows' q (in qkv), the cache of one layer, where each row attends.
+template <typename T>
+struct AttnArgs {
+  const float* qkv;
+  float* out;
+  const T* kc;
+  const T* vc;
+  int64_t T_, B, H, D, Lmax, mask_stride;
+  const int64_t* mask;
+  const int64_t* slots;
+  float scale;
+  bool bf16;
+};
+
+namespace portable {
+#include "generic.h"
+}  // namespace portable
+
+#ifdef GPTGEN_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "generic.h"
+
+// R activation rows against one block of 16 output rows (two 8-wide halves), U independent sums per half.
+// vpmaddubsw multiplies unsigned by signed bytes into saturating int16 pair sums: with |w| (at most 128) as
+// the unsigned operand and q carrying w's sign (|q| <= 127), a pair sums to at most 2 * 128 * 127 < 2^15,
+// so nothing saturates and the int32 sums (vpmaddwd by ones) are exact.
+template <int R, int U>
+inline void block_rows(const int8_t* blk, const uint8_t* q, int64_t Kp, const float* ws, const float* bias,
+                       const float* xs, float* y, int64_t ldy, int64_t nn) {
+  __m256i acc[R][2 * U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < 2 * U; ++u) acc[r][u] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t k = 0; k < Kp; k += 4 * U) {
+    for (int u = 0; u < U; ++u) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + (k + 4 * u) * kBlock));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + (k + 4 * u) * kBlock + 32));
+      const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);
+      for (int r = 0; r < R; ++r) {
+        int32_t xk;
+        std::memcpy(&xk, q + r * Kp + k + 4 * u, sizeof(xk));
+        const __m256i xb = _mm256_xor_si256(_mm256_set1_epi32(xk), flip);  // q + 128 -> q
+        const __m256i p0 = _mm256_maddubs_epi16(a0, _mm256_sign_epi8(xb, w0));
+        const __m256i p1 = _mm256_maddubs_epi16(a1, _mm256_sign_epi8(xb, w1));
+        acc[r][2 * u] = _mm256_add_epi32(acc[r][2 * u], _mm256_madd_epi16(p0, ones));
+        acc[r][2 * u + 1] = _mm256_add_epi32(acc[r][2 * u + 1], _mm256_madd_epi16(p1, ones));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float out[kBlock];
+    for (int h = 0; h < 2; ++h) {
+      __m256i sum = acc[r][h];
+      for (int u = 1; u < U; ++u) sum = _mm256_add_epi32(sum, acc[r][2 * u + h]);
+      __m256 v = _mm256_cvtepi32_ps(sum);
+      v = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(v, _mm256_set1_ps(xs[r])), _mm256_load_ps(ws + 8 * h)),
+                        _mm256_load_ps(bias + 8 * h));
+      _mm256_store_ps(out + 8 * h, v);
+    }
+    std::memcpy(y + r * ldy, out, nn * sizeof(float));
+  }
+}
+
+inline void gemv_i8_v_blocks(const uint8_t* qp, const float* xsp, int64_t M, int64_t Kp, const int8_t* wp,
+                             const float* ws, const float* bp, int64_t N, float* yp, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int8_t* blk = wp + b * Kp * kBlock;
+    const int64_t n0 = b * kBlock, nn = std::min<int64_t>(kBlock, N - n0);
+    alignas(32) float s[kBlock] = {0.f}, bb[kBlock] = {0.f};
+    std::memcpy(s, ws + n0, nn * sizeof(float));
+    if (bp) std::memcpy(bb, bp + n0, nn * sizeof(float));
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) block_rows<4, 1>(blk, qp + m * Kp, Kp, s, bb, xsp + m, yp + m * N + n0, N, nn);
+    switch (M - m) {
+      case 3: block_rows<3, 1>(blk, qp + m * Kp, Kp, s, bb, xsp + m, yp + m * N + n0, N, nn); break;
+      case 2: block_rows<2, 2>(blk, qp + m * Kp, Kp, s, bb, xsp + m, yp + m * N + n0, N, nn); break;
+      case 1: block_rows<1, 2>(blk, qp + m * Kp, Kp, s, bb, xsp + m, yp + m * N + n0, N, nn); break;
+      default: break;
+    }
+  }
+}
+
+inline void gemv_i8_v(const uint8_t* qp, const float* xsp, int64_t M, int64_t Kp, const int8_t* wp, const int32_t*,
+                      const float* ws, const float* bp, int64_t Nb, int64_t N, float* yp) {
+  at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) { gemv_i8_v_blocks(qp, xsp, M, Kp, wp, ws, bp, N, yp, b0, b1); });
+}
+
+// fp32: each k is one 64-byte line of 16 outputs (two 8-wide halves) times the broadcast activation (FMA).
+template <int R, int U>
+inline void block_rows_f32(const float* blk, const float* x, int64_t K, const float* bias, float* y, int64_t ldy,
+                           int64_t nn) {
+  __m256 acc[R][2 * U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < 2 * U; ++u) acc[r][u] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + U <= K; k += U)
+    for (int u = 0; u < U; ++u) {
+      const __m256 w0 = _mm256_loadu_ps(blk + (k + u) * kBlock), w1 = _mm256_loadu_ps(blk + (k + u) * kBlock + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xb = _mm256_set1_ps(x[r * K + k + u]);
+        acc[r][2 * u] = _mm256_fmadd_ps(xb, w0, acc[r][2 * u]);
+        acc[r][2 * u + 1] = _mm256_fmadd_ps(xb, w1, acc[r][2 * u + 1]);
+      }
+    }
+  for (; k < K; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(blk + k * kBlock), w1 = _mm256_loadu_ps(blk + k * kBlock + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xb = _mm256_set1_ps(x[r * K + k]);
+      acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float out[kBlock];
+    for (int h = 0; h < 2; ++h) {
+      __m256 sum = acc[r][h];
+      for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[r][2 * u + h]);
+      _mm256_store_ps(out + 8 * h, _mm256_add_ps(sum, _mm256_load_ps(bias + 8 * h)));
+    }
+    std::memcpy(y + r * ldy, out, nn * sizeof(float));
+  }
+}
+
+inline void gemv_f32_v_blocks(const float* x, int64_t M, int64_t K, const float* wp, const float* bp, int64_t N,
+                              float* y, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* blk = wp + b * K * kBlock;
+    const int64_t n0 = b * kBlock, nn = std::min<int64_t>(kBlock, N - n0);
+    alignas(32) float bb[kBlock] = {0.f};
+    if (bp) std::memcpy(bb, bp + n0, nn * sizeof(float));
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) block_rows_f32<4, 1>(blk, x + m * K, K, bb, y + m * N + n0, N, nn);
+    switch (M - m) {
+      case 3: block_rows_f32<3, 1>(blk, x + m * K, K, bb, y + m * N + n0, N, nn); break;
+      case 2: block_rows_f32<2, 2>(blk, x + m * K, K, bb, y + m * N + n0, N, nn); break;
+      case 1: block_rows_f32<1, 4>(blk, x + m * K, K, bb, y + m * N + n0, N, nn); break;
+      default: break;
+    }
+  }
+}
+
+inline void gemv_f32_v(const float* x, int64_t M, int64_t K, const float* wp, const float* bp, int64_t Nb, int64_t N,
+                       float* y) {
+  at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) { gemv_f32_v_blocks(x, M, K, wp, bp, N, y, b0, b1); });
+}
+}  // namespace avx2
+#pragma GCC pop_options
+#endif  // GPTGEN_X86
+
+#ifdef GPTGEN_X86
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__linux__) && !defined(GPTGEN_NO_AMX)
+#define GPTGEN_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#pragma GCC push_options
+#ifdef GPTGEN_AMX
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")
+#else
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#endif
+namespace avx512 {
+
+std::atomic<bool> use_tiles{false};  // the amx path (set_isa 3)
 
 // R activation rows against one block of 16 output rows, with U independent sums per row: dpbusd takes
 // several cycles, and a single chain of them would leave a one-row product waiting on its latency.
@@ -76,13 +260,11 @@ inline void block_rows(const int8_t* blk, const uint8_t* q, int64_t Kp, __m512i 
 }
 
 
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__linux__)
+#ifdef GPTGEN_AMX
 // AMX: for several rows the product is arithmetic, not bytes, and one tile instruction (tdpbusd) multiplies
 // a 16 x 64 block of activations by a 64 x 16 block of weights. The packed weight block is already the B
 // tile's layout (16 rows of 4 k x 16 outputs), so a tile is 1 KiB at a 64-byte stride; activations load as
 // 16 rows of 64 bytes. The int32 sums are the same as the dpbusd path's.
-#include <sys/syscall.h>
-#include <unistd.h>
 
 bool amx_enabled() {
   static const bool ok = [] {
@@ -151,7 +333,6 @@ void amx_rows(const uint8_t* qp, const float* xsp, int64_t M, int64_t Kp, const 
   }
   _tile_release();
 }
-#define GPTGEN_AMX 1
 #endif
 
 // Rows from which AMX takes over (fewer rows stream the weights at the same speed either way).
@@ -160,14 +341,11 @@ constexpr int64_t kAmxMinRows = 5;
 // Whether the product of M rows (packed width Kp) runs on AMX tiles
 inline bool use_amx(int64_t M, int64_t Kp) {
 #ifdef GPTGEN_AMX
-  return M >= kAmxMinRows && Kp % 64 == 0 && amx_enabled();
+  return M >= kAmxMinRows && Kp % 64 == 0 && use_tiles.load(std::memory_order_relaxed) && amx_enabled();
 #else
   return false;
 #endif
 }
-
-// q rows padded for AMX: M rounded up to 16, the padding 128 (zero once the offset comes off)
-inline int64_t padded_rows(int64_t M, int64_t Kp) { return use_amx(M, Kp) ? (M + 15) / 16 * 16 : M; }
 
 // y (M, N) float32 = the product for M rows already quantized (q: M x Kp bytes, xs: M scales).
 void gemv_rows(const uint8_t* qp, const float* xsp, int64_t M, int64_t Kp, const int8_t* wp, const int32_t* off,
@@ -199,42 +377,6 @@ void gemv_rows(const uint8_t* qp, const float* xsp, int64_t M, int64_t Kp, const
     }
   });
 }
-
-void check_weight(const at::Tensor& packed, const at::Tensor& offset, const at::Tensor& wscale,
-                  const std::optional<at::Tensor>& bias, int64_t K, int64_t N) {
-  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kChar && packed.is_contiguous() &&
-                  packed.size(2) == kBlock && packed.size(3) == 4, "packed must be an int8 (N/16, Kp/4, 16, 4) tensor");
-  const int64_t Nb = packed.size(0), Kp = packed.size(1) * 4;
-  TORCH_CHECK(Kp % 16 == 0 && Kp >= K && Kp - K < 16 && Nb * kBlock >= N && (Nb - 1) * kBlock < N,
-              "the packed weight does not match x's width or N");
-  TORCH_CHECK(offset.scalar_type() == at::kInt && offset.is_contiguous() && offset.numel() == N, "offset: int32 (N,)");
-  TORCH_CHECK(wscale.scalar_type() == at::kFloat && wscale.is_contiguous() && wscale.numel() == N, "wscale: float32 (N,)");
-  if (bias.has_value() && bias->defined())
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: float32 (N,)");
-}
-
-at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& offset,
-                               const at::Tensor& wscale, const std::optional<at::Tensor>& bias, int64_t N) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CPU tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
-  const int64_t M = x.size(0), K = x.size(1);
-  check_weight(packed, offset, wscale, bias, K, N);
-  const int64_t Nb = packed.size(0), Kp = packed.size(1) * 4;
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (M == 0 || N == 0) return y;
-  std::vector<uint8_t> q(padded_rows(M, Kp) * Kp, static_cast<uint8_t>(128));
-  std::vector<float> xs(M);
-  if (x.scalar_type() == at::kFloat)
-    quantize_rows(x.data_ptr<float>(), M, K, Kp, q.data(), xs.data());
-  else
-    quantize_rows(x.data_ptr<at::BFloat16>(), M, K, Kp, q.data(), xs.data());
-  const bool has_bias = bias.has_value() && bias->defined();
-  gemv_rows(q.data(), xs.data(), M, Kp, packed.data_ptr<int8_t>(), offset.data_ptr<int32_t>(),
-            wscale.data_ptr<float>(), has_bias ? bias->data_ptr<float>() : nullptr, Nb, N, y.data_ptr<float>());
-  return y;
-}
-
-
 
 // fp32 products of the native step (a float32 model decoded with compile=True): W packed as (ceil(N/16), K, 16)
 // floats, so each k is one 64-byte line of 16 outputs, multiplied by the broadcast activation (FMA).
@@ -333,6 +475,192 @@ inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+
+constexpr int64_t kMaxChunks = 16;  // head widths up to 256 here; wider heads take the AVX2 path's attention
+
+template <typename T>
+inline void attend_heads(const AttnArgs<T>& a, int64_t i0, int64_t i1) {
+  const int64_t H = a.H, D = a.D, inner = H * D, T_ = a.T_, Lmax = a.Lmax, mask_stride = a.mask_stride;
+  const int64_t chunks = (D + 15) / 16;
+  const float scale = a.scale;
+  const bool bf16 = a.bf16;
+  const int64_t* mask = a.mask;
+  const int64_t* slots = a.slots;
+  const float* qkv = a.qkv;
+  float* out = a.out;
+  const T* kc = a.kc;
+  const T* vc = a.vc;
+  std::vector<float> s(Lmax);
+  __m512 qv[kMaxChunks], acc[kMaxChunks];  // (no std::vector of vector registers: its code is not this target's)
+  __mmask16 dm[kMaxChunks];
+  for (int64_t c = 0; c < chunks; ++c) dm[c] = static_cast<__mmask16>((1u << std::min<int64_t>(16, D - 16 * c)) - 1u);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t b = i / H, hh = i % H, L = slots[b] + 1;
+    const float* qp = qkv + b * 3 * inner + hh * D;
+    for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_maskz_loadu_ps(dm[c], qp + 16 * c);
+    const T* kr = kc + (b * H + hh) * T_ * D;
+    const T* vr = vc + (b * H + hh) * T_ * D;
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < L; ++t) {
+      if (mask && !mask[b * mask_stride + t]) { s[t] = -INFINITY; continue; }
+      __m512 dot = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) dot = _mm512_fmadd_ps(qv[c], load16(kr + t * D + 16 * c, dm[c]), dot);
+      s[t] = _mm512_reduce_add_ps(dot) * scale;
+      mx = std::max(mx, s[t]);
+    }
+    float sum = 0.f;
+    for (int64_t t = 0; t < L; t += 16) {  // e^(s - max), 0 where masked
+      const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, L - t)) - 1u);
+      const __m512 v = _mm512_maskz_loadu_ps(m, s.data() + t);
+      const __mmask16 live = _mm512_mask_cmp_ps_mask(m, v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+      const __m512 e = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(v, _mm512_set1_ps(mx))));
+      _mm512_mask_storeu_ps(s.data() + t, m, e);
+      sum += _mm512_reduce_add_ps(e);
+    }
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < L; ++t) {
+      if (s[t] == 0.f) continue;
+      const __m512 p = _mm512_set1_ps(s[t] / sum);
+      for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(p, load16(vr + t * D + 16 * c, dm[c]), acc[c]);
+    }
+    float* op = out + b * inner + hh * D;
+    for (int64_t c = 0; c < chunks; ++c) _mm512_mask_storeu_ps(op + 16 * c, dm[c], bf16 ? round_bf16(acc[c]) : acc[c]);
+  }
+}
+
+template <typename T>
+inline void attend(const AttnArgs<T>& a) {
+  if (a.D > 16 * kMaxChunks) return avx2::attend(a);
+  at::parallel_for(0, a.B * a.H, 1, [&](int64_t i0, int64_t i1) { attend_heads(a, i0, i1); });
+}
+
+inline void activate_range(float* v, int64_t n, int64_t c0, int64_t c1, int64_t activation, bool bf16) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t i = 16 * c;
+    const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1u);
+    __m512 a = _mm512_maskz_loadu_ps(m, v + i);
+    if (activation == 0) {
+      a = _mm512_max_ps(a, _mm512_setzero_ps());
+    } else if (activation == 2) {
+      a = gelu_tanh(a);
+    } else {
+      alignas(64) float t[16];
+      _mm512_store_ps(t, a);
+      for (int j = 0; j < 16; ++j) t[j] = 0.5f * t[j] * (1.0f + std::erf(t[j] * static_cast<float>(M_SQRT1_2)));
+      a = _mm512_load_ps(t);
+    }
+    _mm512_mask_storeu_ps(v + i, m, bf16 ? round_bf16(a) : a);
+  }
+}
+
+inline void activate(float* v, int64_t n, int64_t activation, bool bf16) {
+  at::parallel_for(0, (n + 15) / 16, 256, [&](int64_t c0, int64_t c1) { activate_range(v, n, c0, c1, activation, bf16); });
+}
+
+// x += y, rounded to the model's dtype
+inline void residual(float* x_, const float* y, int64_t n, bool bf16) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1u);
+    __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x_ + i), _mm512_maskz_loadu_ps(m, y + i));
+    _mm512_mask_storeu_ps(x_ + i, m, bf16 ? round_bf16(v) : v);
+  }
+}
+}  // namespace avx512
+#pragma GCC pop_options
+#endif  // GPTGEN_X86
+
+// The paths' kernels, and the one in use -------------------------------------------------------------------
+struct Ops {
+  void (*gemv_i8)(const uint8_t*, const float*, int64_t, int64_t, const int8_t*, const int32_t*, const float*,
+                  const float*, int64_t, int64_t, float*);
+  void (*gemv_f32)(const float*, int64_t, int64_t, const float*, const float*, int64_t, int64_t, float*);
+  void (*round_bf16)(float*, int64_t);
+  void (*attend_f32)(const AttnArgs<float>&);
+  void (*attend_bf16)(const AttnArgs<at::BFloat16>&);
+  void (*activate)(float*, int64_t, int64_t, bool);
+  void (*residual)(float*, const float*, int64_t, bool);
+};
+
+const Ops kPortableOps{portable::gemv_i8, portable::gemv_f32, portable::round_bf16, portable::attend<float>,
+                       portable::attend<at::BFloat16>, portable::activate, portable::residual};
+#ifdef GPTGEN_X86
+const Ops kAvx2Ops{avx2::gemv_i8_v, avx2::gemv_f32_v, avx2::round_bf16, avx2::attend<float>,
+                   avx2::attend<at::BFloat16>, avx2::activate, avx2::residual};
+const Ops kAvx512Ops{avx512::gemv_rows, avx512::gemv_f32, static_cast<void (*)(float*, int64_t)>(avx512::round_bf16),
+                     avx512::attend<float>, avx512::attend<at::BFloat16>, avx512::activate, avx512::residual};
+#endif
+
+// The highest path this build has: 3 with AMX, 2 on other x86-64 builds, 0 elsewhere.
+constexpr int64_t kMaxIsa =
+#if defined(GPTGEN_X86) && defined(GPTGEN_AMX)
+    3;
+#elif defined(GPTGEN_X86)
+    2;
+#else
+    0;
+#endif
+
+std::atomic<int64_t> g_isa{0};  // the portable path until gptgen.native picks one for the CPU
+
+inline const Ops& ops() {
+#ifdef GPTGEN_X86
+  const int64_t isa = g_isa.load(std::memory_order_relaxed);
+  if (isa >= 2) return kAvx512Ops;
+  if (isa == 1) return kAvx2Ops;
+#endif
+  return kPortableOps;
+}
+
+// Select the path (the caller has checked that the CPU runs it); returns the one in effect.
+int64_t set_isa(int64_t level) {
+  level = std::max<int64_t>(0, std::min(level, kMaxIsa));
+  g_isa.store(level);
+#ifdef GPTGEN_X86
+  avx512::use_tiles.store(level >= 3);
+#endif
+  return level;
+}
+
+int64_t max_isa() { return kMaxIsa; }
+
+// q rows: M rounded up to 16 (what the AMX tiles read), the padding 128 (zero once the offset comes off)
+inline int64_t padded_rows(int64_t M) { return (M + 15) / 16 * 16; }
+
+void check_weight(const at::Tensor& packed, const at::Tensor& offset, const at::Tensor& wscale,
+                  const std::optional<at::Tensor>& bias, int64_t K, int64_t N) {
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kChar && packed.is_contiguous() &&
+                  packed.size(2) == kBlock && packed.size(3) == 4, "packed must be an int8 (N/16, Kp/4, 16, 4) tensor");
+  const int64_t Nb = packed.size(0), Kp = packed.size(1) * 4;
+  TORCH_CHECK(Kp % 16 == 0 && Kp >= K && Kp - K < 16 && Nb * kBlock >= N && (Nb - 1) * kBlock < N,
+              "the packed weight does not match x's width or N");
+  TORCH_CHECK(offset.scalar_type() == at::kInt && offset.is_contiguous() && offset.numel() == N, "offset: int32 (N,)");
+  TORCH_CHECK(wscale.scalar_type() == at::kFloat && wscale.is_contiguous() && wscale.numel() == N, "wscale: float32 (N,)");
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: float32 (N,)");
+}
+
+at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& offset,
+                               const at::Tensor& wscale, const std::optional<at::Tensor>& bias, int64_t N) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1);
+  check_weight(packed, offset, wscale, bias, K, N);
+  const int64_t Nb = packed.size(0), Kp = packed.size(1) * 4;
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M == 0 || N == 0) return y;
+  std::vector<uint8_t> q(padded_rows(M) * Kp, static_cast<uint8_t>(128));
+  std::vector<float> xs(M);
+  if (x.scalar_type() == at::kFloat)
+    quantize_rows(x.data_ptr<float>(), M, K, Kp, q.data(), xs.data());
+  else
+    quantize_rows(x.data_ptr<at::BFloat16>(), M, K, Kp, q.data(), xs.data());
+  const bool has_bias = bias.has_value() && bias->defined();
+  ops().gemv_i8(q.data(), xs.data(), M, Kp, packed.data_ptr<int8_t>(), offset.data_ptr<int32_t>(),
+            wscale.data_ptr<float>(), has_bias ? bias->data_ptr<float>() : nullptr, Nb, N, y.data_ptr<float>());
+  return y;
+}
+
+
 
 // Int8Decoder: the whole one-token decode step of an int8-dynamic GPT in one call ------------------------------
 //
@@ -445,16 +773,16 @@ struct Int8Decoder : torch::CustomClassHolder {
   // out (B, p.N) = the product of in (B, p.K), rounded to the model's dtype
   void linear(const Product& p, const float* in, float* out, int64_t B, bool round = true) {
     if (p.f32) {
-      gemv_f32(in, B, p.K, p.packed.data_ptr<float>(), p.bias.numel() ? p.bias.data_ptr<float>() : nullptr, p.Nb, p.N, out);
-      if (round && bf16) round_bf16(out, B * p.N);
+      ops().gemv_f32(in, B, p.K, p.packed.data_ptr<float>(), p.bias.numel() ? p.bias.data_ptr<float>() : nullptr, p.Nb, p.N, out);
+      if (round && bf16) ops().round_bf16(out, B * p.N);
       return;
     }
-    q.assign(padded_rows(B, p.Kp) * p.Kp, static_cast<uint8_t>(128));
+    q.assign(padded_rows(B) * p.Kp, static_cast<uint8_t>(128));
     xs.resize(B);
     quantize_rows(in, B, p.K, p.Kp, q.data(), xs.data());
-    gemv_rows(q.data(), xs.data(), B, p.Kp, p.packed.data_ptr<int8_t>(), p.offset.data_ptr<int32_t>(),
+    ops().gemv_i8(q.data(), xs.data(), B, p.Kp, p.packed.data_ptr<int8_t>(), p.offset.data_ptr<int32_t>(),
               p.wscale.data_ptr<float>(), p.bias.numel() ? p.bias.data_ptr<float>() : nullptr, p.Nb, p.N, out);
-    if (round && bf16) round_bf16(out, B * p.N);
+    if (round && bf16) ops().round_bf16(out, B * p.N);
   }
 
   // Row b writes its key and value at slots[b] and attends slots 0..slots[b] (those the mask marks, with one).
@@ -472,79 +800,17 @@ struct Int8Decoder : torch::CustomClassHolder {
           kc[at] = static_cast<T>(qkv[b * 3 * inner + inner + hh * D + d]);
           vc[at] = static_cast<T>(qkv[b * 3 * inner + 2 * inner + hh * D + d]);
         }
-    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-    const int64_t chunks = (D + 15) / 16;
     const int64_t Lmax = *std::max_element(slots, slots + B) + 1;
-    at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> s(Lmax);
-      std::vector<__m512> qv(chunks), acc(chunks);
-      std::vector<__mmask16> dm(chunks);
-      for (int64_t c = 0; c < chunks; ++c) dm[c] = static_cast<__mmask16>((1u << std::min<int64_t>(16, D - 16 * c)) - 1u);
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / H, hh = i % H, L = slots[b] + 1;
-        const float* qp = qkv + b * 3 * inner + hh * D;
-        for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_maskz_loadu_ps(dm[c], qp + 16 * c);
-        const T* kr = kc + (b * H + hh) * T_ * D;
-        const T* vr = vc + (b * H + hh) * T_ * D;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < L; ++t) {
-          if (mask && !mask[b * mask_stride + t]) { s[t] = -INFINITY; continue; }
-          __m512 dot = _mm512_setzero_ps();
-          for (int64_t c = 0; c < chunks; ++c) dot = _mm512_fmadd_ps(qv[c], load16(kr + t * D + 16 * c, dm[c]), dot);
-          s[t] = _mm512_reduce_add_ps(dot) * scale;
-          mx = std::max(mx, s[t]);
-        }
-        float sum = 0.f;
-        for (int64_t t = 0; t < L; t += 16) {  // e^(s - max), 0 where masked
-          const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, L - t)) - 1u);
-          const __m512 v = _mm512_maskz_loadu_ps(m, s.data() + t);
-          const __mmask16 live = _mm512_mask_cmp_ps_mask(m, v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-          const __m512 e = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(v, _mm512_set1_ps(mx))));
-          _mm512_mask_storeu_ps(s.data() + t, m, e);
-          sum += _mm512_reduce_add_ps(e);
-        }
-        for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
-        for (int64_t t = 0; t < L; ++t) {
-          if (s[t] == 0.f) continue;
-          const __m512 p = _mm512_set1_ps(s[t] / sum);
-          for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(p, load16(vr + t * D + 16 * c, dm[c]), acc[c]);
-        }
-        float* op = out + b * inner + hh * D;
-        for (int64_t c = 0; c < chunks; ++c) _mm512_mask_storeu_ps(op + 16 * c, dm[c], bf16 ? round_bf16(acc[c]) : acc[c]);
-      }
-    });
+    const AttnArgs<T> args{qkv, out, kc, vc, T_, B, H, D, Lmax, mask_stride, mask, slots,
+                           1.0f / std::sqrt(static_cast<float>(D)), bf16};
+    if constexpr (std::is_same_v<T, float>) ops().attend_f32(args);
+    else ops().attend_bf16(args);
   }
 
-  void activate(float* v, int64_t n) const {
-    at::parallel_for(0, (n + 15) / 16, 256, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t i = 16 * c;
-        const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1u);
-        __m512 a = _mm512_maskz_loadu_ps(m, v + i);
-        if (activation == 0) {
-          a = _mm512_max_ps(a, _mm512_setzero_ps());
-        } else if (activation == 2) {
-          a = gelu_tanh(a);
-        } else {
-          alignas(64) float t[16];
-          _mm512_store_ps(t, a);
-          for (int j = 0; j < 16; ++j) t[j] = 0.5f * t[j] * (1.0f + std::erf(t[j] * static_cast<float>(M_SQRT1_2)));
-          a = _mm512_load_ps(t);
-        }
-        _mm512_mask_storeu_ps(v + i, m, bf16 ? round_bf16(a) : a);
-      }
-    });
-  }
+  void activate(float* v, int64_t n) const { ops().activate(v, n, activation, bf16); }
 
   // x += y, rounded to the model's dtype
-  void residual(float* x_, const float* y, int64_t n) const {
-    int64_t i = 0;
-    for (; i < n; i += 16) {
-      const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - i)) - 1u);
-      __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x_ + i), _mm512_maskz_loadu_ps(m, y + i));
-      _mm512_mask_storeu_ps(x_ + i, m, bf16 ? round_bf16(v) : v);
-    }
-  }
+  void residual(float* x_, const float* y, int64_t n) const { ops().residual(x_, y, n, bf16); }
 
   // The per-call engine's step: every row writes cache slot `slot`; row b's position is slot - pad_counts[b]
   // (left padding) and it attends the slots its mask row marks.
@@ -625,6 +891,8 @@ TORCH_LIBRARY(gptgen, m) {
       .def("set_cache", &Int8Decoder::set_cache)
       .def("step", &Int8Decoder::step)
       .def("step_rows", &Int8Decoder::step_rows);
+  m.def("set_isa(int level) -> int", &set_isa);
+  m.def("max_isa() -> int", &max_isa);
   m.def("int8_dynamic_linear(Tensor x, Tensor packed, Tensor offset, Tensor wscale, Tensor? bias, int N) -> Tensor");
 }
 
