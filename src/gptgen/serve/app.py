@@ -436,7 +436,8 @@ class _Job:
                 raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
             except GptgenError as exc:
                 self.cancel()
-                raise APIError(400, str(exc), code="invalid_value") from None
+                param = "response_format" if "response_format" in str(exc) else None
+                raise APIError(400, str(exc), param=param, code="invalid_value") from None
         # Watch the connection from now on, with a callback rather than a check in the event loop below:
         # a response that is never started, or a stream the server stops reading after a failed send,
         # must still free its slots.
