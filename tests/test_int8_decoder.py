@@ -1,7 +1,7 @@
 """The native one-token decode step of int8-dynamic models (Int8Decoder in gptgen/int8_ops.cpp, built by
 int8_step.decoder, used by engine.ModelBackend on CPU) against the model's own layers.
 
-Oracle: the same quantized model decoding through its modules: `engine._native_decoder` patched to return
+Oracle: the same quantized model decoding through its modules: `gptgen.native.decoder` patched to return
 None, so ModelBackend runs GPT's blocks (the same int8 products, PyTorch's layer norms, SDPA, activations).
 Both paths prefill through the layers; the steps are compared logit for logit, teacher-forced on the same
 tokens, and as whole generations (greedy, contrastive, beam search).
@@ -24,6 +24,7 @@ import copy
 import gc
 import weakref
 
+import gptgen.native
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,11 +90,11 @@ def two_backends(model, prompts, max_new_tokens, monkeypatch):
     """(native backend on `model`, layers backend on a copy), both prefilled on `prompts`; the prefill logits
     (the layers on both paths) are equal."""
     other = copy.deepcopy(model)
-    native, s1 = ModelBackend(model, compile=False), new_state(prompts, max_new_tokens)
+    native, s1 = ModelBackend(model), new_state(prompts, max_new_tokens)
     l1, _ = native.prefill(s1, None)
     assert native.native is not None, "the engine did not pick the native step for an int8-dynamic CPU model"
     with monkeypatch.context() as m:
-        m.setattr(engine, "_native_decoder", lambda model: None)
+        m.setattr(gptgen.native, "decoder", lambda model: None)
         layers, s2 = ModelBackend(other, compile=False), new_state(prompts, max_new_tokens)
         l2, _ = layers.prefill(s2, None)
     assert layers.native is None
@@ -214,7 +215,7 @@ def generate_both(model, monkeypatch, prompts=PROMPTS, **options):
     """generate_ids on the native step and on the layers, same model."""
     native = generate_ids(model, prompts, eos_token_id=[], **options)
     with monkeypatch.context() as m:
-        m.setattr(engine, "_native_decoder", lambda model: None)
+        m.setattr(gptgen.native, "decoder", lambda model: None)
         layers = generate_ids(model, prompts, eos_token_id=[], **options)
     return native, layers
 
@@ -336,7 +337,7 @@ def test_step_rejects_bad_inputs_with_a_runtime_error(monkeypatch):
     model = build("gpt2", 2)
     with torch.inference_mode():
         native, layers, logits, P = two_backends(model, PROMPTS, 4, monkeypatch)
-        dec, mask, pads = native.native, native.mask, native.pad_counts
+        dec, mask, pads = native.native, native.runner.key_mask, native.runner.pad_counts
         T = model.blocks[0].attn.kv_cache.k_cache.shape[2]
         assert mask.shape == (3, T) and T == P + 4
         feed = logits.argmax(-1)
@@ -402,3 +403,44 @@ def test_threads_do_not_change_the_native_numbers(monkeypatch):
         torch.set_num_threads(before)
     for (a1, h1), (a2, h2) in zip(*results):
         assert torch.equal(a1, a2) and torch.equal(h1, h2)
+
+
+# 6. Every instruction-set path ---------------------------------------------------------------------------------
+def _paths():
+    runs = int8_ops.paths()
+    return [pytest.param(p, marks=pytest.mark.skipif(bool(runs[p]), reason=f"the {p} path cannot run here: {runs[p]}"))
+            for p in runs]
+
+
+def _steps(dec, model, ids):
+    """The decoder's logits for every position of ids (B, T), one step_rows call per position."""
+    attn = model.blocks[0].attn
+    dtype = model.embed.wte.weight.dtype
+    dec.set_cache([torch.zeros(ids.shape[0], attn.n_head, 32, attn.head_dim, dtype=dtype)
+                   for _ in range(2 * len(model.blocks))])
+    out = [dec.step_rows(ids[:, t].contiguous(), torch.full((ids.shape[0],), t, dtype=torch.long))[0]
+           for t in range(ids.shape[1])]
+    dec.set_cache([])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize("style", list(STYLES))
+def test_every_instruction_set_path_gives_the_layers_logits(path, style):
+    """The native step on each path the CPU runs (portable C++, AVX2 + FMA, AVX512-VNNI; GPTGEN_CPU_FEATURES
+    masks the others) against the model's own full forward pass on the same tokens: float32 weights within
+    float rounding (the products sum in another order), int8-dynamic within the flip bound above with a
+    median near zero, bf16 within bf16 rounding."""
+    torch.manual_seed(0)
+    fp32 = GPT(STYLES[style]()).eval()
+    ids = torch.randint(0, fp32.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
+    with int8_ops.use_path(path), torch.no_grad():
+        assert int8_ops.current_path() == path
+        want = fp32(ids).float()
+        got = _steps(gptgen.native.decoder(fp32), fp32, ids)
+        assert (got - want).abs().max().item() < ROW_TOL, (got - want).abs().max().item()
+        for dtype, median_tol, bound in ((torch.float32, MEDIAN_TOL, FLIP_BOUND), (torch.bfloat16, 0.02, 1.0)):
+            q = quantize_model(copy.deepcopy(fp32), "int8-dynamic", compute_dtype=dtype)
+            want = q(ids).float()
+            d = (_steps(gptgen.native.decoder(q), q, ids) - want).abs()
+            assert d.median().item() < median_tol and d.max().item() < bound, (dtype, d.median().item(), d.max().item())

@@ -16,6 +16,7 @@ import re
 import shutil
 
 import numpy as np
+import gptgen.native
 import pytest
 import torch
 import torch.nn as nn
@@ -23,6 +24,7 @@ import torch.nn as nn
 from gptgen import int8_ops
 from gptgen.config import GPTConfig
 from gptgen.errors import ConfigError
+from gptgen.hardware import ISA_PATHS
 from gptgen.generation import engine, generate_ids
 from gptgen.generation.engine import DecodeState, ModelBackend
 from gptgen.model import GPT
@@ -37,10 +39,22 @@ HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 @pytest.fixture(scope="module")
 def kernel():
-    """Skips where torch.ops.gptgen.int8_dynamic_linear did not load (built on first use)."""
+    """Skips where torch.ops.gptgen.int8_dynamic_linear did not load (built on first use: it needs a C++
+    compiler, and runs on every CPU: see `path`)."""
     if not int8_ops.available():
-        pytest.skip(f"the int8-dynamic kernel is unavailable ({int8_ops.status()['detail']}); it needs an x86-64 "
-                    "CPU with AVX512F/BW/VNNI and a C++ compiler")
+        pytest.skip(f"the int8-dynamic kernel is unavailable ({int8_ops.status()['detail']}); it needs a C++ compiler")
+
+
+@pytest.fixture(params=ISA_PATHS)
+def path(request, kernel):
+    """Each instruction-set path of the kernels in turn (portable C++, AVX2 + FMA, AVX512-VNNI, AMX): the ones
+    this CPU runs (and GPTGEN_CPU_FEATURES does not mask) run; a path the CPU lacks is skipped with the
+    missing instructions named."""
+    why = int8_ops.paths()[request.param]
+    if why:
+        pytest.skip(f"the {request.param} path cannot run here: {why}")
+    with int8_ops.use_path(request.param):
+        yield request.param
 
 
 @contextlib.contextmanager
@@ -57,8 +71,8 @@ def native_off():
 @pytest.fixture
 def module_steps(monkeypatch):
     """Decode through the model's modules (eager or compiled step), not a whole-step native decoder an engine
-    may pick for int8-dynamic models (engine._native_decoder, where it exists)."""
-    monkeypatch.setattr(engine, "_native_decoder", lambda model: None, raising=False)
+    may pick for int8-dynamic models (gptgen.native.decoder)."""
+    monkeypatch.setattr(gptgen.native, "decoder", lambda model: None)
 
 
 def tiny_gpt(seed=0, **kw) -> GPT:
@@ -175,7 +189,7 @@ def test_pack_layout_and_unpack_round_trip():
 # The kernel ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernel_equals_reference_bit_for_bit(kernel, dtype, with_bias):
+def test_kernel_equals_reference_bit_for_bit(path, dtype, with_bias):
     rows = list(range(1, 10)) + [13, 37]  # 1..9 cover the kernel's 4-row groups and 3/2/1-row tails
     for x, q, wscale, bias in cases(dtype, with_bias, seed=1, rows=rows):
         packed, offset = int8_ops.pack(q)
@@ -185,7 +199,7 @@ def test_kernel_equals_reference_bit_for_bit(kernel, dtype, with_bias):
         assert torch.equal(got, want), (tuple(x.shape), tuple(q.shape), (got - want).abs().max())
 
 
-def test_kernel_rows_are_independent_and_threads_do_not_change_numbers(kernel):
+def test_kernel_rows_are_independent_and_threads_do_not_change_numbers(path):
     """A row's output is the same alone, in any batch, and on one or two threads (blocks of output rows split
     across threads; the int32 sums are exact)."""
     g = torch.Generator().manual_seed(2)
@@ -207,6 +221,57 @@ def test_kernel_rows_are_independent_and_threads_do_not_change_numbers(kernel):
     for i in range(x.shape[0]):
         assert torch.equal(int8_ops.linear(x[i:i + 1].contiguous(), packed, offset, wscale, bias, n), one[i:i + 1])
     assert torch.equal(int8_ops.linear(x[3:8].contiguous(), packed, offset, wscale, bias, n), one[3:8])
+
+
+def test_int8_weights_of_minus_128_and_wide_rows_are_exact_on_every_path(path):
+    """The whole int8 range (-128 too: the AVX2 path's |w| is 128 there) against the widest activations (+-127)
+    over long rows (K = 1,536: GPT-2's MLP width), where a saturating int16 pair sum would show."""
+    g = torch.Generator().manual_seed(7)
+    for m, k, n in [(1, 1536, 40), (3, 768, 33), (6, 64, 17)]:
+        q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        q[0] = -128
+        q[1] = 127
+        x = torch.randn(m, k, generator=g)
+        x[0] = torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0)  # every q is +-127: pairs at the int16 edge
+        packed, offset = int8_ops.pack(q)
+        wscale, bias = torch.rand(n, generator=g) * 0.01, torch.randn(n, generator=g)
+        got = int8_ops.linear(x, packed, offset, wscale, bias, n)
+        assert torch.equal(got, int8_ops.reference(x, q, wscale, bias)), (path, m, k, n)
+        assert torch.equal(got, brute_force(x, q, wscale, bias))
+
+
+def test_the_fastest_path_is_chosen_and_every_path_is_reported(kernel):
+    from gptgen.hardware import isa_paths
+
+    runs = int8_ops.paths()
+    assert set(runs) == set(ISA_PATHS) and runs["portable"] == ""
+    assert int8_ops.best_path() == [p for p in ISA_PATHS if runs[p] == ""][-1]
+    assert int8_ops.status()["path"] == int8_ops.best_path()
+    for name, why in isa_paths().items():  # what the CPU lacks is named
+        assert why == "" or "lacks" in why or "masked" in why or "x86-64" in why, (name, why)
+    with pytest.raises(ValueError, match="unknown instruction-set path"):
+        int8_ops.select_path("sse9")
+    status = gptgen.native.status()
+    assert status["decoder"]["path"] == int8_ops.best_path() and "paths" in status["decoder"]
+
+
+@pytest.mark.parametrize("mask", ["portable", "avx2", "bogus"])
+def test_cpu_feature_mask_caps_the_path_in_a_fresh_process(kernel, mask, tmp_path):
+    """GPTGEN_CPU_FEATURES=avx2 on an AVX-512 machine runs what an AVX2-only CPU runs (and hides AVX-512 from the
+    bf16 choice); =portable runs the plain C++ path anywhere; a value that is no path is one clear error."""
+    import subprocess
+    import sys
+
+    code = ("from gptgen.native import int8\nfrom gptgen import hardware\nassert int8.available()\n"
+            "print(int8.status()['path'], hardware.cpu_bf16_native())\n")
+    env = dict(__import__("os").environ, GPTGEN_CPU_FEATURES=mask)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    if mask == "bogus":
+        assert done.returncode != 0 and "GPTGEN_CPU_FEATURES must be one of portable, avx2, avx512, amx" in done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    want = mask if int8_ops.paths()[mask] == "" else "portable"
+    assert done.stdout.split() == [want, "False"]
 
 
 def test_kernel_op_registration_and_argument_checks(kernel):
@@ -334,7 +399,7 @@ def test_scales_and_biases_stay_float32_when_the_model_changes_dtype():
 
 
 def _native_step_in_use() -> bool:
-    return hasattr(engine, "_native_decoder") and int8_ops.available()
+    return int8_ops.available()
 
 
 def test_generation_after_the_model_moves_to_bf16():
@@ -390,7 +455,7 @@ def test_greedy_tokens_with_the_kernel_and_with_native_off(kernel, monkeypatch, 
     """Same numbers, same tokens: 20 greedy steps of three prompts of different lengths (left padding).
     "engine": whatever step the engine picks for the kernel model; "modules": the model's own modules."""
     if steps == "modules":
-        monkeypatch.setattr(engine, "_native_decoder", lambda model: None, raising=False)
+        monkeypatch.setattr(gptgen.native, "decoder", lambda model: None)
     fast, slow = both_paths(tiny_gpt(0), dtype)
     want = generate_ids(slow, PROMPTS, max_new_tokens=20, eos_token_id=[])
     assert [len(t) for t in want] == [20, 20, 20]
@@ -405,7 +470,7 @@ def test_a_prompt_gives_the_same_tokens_alone_and_in_a_batch(monkeypatch, dtype,
     lengths, ~1 ulp on fp32), which int8 rounding of the next layer's input almost always absorbs: logits
     are usually, not always, bitwise equal; the greedy tokens are equal here."""
     if steps == "modules":
-        monkeypatch.setattr(engine, "_native_decoder", lambda model: None, raising=False)
+        monkeypatch.setattr(gptgen.native, "decoder", lambda model: None)
     for seed in (0, 1):
         q = quantize_model(tiny_gpt(seed), "int8-dynamic", compute_dtype=dtype)
         batch = generate_ids(q, PROMPTS, max_new_tokens=20, eos_token_id=[])

@@ -16,15 +16,16 @@ inline void gemv_i8_blocks(const uint8_t* qp, const float* xsp, int64_t M, int64
     const int64_t n0 = b * kBlock, nn = std::min<int64_t>(kBlock, N - n0);
     for (int64_t m = 0; m < M; ++m) {
       const uint8_t* q = qp + m * Kp;
-      int32_t acc[kBlock] = {0};
+      int32_t part[4 * kBlock] = {0};  // per output and k mod 4: one contiguous line, which vectorizes
       for (int64_t k = 0; k < Kp; k += 4) {
         const int8_t* w = blk + k * kBlock;  // 16 outputs x 4 k
-        for (int n = 0; n < kBlock; ++n)
-          for (int j = 0; j < 4; ++j)
-            acc[n] += (static_cast<int32_t>(q[k + j]) - 128) * static_cast<int32_t>(w[4 * n + j]);
+        int32_t xv[4];
+        for (int j = 0; j < 4; ++j) xv[j] = static_cast<int32_t>(q[k + j]) - 128;
+        for (int i = 0; i < 4 * kBlock; ++i) part[i] += xv[i & 3] * static_cast<int32_t>(w[i]);
       }
       for (int64_t n = 0; n < nn; ++n) {
-        float v = static_cast<float>(acc[n]) * xsp[m] * ws[n0 + n];
+        const int32_t acc = part[4 * n] + part[4 * n + 1] + part[4 * n + 2] + part[4 * n + 3];
+        float v = static_cast<float>(acc) * xsp[m] * ws[n0 + n];
         yp[m * N + n0 + n] = bp ? v + bp[n0 + n] : v;
       }
     }
@@ -42,17 +43,15 @@ inline void gemv_f32_blocks(const float* x, int64_t M, int64_t K, const float* w
     const float* blk = wp + b * K * kBlock;
     const int64_t n0 = b * kBlock, nn = std::min<int64_t>(kBlock, N - n0);
     for (int64_t m = 0; m < M; ++m) {
-      float acc[2][kBlock] = {{0.f}};  // even and odd k: two independent chains
-      int64_t k = 0;
-      for (; k + 2 <= K; k += 2)
-        for (int u = 0; u < 2; ++u) {
-          const float xv = x[m * K + k + u];
-          for (int n = 0; n < kBlock; ++n) acc[u][n] += xv * blk[(k + u) * kBlock + n];
-        }
-      for (; k < K; ++k)
-        for (int n = 0; n < kBlock; ++n) acc[0][n] += x[m * K + k] * blk[k * kBlock + n];
+      float acc[kBlock] = {0.f};
+      const float* xm = x + m * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const float xv = xm[k];
+        const float* w = blk + k * kBlock;
+        for (int n = 0; n < kBlock; ++n) acc[n] += xv * w[n];
+      }
       for (int64_t n = 0; n < nn; ++n) {
-        const float v = acc[0][n] + acc[1][n];
+        const float v = acc[n];
         y[m * N + n0 + n] = bp ? v + bp[n0 + n] : v;
       }
     }

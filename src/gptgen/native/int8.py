@@ -53,7 +53,7 @@ def _commands(cxx: str) -> list[list[str]]:
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     arches = ([[]] if x86 else [["-mcpu=native"], []])
     defines = [[], ["-DGPTGEN_NO_AMX"]] if x86 else [[]]
-    return [[cxx, "-O2", *arch, *define, "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17", abi,
+    return [[cxx, "-O3", *arch, *define, "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17", abi,
              "-w", f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
              str(_SOURCE), f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}", "-o", OUT]
             for arch in arches for define in defines]
