@@ -274,7 +274,7 @@ def test_cancel_frees_the_slot_within_one_step(engine, tok):
 
 def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(lm, tok, caplog):
     with BatchEngine(lm, max_batch=4) as eng:
-        real = eng.slots.forward
+        real = eng.runner.forward
         calls = {"n": 0}
 
         def flaky(*args, **kwargs):
@@ -283,7 +283,7 @@ def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(lm, 
                 raise RuntimeError("boom")
             return real(*args, **kwargs)
 
-        eng.slots.forward = flaky
+        eng.runner.forward = flaky
         sink = Collector()
         req = eng.submit(_prompt(tok, "the"), SamplingParams(max_tokens=20, temperature=0.0), sink)
         assert req.done.wait(10)
@@ -508,23 +508,23 @@ def test_max_tokens_gives_length_and_eos_gives_stop(tok):
 # CUDA: the decode step captured in CUDA graphs per bucketed batch size -------------------------------
 def test_fixed_shape_bucketed_decode_gives_the_same_tokens(lm, tok, monkeypatch):
     """The CUDA path's step (rows padded to a bucket, attention over the whole cache) run eagerly on CPU."""
-    from gptgen.generation import slot_cache
+    from gptgen.generation import runner
 
     calls = []
 
     def eager(fn, **options):
         assert options["mode"] == "reduce-overhead" and options["fullgraph"]
-        def run(model, idx, positions, mask):
+        def run(model, idx, *args):
             calls.append(idx.shape[0])
-            return fn(model, idx, positions, mask)
+            return fn(model, idx, *args)
         return run
 
-    monkeypatch.setattr(slot_cache.torch, "compile", eager)
+    monkeypatch.setattr(runner.torch, "compile", eager)
     prompts = [_prompt(tok, p) for p in OTHER_PROMPTS[:5]]
     refs = [generate_ids(lm.model, [p], max_new_tokens=12 + 3 * i, eos_token_id=tok.eos_token_id)[0]
             for i, p in enumerate(prompts)]
     with BatchEngine(lm, max_batch=8) as eng:
-        eng.use_graphs = True
+        eng.runner.graphs = True
         sinks = [Collector() for _ in prompts]
         reqs = [eng.submit(p, SamplingParams(max_tokens=12 + 3 * i, temperature=0.0), s)
                 for i, (p, s) in enumerate(zip(prompts, sinks))]
@@ -541,7 +541,7 @@ def test_cuda_graph_decode_matches_cpu_greedy(lm, tok):
     gpu_model = GPT(lm.config).eval().to("cuda")
     gpu_model.load_state_dict(lm.model.state_dict())
     with BatchEngine(LanguageModel(gpu_model, tok), max_batch=8) as eng:
-        assert eng.use_graphs
+        assert eng.runner.graphs
         sinks = [Collector() for _ in cpu_ref]
         reqs = [eng.submit(_prompt(tok, p), SamplingParams(max_tokens=20, temperature=0.0), s)
                 for p, s in zip(OTHER_PROMPTS[:5], sinks)]
@@ -556,10 +556,13 @@ HAS_COMPILER = shutil.which("g++") is not None or shutil.which("gcc") is not Non
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_COMPILER, reason="inductor needs a C++ compiler")
-def test_compiled_cpu_decode_gives_the_eager_tokens(lm, tok):
+def test_compiled_cpu_decode_gives_the_eager_tokens(lm, tok, monkeypatch):
     """compile=True on CPU: warm_up compiles every batch size up front; rows joining and leaving at
     different steps (batch sizes 1..4, different filled lengths) get the per-call engine's greedy tokens and
     the eager engine's seeded samples."""
+    import gptgen.native
+
+    monkeypatch.setattr(gptgen.native, "decoder", lambda model: None)  # inductor's step, not the native one
     prompts = [_prompt(tok, p) for p in OTHER_PROMPTS[:4]]
     lengths = [10, 18, 14, 22]
     greedy_refs = [generate_ids(lm.model, [p], max_new_tokens=n, eos_token_id=tok.eos_token_id)[0]
@@ -578,7 +581,7 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(lm, tok):
         return [s.tokens() for s in sinks]
 
     eng = BatchEngine(lm, max_batch=4, compile=True)
-    assert eng.compile_cpu and not eng.use_graphs
+    assert eng.compile_cpu and not eng.runner.graphs
     assert eng.warm_up() > 0
     assert eng.warm_up() == 0.0  # once is enough
     with eng:
@@ -690,6 +693,9 @@ def test_a_seeded_row_draws_the_same_whatever_the_other_rows_at_a_large_vocabula
 
 
 def test_compile_on_cpu_without_a_cxx_compiler_is_one_clear_error(lm, monkeypatch):
+    import gptgen.native
+
+    monkeypatch.setattr(gptgen.native, "decoder", lambda model: None)  # inductor's step, not the native one
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(GenerationError, match="needs a C\\+\\+ compiler"):
         BatchEngine(lm, compile=True)
@@ -712,10 +718,16 @@ def test_int8_dynamic_engine_decodes_through_the_native_step_with_the_per_call_t
     refs = [generate_ids(qlm.model, [p], max_new_tokens=n, eos_token_id=tok.eos_token_id)[0]
             for p, n in zip(prompts, lengths)]
     eng = BatchEngine(qlm, max_batch=4, compile=True)
-    assert eng.slots.native is not None and eng.warm_up() == 0.0
+    assert eng.runner.native is not None and eng.warm_up() == 0.0
     calls = []
-    step_rows = eng.slots.decode_native
-    eng.slots.decode_native = lambda idx, pos: calls.append(idx.shape[0]) or step_rows(idx, pos)
+    step_rows = eng.runner.native.step_rows
+
+    class Counting:  # the decoder, counting its batched steps
+        def step_rows(self, idx, pos):
+            calls.append(idx.shape[0])
+            return step_rows(idx, pos)
+
+    eng.runner.native = Counting()
     with eng:
         sinks = [Collector() for _ in prompts]
         reqs = []

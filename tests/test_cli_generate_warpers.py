@@ -64,30 +64,25 @@ def test_bad_warper_values_are_one_sentence(model_dir, capsys, flag, value):
 
 @pytest.mark.slow
 def test_compile_flag_gives_the_eager_greedy_text(model_dir, capsys, monkeypatch):
-    """--compile runs the fast CPU decode step (fp32 here: the native step where its library runs, else
-    inductor's compiled step): the same greedy text as without it."""
+    """--compile reaches the runner (compile=True: the native step where its library runs, else inductor's
+    compiled step): the same greedy text as without it."""
     import shutil
 
-    from gptgen.generation import engine
+    from gptgen.generation import runner
 
     if shutil.which("g++") is None and shutil.which("gcc") is None:
         pytest.skip("inductor needs a C++ compiler")
-    built = []
-    real = engine._compiled_cpu_step
-    monkeypatch.setattr(engine, "_compiled_cpu_step", lambda model: built.append(model) or real(model))
-    real_native = engine._native_fp32_decoder
-    natives = []
+    seen = []
+    real = runner.Runner.__init__
 
-    def native(model):
-        dec = real_native(model)
-        if dec is not None:
-            natives.append(dec)
-        return dec
+    def init(self, model, *args, **kw):
+        real(self, model, *args, **kw)
+        seen.append((kw.get("compile"), self.backend))
 
-    monkeypatch.setattr(engine, "_native_fp32_decoder", native)
+    monkeypatch.setattr(runner.Runner, "__init__", init)
     code, eager, _ = _cli(capsys, "--model", model_dir, "the sea", "--max-new-tokens", 8)
-    assert code == 0 and not built and not natives
+    assert code == 0 and [c for c, _ in seen] == [None]
     code, compiled, err = _cli(capsys, "--model", model_dir, "the sea", "--max-new-tokens", 8, "--compile")
     assert code == 0, err
-    assert len(built) + len(natives) == 1  # the flag reached the engine: one fast step, native or inductor's
+    assert seen[1][0] is True and seen[1][1] in ("native", "compiled")  # one fast step, native or inductor's
     assert compiled == eager

@@ -10,6 +10,8 @@ import shutil
 import pytest
 import torch
 
+import gptgen.native
+
 from gptgen import hardware
 from gptgen.config import GPTConfig
 from gptgen.errors import ConfigError
@@ -128,9 +130,10 @@ BF16_ONLY = pytest.mark.skipif(not NATIVE_BF16, reason="no native bf16 on this C
 @pytest.mark.skipif(not HAS_COMPILER, reason="inductor needs a C++ compiler")
 @pytest.mark.parametrize("mode", ["fp32", pytest.param("bf16", marks=BF16_ONLY),
                                   pytest.param("int8", marks=BF16_ONLY), "int8-fp32"])
-def test_compiled_cpu_step_matches_eager(mode):
+def test_compiled_cpu_step_matches_eager(mode, monkeypatch):
     """The compiled step (frozen weights, inductor's GEMM templates, its own attention) gives the eager
     step's logits in every weight mode, and the same greedy tokens."""
+    monkeypatch.setattr(gptgen.native, "decoder", lambda model: None)  # inductor's step, not the native one
     model = tiny_gpt(n_layer=1, n_embd=16, n_head=2)
     with torch.no_grad():  # biases that are not zero: a GEMM's bias epilogue is checked too
         for name, param in model.named_parameters():
@@ -169,10 +172,11 @@ def test_compiled_cpu_step_matches_eager(mode):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_COMPILER, reason="inductor needs a C++ compiler")
-def test_compiled_int8_steps_of_two_models_of_one_shape_keep_their_own_weights():
+def test_compiled_int8_steps_of_two_models_of_one_shape_keep_their_own_weights(monkeypatch):
     """Two int8 models of the same shape, compiled one after the other: each compiled step gives its own
     model's greedy tokens. (Inductor's FX graph cache keyed the second graph like the first and handed it
     the first model's frozen int8 weights, which are buffers, not parameters.)"""
+    monkeypatch.setattr(gptgen.native, "decoder", lambda model: None)  # inductor's step, not the native one
     prompts = [[3, 4, 5, 6]]
     for seed in (0, 1):
         model = quantize_model(tiny_gpt(seed, n_layer=1, n_embd=16, n_head=2), compute_dtype=torch.float32)
@@ -183,20 +187,20 @@ def test_compiled_int8_steps_of_two_models_of_one_shape_keep_their_own_weights()
 def test_cached_head_follows_weights_a_fused_optimizer_changes():
     """torch's fused AdamW updates parameters without bumping their version counter: the cached transposed
     head (and the compiled step's weights key) must still see the new weights."""
-    from gptgen.generation.engine import _head_t, _weights_key
+    from gptgen.native import weights_key
 
     model = tiny_gpt()
     prompts = [[3, 4, 5]]
     generate_ids(model, prompts, max_new_tokens=4, eos_token_id=[])  # caches the transposed head
-    key = _weights_key(model)
+    key = weights_key(model)
     opt = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     version = model.lm_head.weight._version
     opt.step()
     assert model.lm_head.weight._version == version  # the premise: no version bump
-    assert _weights_key(model) != key
-    torch.testing.assert_close(_head_t(model), model.lm_head.weight.detach().t())
+    assert weights_key(model) != key
+    torch.testing.assert_close(model.transposed_head(), model.lm_head.weight.detach().t())
     fresh = copy.deepcopy(model)
     assert generate_ids(model, prompts, max_new_tokens=4, eos_token_id=[]) == \
         generate_ids(fresh, prompts, max_new_tokens=4, eos_token_id=[])
@@ -207,7 +211,7 @@ def test_compiled_cpu_step_without_a_cxx_compiler_is_one_clear_error(monkeypatch
     from gptgen.generation import engine
 
     # inductor's step (a float32 model takes the native step instead where its library is already built)
-    monkeypatch.setattr(engine, "_native_fp32_decoder", lambda model: None)
+    monkeypatch.setattr(gptgen.native, "decoder", lambda model: None)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(GenerationError, match="needs a C\\+\\+ compiler"):
         generate_ids(tiny_gpt(), [[3, 4, 5]], max_new_tokens=2, eos_token_id=[], compile=True)
@@ -241,9 +245,40 @@ def test_compile_true_on_a_float32_model_takes_the_native_step_where_it_runs():
         be.close()
     assert backend.native is not None and eager.native is None
     assert torch.allclose(logits[0], logits[1], atol=1e-5, rtol=0)
-    want = generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[])
+    want = generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[], compile=False)
     assert generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[], compile=True) == want
+    assert generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[]) == want  # the default: native too
     with torch.no_grad():  # an in-place update (an optimizer step would do this): the packed copy is rebuilt
         model.lm_head.weight.mul_(-1.0)
     assert generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[], compile=True) == \
-        generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[])
+        generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[], compile=False)
+
+
+@pytest.mark.parametrize("mask,mode,says", [
+    ("portable", "int8-dynamic", "no vector int8 kernel on this CPU"),
+    ("avx2", "int8", "no AVX512-BF16 or AMX"),
+    ("avx2", "int8-dynamic", None),
+])
+def test_a_quantize_mode_without_a_fast_path_says_so_once_at_load(mask, mode, says):
+    """On a CPU (here: masked by GPTGEN_CPU_FEATURES) where a quantize mode has no fast path, quantizing says so
+    in one stderr line naming what is missing and what runs instead, once per process; where it has one
+    (int8-dynamic on AVX2), nothing is said."""
+    import os
+    import subprocess
+    import sys
+
+    if not shutil.which("c++") and not shutil.which("g++"):
+        pytest.skip("the native kernels need a C++ compiler")
+    code = ("import torch\nfrom gptgen.config import GPTConfig\nfrom gptgen.model import GPT\n"
+            "from gptgen.quantize import quantize_model\n"
+            "for _ in range(2):\n"
+            "    m = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))\n"
+            f"    quantize_model(m, {mode!r}, compute_dtype=torch.float32)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, GPTGEN_CPU_FEATURES=mask))
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "quantize=" in line]
+    if says is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and says in lines[0] and "instead" in lines[0], done.stderr

@@ -467,10 +467,10 @@ def test_gptgen_serve_compile_warms_the_engine_up_before_serving(monkeypatch, ca
 
     monkeypatch.setattr(BatchEngine, "warm_up", warm_up)
     monkeypatch.setattr(uvicorn, "run", run)
-    monkeypatch.setattr("gptgen.generation.engine.shutil.which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr("gptgen.generation.runner.shutil.which", lambda name: f"/usr/bin/{name}")
     assert main(["serve", "--model", "m", "--compile", "--max-batch", "3"]) == 0
     assert seen["warm_ups_before_serving"] == 1 and seen["started"] is False
-    assert seen["engine"].compile_cpu and seen["engine"].max_batch == 3
+    assert seen["engine"].runner.compile is True and seen["engine"].max_batch == 3
     assert "compiled in 1.5 s" in capsys.readouterr().out
 
 
@@ -482,10 +482,10 @@ def test_create_app_compile_warms_its_engine_up_before_starting_it(monkeypatch, 
     from gptgen.generation.batcher import BatchEngine
 
     seen = []
-    monkeypatch.setattr("gptgen.generation.engine.shutil.which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr("gptgen.generation.runner.shutil.which", lambda name: f"/usr/bin/{name}")
     monkeypatch.setattr(BatchEngine, "warm_up", lambda self: seen.append(self._thread is None) or 0.5)
     app = create_app(gpt2_lm, max_batch=2, compile=True)
-    assert app.state.gptgen.engine.compile_cpu and not seen
+    assert app.state.gptgen.engine.runner.compile is True and not seen
     with TestClient(app) as http:
         assert seen == [True]
         # one token: it comes from the prefill, so no decode step compiles here

@@ -7,7 +7,7 @@
         engine.cancel(req)                    # its slot is free before the next step runs
         [completion] = engine.generate(prompt_ids, SamplingParams(max_tokens=16, temperature=0))
 
-The engine owns a KV cache of `max_batch` slots (see slot_cache.py) and one background thread. Each
+The engine owns a Runner (runner.py) over a KV cache of `max_batch` rows and one background thread. Each
 step of that thread:
   1. drops cancelled requests and admits queued ones into free slots (FIFO);
   2. prefills joining prompts, at most `prefill_chunk` prompt tokens in all per step (one forward for
@@ -38,10 +38,9 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import GenerationError
-from .engine import require_cxx_compiler
 from .processors import BadWords, MinNewTokens, NoRepeatNGram, PresenceFrequencyPenalty, RepetitionPenalty
 from .row_sampling import apply_temperature, choose_tokens
-from .slot_cache import SlotModel
+from .runner import Runner
 from .stopping import StreamEmitter, TextTracker
 
 log = logging.getLogger(__name__)
@@ -276,17 +275,11 @@ class BatchEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = self.tokenizer.eos_token_id
         self.eos_id = eos
-        self.slots = SlotModel(model, max_batch, self.max_context)
-        self.device = self.slots.device
-        # compile: CUDA graphs per bucketed batch size on CUDA (the default there); on CPU the decode step
-        # compiled by inductor (off by default: the first steps compile for tens of seconds; warm_up()).
-        if compile is not None and not isinstance(compile, bool):
-            raise GenerationError(f"compile must be True, False or None, got {compile!r}.")
-        on_cuda = self.device.type == "cuda"
-        self.use_graphs = on_cuda and compile is not False
-        self.compile_cpu = not on_cuda and bool(compile)
-        if self.compile_cpu:
-            require_cxx_compiler()
+        # compile as everywhere (runner.select_backend): the native step where it runs, CUDA graphs per
+        # bucketed batch size on CUDA, inductor on CPU with compile=True (the first steps compile: warm_up()).
+        self.runner = Runner(model, max_batch, self.max_context, compile=compile, private=True)
+        self.device = self.runner.device
+        self.compile_cpu = self.runner.backend == "compiled" and not self.runner.graphs
         self._warmed_up = False
         self._history = torch.zeros(max_batch, self.max_context, dtype=torch.long, device=self.device)
         self._rows: list[_Seq | None] = [None] * max_batch
@@ -319,10 +312,10 @@ class BatchEngine:
         with self._lock:
             if self._thread is not None or self._active:
                 raise GenerationError("warm_up() must run before the engine starts.")
-        if self._warmed_up or self.slots.native is not None:  # the native step compiles nothing
+        if self._warmed_up:
             return 0.0
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with self.runner.grad_mode:
             # Batch 1 gets a graph of its own, larger batches share graphs over ranges of sizes (inductor
             # guards them), so every size is stepped once; most reuse a graph. Largest first: a graph's GEMMs
             # are autotuned at the batch size that compiles it, and large batches are where the time goes
@@ -330,8 +323,7 @@ class BatchEngine:
             # The rows write position 2 of free slots, rewritten before any row reads them (a row reads
             # only up to its own position); three attended slots, as lengths 1 and 2 get graphs of their own.
             for rows in range(self.max_batch, 0, -1):
-                idx = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
-                self.slots.decode_compiled_cpu(idx, torch.full_like(idx, 2))
+                self.runner.warm_up(rows)
         self._warmed_up = True
         return time.perf_counter() - t0
 
@@ -426,8 +418,7 @@ class BatchEngine:
 
     # The engine thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        grad_off = torch.no_grad() if self.use_graphs or self.compile_cpu else torch.inference_mode()
-        with grad_off:
+        with self.runner.grad_mode:
             while True:
                 with self._lock:
                     while not self._closed and not self._waiting and not self._active:
@@ -500,15 +491,7 @@ class BatchEngine:
             seqs = self._rows[:self._n_dec]
             idx = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
             pos = torch.tensor([[s.cache_len] for s in seqs], device=self.device)
-            if self.use_graphs:
-                bucket = min(self.max_batch, 1 << (len(seqs) - 1).bit_length())
-                logits = self.slots.decode_graphed(idx, pos, bucket)
-            elif self.slots.native is not None:
-                logits = self.slots.decode_native(idx, pos)
-            elif self.compile_cpu:
-                logits = self.slots.decode_compiled_cpu(idx, pos)
-            else:
-                logits = self.slots.forward(idx, pos)
+            logits = self.runner.forward(idx, pos)
             for s in seqs:
                 s.cache_len += 1
             self._sample_and_commit(logits, list(seqs))
@@ -541,7 +524,7 @@ class BatchEngine:
             pos[i] = torch.arange(start, start + T).clamp(max=self.max_context - 1)
             last.append(n - 1)
         rows = torch.tensor([req.seqs[0].row for req, _, _ in parts], device=self.device)
-        logits = self.slots.forward(idx.to(self.device), pos.to(self.device), rows=rows,
+        logits = self.runner.forward(idx.to(self.device), pos.to(self.device), rows=rows,
                                     last=torch.tensor(last, device=self.device))
         with self._lock:
             self._stats["prefill_chunks"] += 1
@@ -556,7 +539,7 @@ class BatchEngine:
             self._prefilling.remove(req)
             lead = req.seqs[0]
             for seq in req.seqs[1:]:  # the other choices start from a copy of the prompt's cache
-                self.slots.move_row(lead.row, seq.row, end)
+                self.runner.move_row(lead.row, seq.row, end)
                 seq.cache_len = end
             for seq in req.seqs:
                 self._join_decoding(seq)
@@ -571,10 +554,10 @@ class BatchEngine:
         other = self._rows[target]
         if other is not seq:
             if other is None:
-                self.slots.move_row(seq.row, target, seq.cache_len)
+                self.runner.move_row(seq.row, target, seq.cache_len)
                 self._history[target] = self._history[seq.row]
             else:
-                self.slots.swap_rows(seq.row, target, max(seq.cache_len, other.cache_len))
+                self.runner.swap_rows(seq.row, target, max(seq.cache_len, other.cache_len))
                 self._history[[seq.row, target]] = self._history[[target, seq.row]]
                 other.row = seq.row
                 self._rows[seq.row] = other
@@ -705,7 +688,7 @@ class BatchEngine:
             last = self._n_dec - 1
             if row != last:
                 moved = self._rows[last]
-                self.slots.move_row(last, row, moved.cache_len)
+                self.runner.move_row(last, row, moved.cache_len)
                 self._history[row] = self._history[last]
                 moved.row = row
                 self._rows[row] = moved

@@ -13,10 +13,8 @@ compiles, later calls of the same batch shape replay it.
 
 from __future__ import annotations
 
-import itertools
 import math
 import numbers
-import shutil
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -24,6 +22,7 @@ import torch
 from ..errors import GenerationError
 from .loop import DecodeState, FunctionBackend, _eos_list, _map_tensors, decode_steps, run_functional  # noqa: F401
 from .processors import build_processors
+from .runner import Runner, check_compile, require_cxx_compiler  # noqa: F401
 from .samplers import (BeamSampler, ContrastiveSampler, GreedySampler, RandomSampler, Sampler, TopKSampler,
                        TopPSampler, _check_fraction, _check_min_tokens_to_keep, _check_temperature, get_sampler)
 from .stopping import StreamEmitter, TextTracker, normalize_stop
@@ -33,263 +32,36 @@ DEFAULT_MAX_NEW_TOKENS = 50
 
 # Backends: where logits come from ---------------------------------------------------------------
 class ModelBackend:
-    """Runs a gptgen GPT over its static KV cache."""
+    """The decode loop's view of a gptgen GPT: a Runner (runner.py) over the left-padded rows."""
 
     def __init__(self, model, compile: bool | None = None) -> None:
-        self.model = model
+        check_compile(compile)
+        self.model, self.compile_option = model, compile
         self.device = model.embed.wte.weight.device
+        # grad mode only: no_grad where a step may be compiled (CUDA graphs refuse inference tensors)
         self.compile = (self.device.type == "cuda") if compile is None else compile
-        self.native = None
+        self.runner: Runner | None = None
+
+    @property
+    def native(self):
+        return self.runner.native if self.runner is not None else None
 
     def prefill(self, state: DecodeState, need_hidden):
-        model, P = self.model, state.prompt_len
-        total = P + state.max_new_tokens
-        rows = state.num_rows
-        dtype = model.embed.wte.weight.dtype
-        # An int8-dynamic model on CPU decodes through its native step (one call per token, no compile).
-        self.native = None
-        if self.device.type == "cpu":
-            self.native = _native_decoder(model)
-            if self.native is None and self.compile:
-                self.native = _native_fp32_decoder(model)
-        if self.native is not None:
-            model.setup_kv_cache(rows, total)
-            self.native.set_cache([t for block in model.blocks
-                                   for t in (block.attn.kv_cache.k_cache, block.attn.kv_cache.v_cache)])
-        elif self.compile:
-            # A cache kept between calls, so the captured graph is replayed; its length is a power of
-            # two (at least 256, at most the context) so short generations do not read a full-context cache.
-            total = min(model.config.n_positions, max(256, 1 << (total - 1).bit_length()))
-            cache = model.blocks[0].attn.kv_cache
-            if not (cache is not None and model.max_cache_len == total and cache.k_cache.shape[0] == rows
-                    and cache.k_cache.dtype == dtype):
-                model.setup_kv_cache(rows, total)
-            if self.device.type == "cpu":
-                self._cpu_step = _compiled_cpu_step(model)
-        else:
-            model.setup_kv_cache(rows, total)
-        # The CPU head for this generation (the weights do not change while it runs): looked up once.
-        self.head_t = _head(model) if self.device.type == "cpu" else None
-        self.mask = torch.ones(rows, total, dtype=torch.long, device=self.device)
-        self.mask[:, :P] = state.valid[:, :P].long()
-        self.pad_counts = state.pad_counts
-        positions = (torch.arange(P, device=self.device)[None, :] - self.pad_counts[:, None]).clamp(min=0)
-        logits, hidden = self._forward(state.tokens[:, :P], torch.arange(P, device=self.device), positions,
-                                       P, last_only=need_hidden != "all")
-        return logits[:, -1].float(), hidden
+        P = state.prompt_len
+        self.runner = Runner(self.model, state.num_rows, P + state.max_new_tokens, compile=self.compile_option)
+        self.runner.start_padded(state.valid[:, :P].long(), state.pad_counts)
+        return self.runner.forward_padded(state.tokens[:, :P], 0, hidden=True, last_only=need_hidden != "all",
+                                          prefill=True)
 
     def step(self, feed: torch.Tensor, slot: int, need_hidden):
-        if self.native is not None:
-            logits, hidden = self.native.step(feed, self.pad_counts, self.mask, slot)
-            return logits, (hidden if need_hidden else None)
-        pos = (slot - self.pad_counts).clamp(min=0)[:, None]
-        input_pos = torch.full((1,), slot, dtype=torch.long, device=self.device)  # a fill, not a host copy
-        if self.compile and self.device.type == "cpu":
-            fn = self._cpu_step
-            # The mask's length is the filled length: a dynamic dimension, so one compiled graph serves
-            # every step and attention reads the slots filled so far, not the whole allocated cache.
-            mask = self.mask[:, :slot + 1].bool()
-            torch._dynamo.maybe_mark_dynamic(mask, 1)
-            logits, hidden = fn(feed[:, None], input_pos, pos, mask)
-            return logits.float(), (hidden if need_hidden else None)
-        if self.compile:
-            fn = _compiled_step(self.model)
-            logits, hidden = fn(self.model, feed[:, None], input_pos, pos, self.mask)
-            # Outputs of a captured graph are overwritten by the next replay: copy them out.
-            return logits[:, -1].float().clone(), (hidden.clone() if need_hidden else None)
-        logits, hidden = self._forward(feed[:, None], input_pos, pos, slot + 1, last_only=True)
-        return logits[:, -1].float(), hidden
-
-    def _forward(self, idx, input_pos, position_ids, kv_len, last_only):
-        """GPT.forward over the cache, with the LM head as a product with the transposed embedding:
-        on CPU that layout makes the batch-1 head (the largest matmul of a small GPT) about 4x faster."""
-        m = self.model
-        if self.device.type != "cpu":
-            return m(idx, input_pos=input_pos, position_ids=position_ids, attention_mask=self.mask,
-                     kv_len=kv_len, return_hidden=True, last_token_only=last_only)
-        if idx.shape[1] == 1:  # one new token per row: it may attend every real slot up to its own
-            mask = self.mask[:, None, None, :kv_len].bool()
-        else:
-            mask = m._attention_mask(idx.shape[1], idx.device, self.mask, input_pos, kv_len)
-        x = m.embed(idx, position_ids)
-        for block in m.blocks:
-            x = block(x, mask, input_pos, kv_len)
-        x = m.ln_f(x)
-        if last_only:
-            x = x[:, -1:, :]
-        return _lm_head(m, x, self.head_t), x
+        return self.runner.forward_padded(feed[:, None], slot, hidden=need_hidden)
 
     def reorder(self, index: torch.Tensor) -> None:
-        for block in self.model.blocks:
-            cache = block.attn.kv_cache
-            cache.k_cache.copy_(cache.k_cache.index_select(0, index))
-            cache.v_cache.copy_(cache.v_cache.index_select(0, index))
-        self.mask = self.mask.index_select(0, index)
-        self.pad_counts = self.pad_counts.index_select(0, index)
+        self.runner.copy_rows(index)
 
     def close(self) -> None:
-        if self.native is not None:
-            self.native.set_cache([])
-        if not self.compile or self.native is not None:
-            self.model.clear_kv_cache()
-
-
-def _native_decoder(model):
-    """The native decode step (generation/int8_step.py) of an int8-dynamic model where it runs, else None."""
-    if getattr(model, "quantized", None) != "int8-dynamic":
-        return None
-    from .int8_step import decoder
-
-    return decoder(model)
-
-
-def _native_fp32_decoder(model):
-    """The native decode step of a float32 model (its weights packed into a copy), where it runs, else None:
-    what compile=True runs on CPU for float32 weights (measured faster than inductor's graph here)."""
-    if getattr(model, "quantized", None) is not None or model.embed.wte.weight.dtype != torch.float32:
-        return None
-    from .int8_step import decoder
-
-    return decoder(model, _weights_key)
-
-
-def _head(model) -> torch.Tensor | None:
-    """The fp32 LM head weight transposed and contiguous (cached until the weight changes), or None
-    where the head runs as its module (bf16, where F.linear's layout is the fast one; int8)."""
-    if not isinstance(model.lm_head, torch.nn.Linear) or model.lm_head.weight.dtype != torch.float32:
-        return None
-    return _head_t(model)
-
-
-def _lm_head(model, x, head_t):
-    """Logits of hidden states x (B, T, C) on CPU."""
-    if head_t is None:
-        return model.lm_head(x)
-    if x.shape[1] == 1:
-        logits = (x[:, 0] @ head_t)[:, None]  # a 2-D product: the GEMV path
-    else:
-        logits = x @ head_t
-    if model.lm_head.bias is not None:
-        logits = logits + model.lm_head.bias
-    return logits
-
-
-def _cpu_decode_step(model, idx, input_pos, position_ids, mask, head_t):
-    """One token per row over the cache, attending the first mask.shape[1] slots (the filled length)."""
-    kv_len = mask.shape[1]
-    x = model.embed(idx, position_ids)
-    attn_mask = mask[:, None, None, :]
-    for block in model.blocks:
-        x = block(x, attn_mask, input_pos, kv_len)
-    x = model.ln_f(x)
-    # float32 logits out of the graph: the conversion runs as compiled code (eagerly it is ~1 ms at 16 rows)
-    return _lm_head(model, x, head_t)[:, -1].float(), x
-
-
-def _fingerprint(t: torch.Tensor) -> float:
-    """The sum of ~4,096 evenly spaced elements: in-place updates that leave the version counter alone (the
-    fused AdamW kernels do) still change it."""
-    flat = t.detach().reshape(-1)
-    return float(flat[::max(1, flat.numel() // 4096)].float().sum())
-
-
-def _weights_key(model) -> tuple:
-    return tuple((p.data_ptr(), p._version, p.dtype, _fingerprint(p)) for p in model.parameters())
-
-
-# Weights frozen into the graph as constants; GEMMs (also int8 weight-only ones) chosen among inductor's
-# C++ templates (AMX micro-kernels where the CPU has them) and ATen by timing them.
-#
-# No compiled-graph caches: a graph with frozen weights holds the weights, but the caches key a graph by its
-# code and shapes. Inductor skips its FX graph cache for frozen parameters, not for frozen buffers, and
-# Int8Linear's weights are buffers: a second int8 model of the same shape, in the same process or a later
-# one, got the first model's compiled graph, weights and all (torch 2.13; greedy tokens diverged after one
-# token, logits off by ~2.8 at magnitude ~2). Autotuning results (which kernel is fastest for a shape) are
-# still cached.
-_CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                        "fx_graph_cache": False}
-# int8 weight-only products: inductor's C++ templates only (the setting the int8 figures in
-# docs/performance.md were measured with).
-_CPU_COMPILE_OPTIONS_INT8 = dict(_CPU_COMPILE_OPTIONS, max_autotune_gemm_backends="CPP")
-
-
-# The weights are frozen into the graph and the step is rebuilt when they change (_weights_key), so the
-# per-call guards on every parameter (~0.25 ms a call) are dropped.
-_GUARD_OPTIONS = ({"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-                  if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe") else None)
-
-
-_STEP_IDS = itertools.count()
-
-
-def require_cxx_compiler() -> None:
-    """Inductor's CPU backend builds C++: one clear error where no compiler is on PATH."""
-    if not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
-        raise GenerationError("Compiling the CPU decode step needs a C++ compiler (g++ or clang++), and none "
-                              "is on PATH.")
-
-
-def _compiled_cpu_step(model, body=None):
-    """The CPU decode step `body(model, *args, head_t)` (default: the per-call engine's step) compiled by
-    inductor (C++ kernels, no per-op Python dispatch), kept on the model per body and rebuilt when the
-    weights change. The first call compiles (seconds); later calls reuse it."""
-    body = body or _cpu_decode_step
-    key = _weights_key(model)
-    steps = model.__dict__.setdefault("_gptgen_cpu_steps", {})
-    cached = steps.get(body)
-    if cached is None or cached[0] != key:
-        require_cxx_compiler()
-        head_t = _head(model)
-
-        def step(*args):  # the model from the closure: its weights freeze
-            return body(model, *args, head_t)
-
-        # A code object of its own per model: dynamo keeps its compiled graphs per code object, so models
-        # compiled one after another in a process do not add up to its recompile limit.
-        step.__code__ = step.__code__.replace(co_name=f"gptgen_cpu_step_{next(_STEP_IDS)}")
-        int8 = any(isinstance(getattr(mod, "weight_int8", None), torch.Tensor) for mod in model.modules())
-        options = dict(_CPU_COMPILE_OPTIONS_INT8 if int8 else _CPU_COMPILE_OPTIONS, **(_GUARD_OPTIONS or {}))
-        compiled = torch.compile(step, fullgraph=True, options=options)
-        config = torch._inductor.config
-
-        def run(*args):
-            # Inductor applies the options when it compiles, but dynamo reads `freezing` from the global
-            # config while it traces (to treat the weights as constants), which may be on any call (a new
-            # shape): set on every call, as one attribute (a config.patch of all options cost ~25 us a call).
-            before = config.freezing
-            config.freezing = True
-            try:
-                return compiled(*args)
-            finally:
-                config.freezing = before
-
-        cached = (key, run)
-        steps[body] = cached
-    return cached[1]
-
-
-def _head_t(model) -> torch.Tensor:
-    """The LM head weight transposed and contiguous, cached until the weight changes."""
-    w = model.lm_head.weight
-    key = (w.data_ptr(), w._version, w.dtype, w.shape, _fingerprint(w))
-    cached = getattr(model, "_gptgen_head_t", None)
-    if cached is None or cached[0] != key:
-        cached = (key, w.detach().t().contiguous())
-        model._gptgen_head_t = cached
-    return cached[1]
-
-
-def _decode_step(model, idx, input_pos, position_ids, mask):
-    return model(idx, input_pos=input_pos, position_ids=position_ids, attention_mask=mask,
-                 return_hidden=True, last_token_only=True)
-
-
-def _compiled_step(model):
-    fn = getattr(model, "_gptgen_decode_step", None)
-    if fn is None:
-        fn = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True)
-        model._gptgen_decode_step = fn
-    return fn
+        if self.runner is not None:
+            self.runner.close()
 
 
 # Token-level API -----------------------------------------------------------------------------------

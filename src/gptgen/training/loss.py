@@ -10,11 +10,7 @@ from .metrics import linear_cross_entropy
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """The final hidden states of GPT (causal attention; right padding needs no mask)."""
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    x = model.embed(input_ids, positions)
-    for block in model.blocks:
-        x = block(x)
-    return model.ln_f(x)
+    return model.hidden_states(input_ids)
 
 
 class LossModule(nn.Module):
