@@ -253,3 +253,32 @@ def test_compile_true_on_a_float32_model_takes_the_native_step_where_it_runs():
     assert generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[], compile=True) == \
         generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[], compile=False)
 
+
+@pytest.mark.parametrize("mask,mode,says", [
+    ("portable", "int8-dynamic", "no vector int8 kernel on this CPU"),
+    ("avx2", "int8", "no AVX512-BF16 or AMX"),
+    ("avx2", "int8-dynamic", None),
+])
+def test_a_quantize_mode_without_a_fast_path_says_so_once_at_load(mask, mode, says):
+    """On a CPU (here: masked by GPTGEN_CPU_FEATURES) where a quantize mode has no fast path, quantizing says so
+    in one stderr line naming what is missing and what runs instead, once per process; where it has one
+    (int8-dynamic on AVX2), nothing is said."""
+    import os
+    import subprocess
+    import sys
+
+    if not shutil.which("c++") and not shutil.which("g++"):
+        pytest.skip("the native kernels need a C++ compiler")
+    code = ("import torch\nfrom gptgen.config import GPTConfig\nfrom gptgen.model import GPT\n"
+            "from gptgen.quantize import quantize_model\n"
+            "for _ in range(2):\n"
+            "    m = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))\n"
+            f"    quantize_model(m, {mode!r}, compute_dtype=torch.float32)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, GPTGEN_CPU_FEATURES=mask))
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "quantize=" in line]
+    if says is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and says in lines[0] and "instead" in lines[0], done.stderr

@@ -8,8 +8,8 @@ gpt-fast uses), in bf16 where the CPU has bf16 units and in fp32 elsewhere.
 
 "int8-dynamic" (Int8DynamicLinear) also quantizes the activations: each row of a layer's input becomes
 int8 at run time (symmetric, max|x| / 127, as CTranslate2's and llama.cpp's int8 modes do) and the product
-sums int8 pairs in int32 (gptgen.int8_ops: an AVX512-VNNI kernel, or PyTorch operations with the same
-numbers on other CPUs). Where the kernel runs, a batch-1 step streams the weights at the cache's bandwidth,
+sums int8 pairs in int32 (gptgen.native.int8: AMX, AVX512-VNNI, AVX2 + FMA or portable C++ kernels, or
+PyTorch operations with the same numbers where no C++ compiler is at hand). Where the kernel runs, a batch-1 step streams the weights at the cache's bandwidth,
 about twice as fast as the weight-only kernel; the numbers differ a little more from fp32's.
 
 The embedding keeps its floating-point table (a lookup reads one row); a tied head gets its own int8
@@ -17,6 +17,8 @@ copy. The quality cost is measured in bench/bench_cpu_peers.py --ppl (docs/perfo
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn as nn
@@ -26,7 +28,7 @@ from .errors import ConfigError
 
 QUANTIZE_MODES = ("int8", "int8-dynamic")
 QUANTIZE_HELP = ("int8: int8 weight-only layers (a quarter of fp32's bytes); int8-dynamic: int8 weights and "
-                 "activations quantized per token (CPU; fastest decoding where the CPU has AVX512-VNNI)")
+                 "activations quantized per token (CPU; fastest decoding on CPUs with AVX2 or AVX512-VNNI)")
 # aten._weight_int8pack_mm is a batch-1 kernel: measured here at 0.9 ms for a 50,257x384 head at one
 # row (bf16), but 123 ms at 16 rows where dequantizing and a bf16 product took less.
 KERNEL_MAX_ROWS = 4
@@ -138,7 +140,20 @@ class Int8DynamicLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and activations, "
-                f"{'AVX512-VNNI kernel' if self.kernel else 'PyTorch reference'}")
+                f"{'native kernel' if self.kernel else 'PyTorch reference'}")
+
+
+_noticed: set = set()
+
+
+def _notice_once(mode: str, device) -> None:
+    """Say once per process, on stderr, when `mode` has no fast path on this CPU (gptgen.native.quantize_notice)."""
+    from .native import quantize_notice
+
+    line = quantize_notice(mode, str(torch.device(device).type))
+    if line and line not in _noticed:
+        _noticed.add(line)
+        logging.getLogger("gptgen.quantize").warning(line)
 
 
 def default_compute_dtype(device: torch.device | str = "cpu") -> torch.dtype:
@@ -173,5 +188,6 @@ def quantize_model(model: nn.Module, mode: str = "int8", compute_dtype: torch.dt
         setattr(parent, child, layer.to(device))
     model.to(dtype=dtype)  # int8 buffers keep their dtype; scales were built from the fp32 weights
     model.quantized = mode
+    _notice_once(mode, device)
     model.requires_grad_(False)
     return model

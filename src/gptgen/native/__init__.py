@@ -16,7 +16,7 @@ import torch
 
 from .build import build_and_load, cache_dir, native_off
 
-__all__ = ["decoder", "status", "build_and_load", "cache_dir", "native_off", "weights_key"]
+__all__ = ["decoder", "status", "build_and_load", "cache_dir", "native_off", "weights_key", "quantize_notice"]
 
 
 def _fingerprint(t: torch.Tensor) -> float:
@@ -54,3 +54,30 @@ def status() -> dict:
     sampler.library()
     return {"cpu": cpu_features().describe(), "decoder": int8_ops.status(), "int8_dynamic_linear": int8_ops.status(),
             "sampler": sampler.status()}
+
+
+def quantize_notice(mode: str, device: str = "cpu") -> str | None:
+    """One line saying that quantize=`mode` has no fast path on this CPU (which instructions are missing, and what
+    runs instead), or None where it has one."""
+    if str(device) != "cpu" and not str(device).startswith("cpu"):
+        return None
+    from ..hardware import cpu_bf16_native, cpu_features
+    from . import int8
+
+    if mode == "int8":
+        if cpu_bf16_native():
+            return None
+        return (f"quantize='int8' has no fast path on this CPU ({cpu_features().model}: no AVX512-BF16 or AMX): it runs "
+                "PyTorch's weight-only int8 product in float32 instead, slower than float32 weights here; "
+                "quantize='int8-dynamic' (int8 x int8 kernel) or no quantization decodes faster.")
+    if mode == "int8-dynamic":
+        if not int8.available():
+            return (f"quantize='int8-dynamic' has no native kernel here ({int8.status()['detail']}): it runs "
+                    "PyTorch's torch._int_mm reference instead, slower than float32.")
+        path = int8.current_path()
+        if path in int8.FAST_INT8_PATHS:
+            return None
+        missing = int8.paths().get("avx2") or "no AVX2 + FMA"
+        return (f"quantize='int8-dynamic' has no vector int8 kernel on this CPU ({missing}): it runs the portable "
+                "C++ kernel instead, which may be slower than float32.")
+    return None
