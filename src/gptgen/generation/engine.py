@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from ..errors import GenerationError
-from .loop import DecodeState, FunctionBackend, _eos_list, _map_tensors, decode_steps, run_functional  # noqa: F401
+from .loop import DecodeState, FunctionBackend, decode_steps, eos_list, run_functional  # noqa: F401
 from .processors import build_processors
 from .runner import Runner, check_compile, require_cxx_compiler  # noqa: F401
 from .samplers import (BeamSampler, ContrastiveSampler, GreedySampler, RandomSampler, Sampler, TopKSampler,
@@ -187,7 +187,7 @@ def _prepare(model, input_ids, *, max_length=None, max_new_tokens=None, sampler=
     if new is None:
         new = max(0, min(max_length, ctx) - longest)
     new = min(new, ctx - longest)
-    eos = _eos_list(eos_token_id if eos_token_id is not None else cfg.eos_token_id)
+    eos = eos_list(eos_token_id if eos_token_id is not None else cfg.eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
                                                          else (eos[0] if eos else 0))
     if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:

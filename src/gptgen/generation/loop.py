@@ -184,19 +184,19 @@ class FunctionBackend:
 
     def reorder(self, index):
         self.buffer = self.buffer.index_select(0, index)
-        self.cache = _map_tensors(self.cache, lambda t: t.index_select(0, index.to(t.device)))
+        self.cache = map_tensors(self.cache, lambda t: t.index_select(0, index.to(t.device)))
 
     def close(self):
         pass
 
 
-def _map_tensors(obj, fn):
+def map_tensors(obj, fn):
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(o, fn) for o in obj)
+        return type(obj)(map_tensors(o, fn) for o in obj)
     if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     return obj
 
 
@@ -230,7 +230,7 @@ def decode_steps(backend, sampler, state: DecodeState, check_every: int = 1) -> 
         backend.close()
 
 
-def _eos_list(eos_token_id) -> list[int]:
+def eos_list(eos_token_id) -> list[int]:
     if eos_token_id is None:
         return []
     if isinstance(eos_token_id, int):
@@ -276,7 +276,7 @@ def run_functional(sampler, next_fn, prompt, *, cache=None, index: int = 0, mask
         raise GenerationError(f"index must be in [0, {L}] for a prompt of length {L}, got {index!r}.")
     sampler.check(1)
     rows_per = sampler.rows_per_sequence(1)
-    processors, stop_fn, eos = [], None, _eos_list(stop_token_ids)
+    processors, stop_fn, eos = [], None, eos_list(stop_token_ids)
     if mask is not None:
         mask = torch.as_tensor(mask).bool().reshape(B, L).cpu()
         if bool(mask[:, index:].any()):
@@ -297,7 +297,7 @@ def run_functional(sampler, next_fn, prompt, *, cache=None, index: int = 0, mask
                         row_stopping=sampler.row_stopping)
     buffer = prompt.repeat_interleave(rows_per, 0)
     if cache is not None and rows_per > 1:
-        cache = _map_tensors(cache, lambda t: t.repeat_interleave(rows_per, 0))
+        cache = map_tensors(cache, lambda t: t.repeat_interleave(rows_per, 0))
     if hidden_states is not None and rows_per > 1:
         hidden_states = torch.as_tensor(hidden_states).repeat_interleave(rows_per, 0)
     backend = FunctionBackend(next_fn, buffer, index, cache, hidden_states)
