@@ -21,11 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, dest="n_positions", help="override the preset's context length")
     p.set_defaults(handler=run_summary)
 
-    p = sub.add_parser("convert", help="convert between gptgen, Hugging Face GPT-2 and KerasHub preset directories")
+    p = sub.add_parser("convert", help="convert between gptgen, Hugging Face GPT-2 and KerasHub preset directories, "
+                                       "or write a GGUF file for llama.cpp / Ollama")
     p.add_argument("source", help="a model directory (gptgen, Hugging Face GPT-2, KerasHub) or a Hub name")
-    p.add_argument("target", help="the directory to write")
-    p.add_argument("--to", choices=["gptgen", "hf", "kerashub"], default=None,
-                   help="target format (default: gptgen for HF/KerasHub sources, hf for gptgen ones)")
+    p.add_argument("target", help="the directory to write (--to gguf: the .gguf file)")
+    p.add_argument("--to", choices=["gptgen", "hf", "kerashub", "gguf"], default=None,
+                   help="target format (default: gptgen for HF/KerasHub sources, hf for gptgen ones); gguf: one "
+                        "file llama.cpp and Ollama load (GPT-2 architecture; needs pip install 'gptgen[gguf]')")
+    p.add_argument("--gguf-type", choices=["f32", "q8_0"], default="q8_0",
+                   help="--to gguf: the weights' type (q8_0: int8 blocks of 32 with an fp16 scale; f32: exact)")
     p.add_argument("--tokenizer", help="tokenizer directory or file, when the source has none beside it")
     p.add_argument("--merge-lora", metavar="ADAPTER_DIR",
                    help="fold this LoRA adapter (peft format, e.g. a LoRA run's last/) into the source's weights")
@@ -58,6 +62,13 @@ def run_summary(args) -> int:
 
 
 def run_convert(args) -> int:
+    if args.to == "gguf":
+        from ..gguf_export import write_gguf
+
+        lm = load(checkpoint.resolve_dir(args.source), tokenizer=args.tokenizer, lora=args.merge_lora)
+        path = write_gguf(lm, args.target, args.gguf_type, overwrite=args.overwrite)
+        print(f"Wrote GGUF file {path} ({args.gguf_type}, {lm.num_parameters():,} parameters).")
+        return 0
     checkpoint.check_write_target(args.target, args.overwrite)  # refuse before loading anything
     source = checkpoint.resolve_dir(args.source)
     if args.to:
