@@ -1,9 +1,9 @@
-"""quantize="int8-dynamic": the int8 x int8 product (gptgen.int8_ops), its PyTorch reference, the quantized
+"""quantize="int8-dynamic": the int8 x int8 product (gptgen.native.int8), its PyTorch reference, the quantized
 model, and generation through it.
 
 Oracles: a brute-force product written here (rows quantized with numpy, int64 sums of the integers, the
-float32 scalings in the kernel's order) for `int8_ops.reference`, bit for bit; the reference for the
-AVX512-VNNI kernel, bit for bit; the fp32 model for the quantized one (a measured tolerance); a model built
+float32 scalings in the kernel's order) for `int8_ops.reference`, bit for bit; the reference for the kernel
+on every instruction-set path this CPU runs (portable, AVX2 + FMA, AVX512-VNNI, AMX), bit for bit; the fp32 model for the quantized one (a measured tolerance); a model built
 with GPTGEN_NATIVE=0 (the reference path) and the eager decode step for generation.
 """
 

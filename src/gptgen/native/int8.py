@@ -134,9 +134,9 @@ def use_path(name: str):
 def status() -> dict:
     """{'state': 'ready' | 'off' | 'unavailable' | 'not built', 'detail': path or reason, 'path': the
     instruction-set path in use, 'paths': {path: '' or why it does not run}}."""
-    out = dict(_status)
+    out = {"state": _status["state"], "detail": _status["detail"]}
     if out["state"] == "ready":
-        out["paths"] = paths()
+        out.update(path=_status.get("path"), paths=paths())
     return out
 
 
