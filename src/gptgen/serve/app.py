@@ -36,6 +36,7 @@ log = logging.getLogger("gptgen.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_BODY = 1 << 20  # bytes
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI's /v1/completions
+MAX_JSON_DEPTH = 64  # a JSON schema in response_format nests; nothing else comes near
 
 
 def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, api_key: str | None = None,
@@ -96,7 +97,7 @@ def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, ap
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors), allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["*"], expose_headers=["X-Request-Id"])
     app.add_middleware(_StatusCounter, metrics=state.metrics)
 
     # Errors: always OpenAI's shape, never a traceback --------------------------------------------
@@ -114,7 +115,8 @@ def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, ap
 
     @app.exception_handler(Exception)
     async def _internal_error(request, exc):
-        log.exception("internal error answering %s", request.url.path)
+        log.exception("internal error answering %s (request %s)", request.url.path,
+                      getattr(request.state, "request_id", "?"))
         return JSONResponse(error_body(500, "The server hit an internal error; see its log."), status_code=500)
 
     # Routes ------------------------------------------------------------------------------------
@@ -143,7 +145,7 @@ def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, ap
         state.check_key(request)
         body = await state.read_json(request)
         req = state.validate(CompletionRequest, body)
-        job = state.completion_job(req, request)
+        job = await state.completion_job(req, request)
         if req.stream:
             return _sse(StreamingResponse, job.stream_completion(request))
         return _answer(JSONResponse, await job.collect_completion(request))
@@ -153,10 +155,25 @@ def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, ap
         state.check_key(request)
         body = await state.read_json(request)
         req = state.validate(ChatCompletionRequest, body)
-        job = state.chat_job(req, request)
+        job = await state.chat_job(req, request)
         if req.stream:
             return _sse(StreamingResponse, job.stream_chat(request))
         return _answer(JSONResponse, await job.collect_chat(request))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """vLLM's /tokenize: {"prompt": str} or {"messages": [...], "add_generation_prompt": bool} ->
+        {"count", "max_model_len", "tokens", "token_strs"}."""
+        state.check_key(request)
+        body = await state.read_json(request)
+        return await state.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        """vLLM's /detokenize: {"tokens": [ids]} -> {"prompt": text}."""
+        state.check_key(request)
+        body = await state.read_json(request)
+        return await state.detokenize(body)
 
     @app.get("/", include_in_schema=False)
     async def playground():
@@ -164,6 +181,20 @@ def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, ap
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _depth(value) -> int:
+    """How deep lists and objects nest in parsed JSON (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level)
+            if level <= MAX_JSON_DEPTH:
+                stack.extend((child, level + 1) for child in item if isinstance(child, (dict, list)))
+    return deepest
 
 
 def _answer(response_cls, body):
@@ -183,9 +214,12 @@ def _version() -> str:
 
 
 class _StatusCounter:
-    """Pure ASGI middleware counting answered requests by path and status (streams untouched)."""
+    """Pure ASGI middleware counting answered requests by path and status (streams untouched), and giving
+    every request an id: the client's X-Request-Id (printable, at most 128 characters) or a new one, echoed
+    in the response's X-Request-Id and written in the log line of the answer."""
 
-    ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/")
+    ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
+                 "/detokenize", "/")
 
     def __init__(self, app, metrics: Metrics) -> None:
         self.app = app
@@ -196,13 +230,36 @@ class _StatusCounter:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         endpoint = path if path in self.ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
+        rid = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = rid
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
-                self.metrics.count_request(endpoint, int(message["status"]))
+                status = int(message["status"])
+                self.metrics.count_request(endpoint, status)
+                message = dict(message, headers=list(message.get("headers", [])) + [(b"x-request-id", rid.encode())])
+                log.info("request %s: %s %s -> %d", rid, scope.get("method", ""), path, status)
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+def _longest_token_bytes(tokenizer) -> int:
+    try:
+        vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    except (AttributeError, TypeError):
+        return 64
+    return max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=64)
+
+
+def _request_id(scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text = value.decode("latin-1").strip()
+            if 0 < len(text) <= 128 and text.isprintable():
+                return text
+            break
+    return uuid.uuid4().hex
 
 
 class _ServerState:
@@ -220,6 +277,8 @@ class _ServerState:
         self.context = context
         self.metrics = Metrics()
         self.created = int(time.time())
+        # Twice the bytes `context` of the longest tokens: normalizers can drop characters before tokenizing.
+        self.max_prompt_bytes = 2 * context * _longest_token_bytes(self.tokenizer) + 4096
 
     # Edge checks ----------------------------------------------------------------------------------
     def check_key(self, request) -> None:
@@ -242,6 +301,10 @@ class _ServerState:
                 "max_model_len": self.context}
 
     async def read_json(self, request) -> dict[str, Any]:
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media and media != "application/json" and not media.endswith("+json"):
+            raise APIError(415, f"The request body must be JSON (Content-Type: application/json), got {media}.",
+                           code="unsupported_media_type")
         limit = self.max_body
         length = request.headers.get("content-length")
         too_big = APIError(413, f"The request body is larger than this server's limit of {limit:,} bytes.")
@@ -252,12 +315,18 @@ class _ServerState:
             raw += chunk
             if len(raw) > limit:
                 raise too_big
+        too_deep = APIError(400, f"The request body nests JSON more than {MAX_JSON_DEPTH} levels deep.",
+                            code="invalid_json")
         try:
             data = json.loads(raw)
+        except RecursionError:
+            raise too_deep from None
         except (ValueError, UnicodeDecodeError):
             raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+        if _depth(data) > MAX_JSON_DEPTH:
+            raise too_deep
         return data
 
     def validate(self, model_cls, body: dict[str, Any]):
@@ -272,26 +341,27 @@ class _ServerState:
         return req
 
     # Requests to jobs -----------------------------------------------------------------------------
-    def completion_job(self, req: CompletionRequest, http_request) -> "_Job":
+    async def completion_job(self, req: CompletionRequest, http_request) -> "_Job":
         if req.suffix:
             raise APIError(400, "suffix (insertion) is not supported by this model.", param="suffix")
-        prompts, texts = self._completion_prompts(req.prompt)
+        texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
+        self.check_prompt_bytes(sum(len(t.encode("utf-8", "surrogatepass")) for t in texts), "prompt")
+        # Off the event loop: a long prompt must not stall the streams being answered.
+        prompts, texts = await asyncio.to_thread(self._completion_prompts, req.prompt)
         max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
         params = self._params(req, max_tokens=max_tokens, logprobs=req.logprobs, prompt_len=max(map(len, prompts)))
         job = _Job(self, prompts, params, req, http_request)
         job.prompt_texts = texts
         return job
 
-    def chat_job(self, req: ChatCompletionRequest, http_request) -> "_Job":
+    async def chat_job(self, req: ChatCompletionRequest, http_request) -> "_Job":
         if self.template is None:
             raise APIError(400, self.template_error, param="messages", code="no_chat_template")
         add_generation_prompt = True if req.add_generation_prompt is None else req.add_generation_prompt
-        prompt = self.chat_prompt(req.messages, add_generation_prompt=add_generation_prompt)
+        self.check_prompt_bytes(sum(len(m.text().encode("utf-8", "surrogatepass")) for m in req.messages),
+                                "messages")
+        prompt, ids = await asyncio.to_thread(self.chat_ids, req.messages, add_generation_prompt)
         tok = self.tokenizer
-        add_bos = bool(self.lm.config.extra.get("add_bos", False))
-        if tok.bos_token and prompt.startswith(tok.bos_token):
-            add_bos = False  # the template writes BOS itself
-        ids = tok.encode(prompt, add_bos=add_bos) or self._start_ids()
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:  # as OpenAI: the rest of the context
             max_tokens = max(1, self.context - len(ids))
@@ -304,6 +374,65 @@ class _ServerState:
             else:
                 params = params.replace(stop=params.stop + (marker,))
         return _Job(self, [ids], params, req, http_request)
+
+    async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        known = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise APIError(400, f"The request field '{unknown[0]}' is not supported by /tokenize.", param=unknown[0])
+        self.check_model(body.get("model"))
+        for name in ("add_special_tokens", "add_generation_prompt", "return_token_strs"):
+            if name in body and not isinstance(body[name], bool):
+                raise APIError(400, f"'{name}' must be a boolean.", param=name)
+        if ("prompt" in body) == ("messages" in body):
+            raise APIError(400, "Give either 'prompt' (a string) or 'messages' (a chat), not both or neither.",
+                           param="prompt")
+        if "prompt" in body:
+            if not isinstance(body["prompt"], str):
+                raise APIError(400, "'prompt' must be a string.", param="prompt")
+            self.check_prompt_bytes(len(body["prompt"].encode("utf-8", "surrogatepass")), "prompt")
+            add_bos = bool(self.lm.config.extra.get("add_bos", False)) and body.get("add_special_tokens", True)
+            ids = await asyncio.to_thread(self.tokenizer.encode, body["prompt"], add_bos=add_bos)
+        else:
+            if self.template is None:
+                raise APIError(400, self.template_error, param="messages", code="no_chat_template")
+            req = self.validate(ChatCompletionRequest, {"messages": body["messages"]})
+            self.check_prompt_bytes(sum(len(m.text().encode("utf-8", "surrogatepass")) for m in req.messages),
+                                    "messages")
+            _, ids = await asyncio.to_thread(self.chat_ids, req.messages, body.get("add_generation_prompt", True))
+        strs = [token_text(self.tokenizer, t) for t in ids] if body.get("return_token_strs") else None
+        return {"count": len(ids), "max_model_len": self.context, "tokens": ids, "token_strs": strs}
+
+    async def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(body) - {"model", "tokens"})
+        if unknown:
+            raise APIError(400, f"The request field '{unknown[0]}' is not supported by /detokenize.",
+                           param=unknown[0])
+        self.check_model(body.get("model"))
+        ids = body.get("tokens")
+        vocab = self.lm.config.vocab_size
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise APIError(400, "'tokens' must be a list of token ids.", param="tokens")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"Token id {bad[0]} is outside the model's vocabulary of {vocab}.", param="tokens")
+        return {"prompt": await asyncio.to_thread(self.tokenizer.decode, ids)}
+
+    def check_prompt_bytes(self, nbytes: int, param: str) -> None:
+        """Refuse, before tokenizing, text too long to fit the context whatever its tokens: no token holds
+        more than the vocabulary's longest token (in UTF-8 bytes)."""
+        if nbytes > self.max_prompt_bytes:
+            raise APIError(400, f"The {param} holds {nbytes:,} bytes, more than the model's context of "
+                                f"{self.context} tokens can hold; shorten it.", param=param,
+                           code="context_length_exceeded")
+
+    def chat_ids(self, messages, add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+        prompt = self.chat_prompt(messages, add_generation_prompt=add_generation_prompt)
+        tok = self.tokenizer
+        add_bos = bool(self.lm.config.extra.get("add_bos", False))
+        if tok.bos_token and prompt.startswith(tok.bos_token):
+            add_bos = False  # the template writes BOS itself
+        return prompt, tok.encode(prompt, add_bos=add_bos) or self._start_ids()
 
     def chat_prompt(self, messages, add_generation_prompt: bool = True) -> str:
         """The prompt the chat template renders for request messages (developer is OpenAI's new name for
@@ -375,7 +504,7 @@ class _ServerState:
             params = GenerationConfig.from_openai(fields, base=self.lm.generation_config)
         except GenerationError as exc:
             word = str(exc).split(" ", 1)[0]
-            param = next((k for k in fields if k == word or _OPENAI_NAMES.get(k) == word), None)
+            param = next((k for k in fields if word in (k, _OPENAI_NAMES.get(k)) or f"'{k}'" in str(exc)), None)
             raise APIError(400, str(exc), param=param, code="invalid_value") from None
         if prompt_len + params.max_new_tokens > self.context:
             tokens = f"{prompt_len} token{'' if prompt_len == 1 else 's'}"

@@ -1,0 +1,131 @@
+"""The server's edges: bodies refused before any work (media type, nesting, prompt bytes), request ids, CORS
+preflights of the openai JS client, vLLM's /tokenize and /detokenize (oracle: the tokenizer and the chat
+template), and a prompt tokenized off the event loop."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from gptgen import LanguageModel, Tokenizer  # noqa: E402
+from gptgen.chat import get_template  # noqa: E402
+from gptgen.serve import create_app  # noqa: E402
+from serve_live import LiveServer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SPECIALS = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    tok = Tokenizer.train("byte-bpe", ["hello there how are you fine thanks"] * 10, 300,
+                          special_tokens=dict(SPECIALS), reserved_tokens=list(SPECIALS.values()))
+    model = LanguageModel.from_preset("gpt2", tok, n_layer=1, n_embd=32, n_head=2, n_positions=64, init_std=0.2)
+    model.model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def live(lm):
+    app = create_app(lm, max_batch=4, served_model_name="m", chat_template="chatml",
+                     cors=["https://app.example"], max_body_bytes=4 << 20)
+    with LiveServer(app) as server:
+        yield server
+
+
+def _error(r, status, words):
+    assert r.status_code == status, r.text
+    assert words.lower() in r.json()["error"]["message"].lower(), r.text
+    return r.json()["error"]
+
+
+def test_bodies_refused_before_any_work(live):
+    url = live.url + "/v1/completions"
+    _error(httpx.post(url, content=b'{"prompt": "x"}', headers={"content-type": "text/plain"}), 415, "json")
+    _error(httpx.post(url, content=b"prompt=x", headers={"content-type": "application/x-www-form-urlencoded"}),
+           415, "json")
+    deep = '{"prompt": "x", "response_format": ' + "[" * 5000 + "]" * 5000 + "}"
+    _error(httpx.post(url, content=deep, headers={"content-type": "application/json"}), 400, "nests")
+    deep_objects = '{"prompt": "x", "stop": ' + '{"a": ' * 5000 + "1" + "}" * 5000 + "}"
+    _error(httpx.post(url, content=deep_objects, headers={"content-type": "application/json"}), 400, "nests")
+    assert httpx.get(live.url + "/health").status_code == 200
+    # A prompt larger in bytes than the context could hold in any tokens: refused before tokenizing.
+    err = _error(httpx.post(url, json={"prompt": "hello " * 400_000, "max_tokens": 1}), 400, "bytes")
+    assert err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+    err = _error(httpx.post(live.url + "/v1/chat/completions",
+                            json={"messages": [{"role": "user", "content": "hello " * 400_000}]}), 400, "bytes")
+    assert err["param"] == "messages"
+
+
+def test_request_ids_are_echoed_or_made(live):
+    r = httpx.post(live.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1},
+                   headers={"X-Request-Id": "abc-123"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "abc-123"
+    made = httpx.get(live.url + "/health").headers["x-request-id"]
+    again = httpx.get(live.url + "/health").headers["x-request-id"]
+    assert len(made) == 32 and made != again and int(made, 16) >= 0
+    assert httpx.get(live.url + "/health", headers={"X-Request-Id": "x" * 500}).headers["x-request-id"] != "x" * 500
+
+
+def test_cors_preflight_allows_any_request_header_for_allowed_origins(live):
+    headers = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os, x-stainless-lang"}
+    r = httpx.options(live.url + "/v1/chat/completions", headers=headers)
+    assert r.status_code == 200
+    assert "x-stainless-os" in r.headers["access-control-allow-headers"].lower()
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
+    other = httpx.options(live.url + "/v1/chat/completions", headers=dict(headers, Origin="https://evil.example"))
+    assert other.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+def test_tokenize_and_detokenize_as_vllm(live, lm):
+    tok = lm.tokenizer
+    r = httpx.post(live.url + "/tokenize", json={"model": "m", "prompt": "hello there", "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tok.encode("hello there") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 64 and "".join(body["token_strs"]) == "hello there"
+    messages = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hello"}]
+    r = httpx.post(live.url + "/tokenize", json={"messages": messages})
+    expected = tok.encode(get_template("chatml", tok).apply(messages))
+    assert r.json()["tokens"] == expected
+    r = httpx.post(live.url + "/detokenize", json={"model": "m", "tokens": expected})
+    assert r.json() == {"prompt": tok.decode(expected)}
+    _error(httpx.post(live.url + "/detokenize", json={"tokens": [10 ** 6]}), 400, "outside")
+    _error(httpx.post(live.url + "/tokenize", json={"prompt": "x", "frobnicate": 1}), 400, "frobnicate")
+    _error(httpx.post(live.url + "/tokenize", json={}), 400, "either")
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(lm, monkeypatch):
+    """While one request's prompt is being tokenized (made slow here), /health still answers at once."""
+    app = create_app(lm, max_batch=2, served_model_name="m")
+    state = app.state.gptgen
+    started, release = threading.Event(), threading.Event()
+    real = state._completion_prompts
+
+    def slow(prompt):
+        started.set()
+        release.wait(10)
+        return real(prompt)
+
+    monkeypatch.setattr(state, "_completion_prompts", slow)
+    with LiveServer(app) as server:
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(
+            r=httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=30)))
+        worker.start()
+        assert started.wait(10)
+        t0 = time.perf_counter()
+        assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+        waited = time.perf_counter() - t0
+        release.set()
+        worker.join(30)
+    assert result["r"].status_code == 200 and waited < 2.0
