@@ -56,10 +56,34 @@ def _ll_tokenizer(tokenizer):
     if eos is None:
         raise GenerationError("Structured output needs a tokenizer with an end-of-sequence token, and this one "
                               "has none.")
-    made = ll.LLTokenizer(tokenizer.backend.to_str(), n_vocab=tokenizer.vocab_size, eos_token=eos)
+    try:
+        made = ll.LLTokenizer(_llguidance_json(tokenizer), n_vocab=tokenizer.vocab_size, eos_token=eos)
+    except ValueError as exc:
+        raise GenerationError(f"Structured output cannot read this tokenizer ({kind_of(tokenizer)}): {exc}; "
+                              "byte-level BPE (GPT-2's) and SentencePiece-style BPE tokenizers work.") from None
     with _lock:
         _ll_tokenizers[tokenizer] = made
     return made
+
+
+def kind_of(tokenizer) -> str:
+    return getattr(tokenizer, "kind", None) or "unknown kind"
+
+
+def _llguidance_json(tokenizer) -> str:
+    """The tokenizer's JSON for llguidance. A Metaspace decoder (gptgen's "bpe" kind) is given as the
+    equivalent Replace("▁", " ") + ByteFallback + Fuse + Strip sequence (Llama's), which llguidance reads:
+    the token bytes are the same, and llguidance does not read Metaspace itself."""
+    data = json.loads(tokenizer.backend.to_str())
+    decoder = data.get("decoder") or {}
+    if decoder.get("type") == "Metaspace":
+        mark = decoder.get("replacement", "\u2581")
+        data["decoder"] = {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": mark}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1 if decoder.get("prepend_scheme") != "never" else 0,
+             "stop": 0}]}
+    return json.dumps(data)
 
 
 def grammar_of(response_format: dict | None) -> str | None:
