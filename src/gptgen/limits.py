@@ -111,20 +111,26 @@ def allowed_bytes() -> int:
     return int(available_memory() * SAFE_SHARE)
 
 
-def check_allocation(option: str, nbytes: int, *, value=None, error: type[GptgenError] = ConfigError) -> None:
+def check_allocation(option: str, nbytes: int, *, value=None, error: type[GptgenError] = ConfigError,
+                     advice: str | None = None) -> None:
     """Refuse `option` (=`value`) when the `nbytes` it would allocate exceed a safe share of free memory.
 
-    Raises `error` with one sentence naming the option, the estimate and the limit.
+    Raises `error` with one sentence naming the option, the estimate and the limit; `advice` replaces the
+    closing "lower OPTION".
     """
     nbytes = int(nbytes)
     limit = allowed_bytes()
     if nbytes <= limit:
         return
-    shown = option if value is None else f"{option}={value:,}" if isinstance(value, int) else f"{option}={value!r}"
+    if value is None:
+        shown = option
+    else:
+        text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+        shown = f"{option} of {text}" if " " in option else f"{option}={text}"
     raise error(
         f"{shown} would need about {format_bytes(nbytes)} of memory, more than the {format_bytes(limit)} "
         f"gptgen allows itself ({SAFE_SHARE:.0%} of the {format_bytes(available_memory())} available); "
-        f"lower {option}."
+        f"{advice or 'lower ' + option}."
     )
 
 

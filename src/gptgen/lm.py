@@ -30,7 +30,11 @@ class LanguageModel:
         overrides.setdefault("vocab_size", tokenizer.vocab_size)
         for role in ("pad", "bos", "eos"):
             overrides.setdefault(f"{role}_token_id", getattr(tokenizer, f"{role}_token_id"))
-        return cls(GPT(preset(name, **overrides)), tokenizer)
+        config = preset(name, **overrides)
+        from .options import check_model_memory
+
+        check_model_memory(config)  # before the weights are allocated
+        return cls(GPT(config), tokenizer)
 
     @property
     def config(self) -> GPTConfig:

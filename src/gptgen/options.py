@@ -97,3 +97,34 @@ def resolve_device(device: str | None) -> str:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
     return check_device(device)
+
+
+# Sizes checked against the machine's memory before anything is allocated (gptgen.limits) -------------------
+def parameter_count(config) -> int:
+    """The parameters of a GPTConfig's model (embeddings, blocks, head), without building it."""
+    e, inner, f, v = config.n_embd, config.attn_inner_dim, config.ffn_dim, config.vocab_size
+    block = e * 3 * inner + 3 * inner + inner * e + e + e * f + f + f * e + e + 4 * e
+    head = 0 if config.tie_word_embeddings else v * e + (v if config.lm_head_bias else 0)
+    return (v + config.n_positions) * e + config.n_layer * block + (2 * e if config.final_norm else 0) + head
+
+
+def check_model_memory(config, what: str = "the model (--preset/--config)") -> None:
+    """ConfigError when a model of this config could not be trained here: fp32 weights, gradients and
+    Adam's two moments, 16 bytes a parameter."""
+    from .limits import check_allocation
+
+    params = parameter_count(config)
+    check_allocation(f"{what} with {params:,} parameters", 16 * params,
+                     advice="choose a smaller preset, or fewer or narrower layers with --config")
+
+
+def check_batch_memory(config, batch_size: int, seq_len: int, *, examples: int | None = None, grad_accum: int = 1,
+                       option: str = "batch_size (--batch-size)", training: bool = True) -> None:
+    """ConfigError naming `option` when a (micro-)batch of batch_size rows of seq_len tokens would not fit in
+    memory; a batch never holds more rows than there are examples."""
+    from .limits import activation_bytes, check_allocation
+
+    rows = -(-int(batch_size) // max(1, int(grad_accum)))
+    if examples is not None:
+        rows = min(rows, int(examples))
+    check_allocation(option, activation_bytes(config, rows, seq_len, training=training), value=batch_size)

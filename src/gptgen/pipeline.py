@@ -261,6 +261,19 @@ def packing_for(lm, seq_len: int | None, add_bos: bool | None, packing: str = "p
     return seq_len or ctx, add_bos
 
 
+def _check_batch_sizes(lm, s, seq_len: int, train_texts: int, val_texts: int) -> None:
+    """Refuse a batch that would not fit in memory before the corpus is tokenised (texts bound the rows of a
+    pad-packed batch; chunk packing may give more rows than texts, so it is not capped)."""
+    from .options import check_batch_memory
+
+    cap = s["packing"] == "pad"
+    check_batch_memory(lm.config, s["batch_size"], seq_len, examples=train_texts if cap else None,
+                       grad_accum=s["grad_accum"])
+    if s.get("eval_batch_size") and val_texts:
+        check_batch_memory(lm.config, s["eval_batch_size"], seq_len, examples=val_texts if cap else None,
+                           option="eval_batch_size (--eval-batch-size)", training=False)
+
+
 def train(recipe: str | None = None, *, data=None, val_data=None, dataset: str | None = None, tokenizer=None,
           preset: str | None = None, model=None, output_dir: str | os.PathLike | None = None,
           callbacks: Sequence[Any] = (), print_fn: Callable[[str], None] | None = print, **settings: Any) -> Run:
@@ -314,6 +327,7 @@ def train(recipe: str | None = None, *, data=None, val_data=None, dataset: str |
         seq_len, add_bos = packing_for(lm, s["seq_len"], s["add_bos"], s["packing"], new_model=s["model"] is None)
         if add_bos and s["packing"] == "pad":
             lm.config.extra["add_bos"] = True  # generation then starts from BOS, as the model was trained
+        _check_batch_sizes(lm, s, seq_len, len(corpus.train), len(corpus.val or []))
         t0 = time.perf_counter()
         packed = corpus.pack(lm.tokenizer, seq_len, s["packing"], add_bos, bool(s["add_eos"]))
         timings["tokenize_s"] = time.perf_counter() - t0
@@ -360,6 +374,10 @@ def evaluate_corpus(model, *, tokenizer=None, data=None, val_data=None, dataset:
                          root=data_root, field=field, template=template)
     texts = corpus.val if corpus.val is not None else corpus.train
     seq_len, add_bos = packing_for(lm, seq_len, add_bos, packing)
+    from .options import check_batch_memory
+
+    check_batch_memory(lm.config, batch_size, seq_len, examples=len(texts) if packing == "pad" else None,
+                       training=False)
     from .data.corpus import Corpus
 
     examples = Corpus(texts).pack(lm.tokenizer, seq_len, packing, add_bos, bool(add_eos)).train

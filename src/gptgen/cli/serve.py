@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import GptgenError
+from ..errors import ConfigError, GptgenError
 from ..quantize import QUANTIZE_HELP, QUANTIZE_MODES
 
 
@@ -61,6 +61,7 @@ def run_serve(args) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize,
               lora=args.lora)
+    check_serve_sizes(lm, args.max_batch, args.max_queue, args.max_body_size)
     template = None if args.chat_template == "none" else args.chat_template
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key, cors=args.cors,
@@ -74,3 +75,23 @@ def run_serve(args) -> int:
           f"(playground at /, API at /v1)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def check_serve_sizes(lm, max_batch: int, max_queue: int, max_body_size: int) -> None:
+    """Refuse --max-batch, --max-queue and --max-body-size that could not fit the machine's memory, before the
+    engine allocates its KV-cache slots (one sentence naming the option, exit 2)."""
+    from ..limits import check_allocation, kv_cache_bytes
+
+    for option, value in (("--max-batch", max_batch), ("--max-queue", max_queue),
+                          ("--max-body-size", max_body_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{option} must be a positive integer, got {value!r}.")
+    config = lm.config
+    dtype = next(lm.model.parameters()).dtype
+    # every slot's cache over the whole context, and each step's (slots, vocab) float32 scores a few times over
+    slots = kv_cache_bytes(config, max_batch, config.n_positions, dtype) + 8 * 4 * max_batch * config.vocab_size
+    check_allocation("--max-batch", slots, value=max_batch, error=ConfigError)
+    # a body is held (and parsed: a few times its size) while read; a queued request holds its prompt's ids
+    check_allocation("--max-body-size", 4 * max_body_size, value=max_body_size, error=ConfigError)
+    per_request = 64 * config.n_positions + (16 << 10)
+    check_allocation("--max-queue", max_queue * per_request, value=max_queue, error=ConfigError)

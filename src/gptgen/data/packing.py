@@ -12,6 +12,7 @@ The mask is positional, so a pad id that is also a real token (GPT-2 has no pad 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -113,7 +114,8 @@ def chunk_tokens(token_lists: Sequence[Sequence[int]], seq_len: int, *, eos_id: 
         raise DataError("There are no examples to chunk: the token list is empty.")
     parts = []
     for tokens in token_lists:
-        parts.append(np.asarray(_as_list(tokens), dtype=np.int64))
+        parts.append(tokens.astype(np.int64) if isinstance(tokens, np.ndarray)
+                     else np.asarray(_as_list(tokens), dtype=np.int64))
         if eos_id is not None:
             parts.append(np.asarray([eos_id], dtype=np.int64))
     stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
@@ -144,8 +146,12 @@ def chunk_tokens(token_lists: Sequence[Sequence[int]], seq_len: int, *, eos_id: 
 
 def pack_texts(texts: Sequence[str], tokenizer, seq_len: int, packing: str = "pad", add_bos: bool = False,
                add_eos: bool = False) -> PackedExamples:
-    """Tokenise texts and pack them: "pad" (one example per text) or "chunk" (concatenate and cut)."""
-    ids = tokenizer.encode_batch(texts)
+    """Tokenise texts and pack them: "pad" (one example per text) or "chunk" (concatenate and cut).
+
+    Texts are tokenised a bounded batch at a time and kept as compact arrays (pad packing keeps only the
+    seq_len + 1 tokens a row can hold), so memory stays proportional to the packed result."""
+    keep = None if packing == "chunk" else seq_len + 1
+    ids = list(_encode_bounded(tokenizer, texts, keep))
     if packing == "chunk":
         eos = tokenizer.eos_token_id
         return chunk_tokens(ids, seq_len, eos_id=eos)
@@ -157,3 +163,53 @@ def pack_texts(texts: Sequence[str], tokenizer, seq_len: int, packing: str = "pa
         raise DataError("Adding EOS (--add-eos) needs a tokenizer with an EOS token.")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return pack_examples(ids, seq_len, bos_id=bos, eos_id=eos, pad_id=pad)
+
+
+_HEAD_CHARS_PER_TOKEN = 16  # pad packing encodes a long text's head of this many characters per kept token
+_SPACE = re.compile(r"\s")
+
+
+def _head(text: str, keep: int) -> str:
+    """The start of a long text, cut just after a whitespace character, that should hold `keep` tokens."""
+    chars = _HEAD_CHARS_PER_TOKEN * keep + 1024
+    if len(text) <= 2 * chars:
+        return text
+    match = _SPACE.search(text, chars, 2 * chars)
+    return text if match is None else text[:match.end()]
+
+
+ENCODE_BATCH_CHARS = 1 << 22  # characters tokenised at once: the tokenizer's per-token objects stay small
+
+
+def _encode_bounded(tokenizer, texts: Sequence[str], keep: int | None):
+    """Each text's ids as an int32/int64 array (its first `keep` ids when keep is set), in batches of at most
+    ENCODE_BATCH_CHARS characters."""
+    dtype = np.int32 if tokenizer.vocab_size < 2**31 else np.int64
+    batch: list[str] = []
+    size = 0
+
+    def flush():
+        if keep is None:
+            for ids in tokenizer.encode_batch(batch):
+                yield np.asarray(ids, dtype=dtype)
+            return
+        heads = [_head(text, keep) for text in batch]
+        for text, head, ids in zip(batch, heads, tokenizer.encode_batch(heads)):
+            # a head cut after a space holds the text's own first tokens but its last one or two: with two
+            # to spare it gives the first `keep` exactly; short of that, the whole text is encoded
+            if len(head) < len(text) and len(ids) < keep + 2:
+                ids = tokenizer.encode(text)
+            yield np.asarray(ids[:keep], dtype=dtype)
+
+    for text in texts:
+        if keep is not None:
+            text_size = min(len(text), _HEAD_CHARS_PER_TOKEN * keep + 1024)
+        else:
+            text_size = len(text)
+        batch.append(text)
+        size += text_size
+        if size >= ENCODE_BATCH_CHARS or len(batch) >= 4096:
+            yield from flush()
+            batch, size = [], 0
+    if batch:
+        yield from flush()

@@ -36,6 +36,9 @@ _REPLACEMENT = "\ufffd"
 MAX_BAD_FRACTION = 0.01  # undecodable + NUL characters a text file may hold; more means it is not text
 MIN_BAD = 16  # ... once there are this many (a short note with a few stray bytes is still text)
 _SNIFF_BYTES = 1 << 16  # streaming readers judge a file after this much of it (and again at its end)
+# A line (or paragraph) longer than this is cut into documents of at most this many bytes, at a space where
+# there is one: a file with no line end is read in bounded memory and gives bounded examples.
+MAX_LINE_BYTES = 1 << 20
 
 
 class InvalidUTF8Warning(UserWarning):
@@ -133,20 +136,23 @@ def iter_file_lines(path: str | os.PathLike) -> Iterator[str]:
     """
     path = Path(path)
     total, first, nuls, chars, read, judged = 0, 0, 0, 0, 0, False
+    number = 1
     with _open(path) as handle:
-        for number, raw in enumerate(handle, 1):
+        for raw, ends_line in _bounded_lines(handle):
             read += len(raw)
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            if read == len(raw) and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
-            raw = raw.rstrip(b"\n")
-            if raw.endswith(b"\r"):
-                raw = raw[:-1]
+            if ends_line:
+                raw = raw.rstrip(b"\n")
+                if raw.endswith(b"\r"):
+                    raw = raw[:-1]
             text, count, _ = _decode(raw)
             nuls += raw.count(b"\0")
             chars += len(text) + 1
             if count:
                 total += count
                 first = first or number
+            number += ends_line
             if not judged and read >= _SNIFF_BYTES:  # refuse a binary file before streaming all of it
                 judged = True
                 _refuse_binary(path, total + nuls, chars, whole=False)
@@ -157,6 +163,31 @@ def iter_file_lines(path: str | os.PathLike) -> Iterator[str]:
     _refuse_binary(path, total + nuls, chars)
     if total:
         _warn_invalid(path, total, first)
+
+
+def _bounded_lines(handle, limit: int = MAX_LINE_BYTES) -> Iterator[tuple[bytes, bool]]:
+    """(bytes, ends_line) pieces of a binary file: whole lines, except that a line longer than `limit` comes
+    in pieces of at most `limit` bytes cut after a space or tab (else between two UTF-8 characters)."""
+    pending = b""
+    while True:
+        piece = handle.readline(limit)
+        if not piece:
+            if pending:
+                yield pending, True
+            return
+        data = pending + piece if pending else piece
+        if piece.endswith(b"\n") or len(piece) < limit:
+            pending = b""
+            yield data, True
+            continue
+        lo = max(1, len(data) - max(limit // 4, 4))
+        cut = max(data.rfind(b" ", lo), data.rfind(b"\t", lo)) + 1
+        if cut <= 0:  # no space near the end: cut before a UTF-8 lead byte (never inside a character)
+            cut = len(data) - 1  # the piece ends before the last lead byte: its character may go on
+            while cut > lo and (data[cut] & 0xC0) == 0x80:
+                cut -= 1
+        pending = data[cut:]
+        yield data[:cut], False
 
 
 # Per-file example generators (shared by the list readers below and by streaming shard preparation) ------
@@ -173,13 +204,18 @@ def iter_paragraphs(lines: Iterable[str] | str, join: str = " ") -> Iterator[str
     if isinstance(lines, str):
         lines = lines.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     block: list[str] = []
+    size = 0
     for line in lines:
         stripped = line.strip()
         if stripped:
             block.append(stripped)
+            size += len(stripped)
+            if size >= MAX_LINE_BYTES:  # a paragraph of bounded length (see MAX_LINE_BYTES)
+                yield join.join(block)
+                block, size = [], 0
         elif block:
             yield join.join(block)
-            block = []
+            block, size = [], 0
     if block:
         yield join.join(block)
 
