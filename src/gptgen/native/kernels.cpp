@@ -25,7 +25,9 @@
 //   amax = max(max_k |x[m, k]|, 1e-12); q = round_half_even(x * (127 / amax)); xs = amax / 127
 //   y[m, n] = float(sum_k q * W[n, k]) * xs * wscale[n] + bias[n]     (float32, left to right)
 // Built with -ffp-contract=off so no multiply and add fuse unless a kernel asks for it (the fp32 FMA products).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // (not ATen/ATen.h: the build parses a quarter less)
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
