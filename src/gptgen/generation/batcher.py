@@ -2,10 +2,10 @@
 
     engine = BatchEngine(lm, max_batch=16)
     with engine:
-        req = engine.submit(prompt_ids, SamplingParams(max_tokens=64, temperature=0.8, seed=1), on_event)
+        req = engine.submit(prompt_ids, GenerationConfig(max_new_tokens=64, temperature=0.8, seed=1), on_event)
         ...                                   # on_event(TokenEvent) is called from the engine thread
         engine.cancel(req)                    # its slot is free before the next step runs
-        [completion] = engine.generate(prompt_ids, SamplingParams(max_tokens=16, temperature=0))
+        [completion] = engine.generate(prompt_ids, GenerationConfig(max_new_tokens=16, temperature=0))
 
 The engine owns a Runner (runner.py) over a KV cache of `max_batch` rows and one background thread. Each
 step of that thread:
@@ -28,24 +28,24 @@ contrastive search need whole-batch bookkeeping and stay on the per-call engine 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from ..errors import GenerationError
+from .config import GenerationConfig
+from .engine import end_ids, resolve_sampler
 from .processors import BadWords, MinNewTokens, NoRepeatNGram, PresenceFrequencyPenalty, RepetitionPenalty
 from .row_sampling import apply_temperature, choose_tokens
+from .samplers import GreedySampler, _FilteringSampler
 from .runner import Runner
 from .stopping import StreamEmitter, TextTracker
 
 log = logging.getLogger(__name__)
-
-MAX_LOGPROBS = 20
 
 
 class QueueFull(GenerationError):
@@ -57,71 +57,26 @@ class PromptTooLong(GenerationError):
 
 
 # Parameters and events ----------------------------------------------------------------------------
-@dataclass
-class SamplingParams:
-    max_tokens: int | None = 16       # None: up to the end of the context
-    temperature: float = 1.0          # 0 -> greedy
-    top_k: int = 0                    # 0 (or -1) -> off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    no_repeat_ngram_size: int = 0
-    min_tokens: int = 0
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] | None = None   # None -> the model's EOS
-    ignore_eos: bool = False
-    bad_words: list[str] = field(default_factory=list)
-    seed: int | None = None
-    logprobs: int | None = None       # None -> off; N -> the chosen token's logprob and the top N
-    n: int = 1                        # choices; choice i uses seed + i when seeded
+def SamplingParams(**fields) -> GenerationConfig:
+    """A GenerationConfig from an OpenAI request's names (max_tokens=16 unless given, temperature 1 unless
+    given, n, min_tokens, ...): GenerationConfig.from_openai."""
+    fields.setdefault("max_tokens", 16)
+    return GenerationConfig.from_openai(fields)
 
-    def validate(self, vocab_size: int) -> None:
-        """Raise GenerationError (one sentence naming the field) for a value out of range."""
-        def integer(name, low, high=None, none_ok=False):
-            value = getattr(self, name)
-            if value is None and none_ok:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-                rng = f"at least {low}" if high is None else f"between {low} and {high}"
-                raise GenerationError(f"{name} must be an integer {rng}, got {value!r}.")
 
-        def number(name, low, high, low_open=False):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < low or value > high or (low_open and value == low):
-                bracket = "(" if low_open else "["
-                raise GenerationError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}.")
-
-        integer("max_tokens", 1, none_ok=True)
-        number("temperature", 0.0, 100.0)
-        integer("top_k", -1)
-        number("top_p", 0.0, 1.0, low_open=True)
-        number("min_p", 0.0, 1.0)
-        number("repetition_penalty", 0.0, 100.0, low_open=True)
-        number("presence_penalty", -2.0, 2.0)
-        number("frequency_penalty", -2.0, 2.0)
-        integer("no_repeat_ngram_size", 0)
-        integer("min_tokens", 0)
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise GenerationError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens}).")
-        integer("n", 1)
-        integer("logprobs", 0, MAX_LOGPROBS, none_ok=True)
-        integer("seed", -(2 ** 63), 2 ** 64 - 1, none_ok=True)
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
-            raise GenerationError("stop must be a string or a list of strings.")
-        if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(s, str) and s for s in self.bad_words):
-            raise GenerationError("bad_words must be a list of non-empty strings.")
-        if self.stop_token_ids is not None:
-            ids = self.stop_token_ids
-            if not isinstance(ids, (list, tuple)) or not all(
-                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
-                raise GenerationError(f"stop_token_ids must be a list of token ids below the vocabulary size {vocab_size}.")
-        if not isinstance(self.ignore_eos, bool):
-            raise GenerationError(f"ignore_eos must be true or false, got {self.ignore_eos!r}.")
+def _row_options(config: GenerationConfig) -> dict:
+    """temperature (0: greedy), top_k, top_p and min_p of a config's sampler, as the rows are sampled here; the
+    samplers that need whole-batch bookkeeping (beam, contrastive) or the other warpers are refused."""
+    sampler = resolve_sampler(config)
+    if isinstance(sampler, GreedySampler):
+        return dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+    if not isinstance(sampler, _FilteringSampler):
+        raise GenerationError(f"The {sampler.name} sampler is not available in the batch engine; use "
+                              "LanguageModel.generate or gptgen generate.")
+    for name, off in (("typical_p", 1.0), ("epsilon_cutoff", 0.0), ("eta_cutoff", 0.0), ("min_tokens_to_keep", 1)):
+        if getattr(sampler, name) != off:
+            raise GenerationError(f"{name} is not available in the batch engine; use LanguageModel.generate.")
+    return dict(temperature=sampler.temperature, top_k=sampler.top_k or 0, top_p=sampler.top_p, min_p=sampler.min_p)
 
 
 @dataclass
@@ -157,7 +112,7 @@ class Request:
     _next_id = 0
     _id_lock = threading.Lock()
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, on_event) -> None:
+    def __init__(self, prompt_ids: list[int], params: GenerationConfig, on_event) -> None:
         with Request._id_lock:
             Request._next_id += 1
             self.id = Request._next_id
@@ -167,13 +122,17 @@ class Request:
         self.prompt_tokens = len(prompt_ids)
         self.prefilled = 0            # prompt tokens already in the cache
         self.cancelled = False
-        self.finish_reasons: list[str | None] = [None] * params.n
+        self.n = params.num_return_sequences
+        self.sampling = _row_options(params)
+        # min_length counts the prompt, as in HF
+        self.min_new_tokens = max(params.min_new_tokens, (params.min_length or 0) - len(prompt_ids))
+        self.finish_reasons: list[str | None] = [None] * self.n
         self.done = threading.Event()  # set once every choice has finished
         self.submitted_at = time.monotonic()
         self.seqs: list[_Seq] = []
 
     def __repr__(self) -> str:
-        return f"Request(id={self.id}, prompt_tokens={self.prompt_tokens}, n={self.params.n})"
+        return f"Request(id={self.id}, prompt_tokens={self.prompt_tokens}, n={self.n})"
 
 
 class _Seq:
@@ -342,19 +301,22 @@ class BatchEngine:
         self.close()
 
     # Public calls (any thread) --------------------------------------------------------------------------
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+    def submit(self, prompt_ids: Sequence[int], params: GenerationConfig,
                on_event: Callable[[TokenEvent], None]) -> Request:
+        """Queue a prompt decoded with a GenerationConfig (checked when it was made); on_event gets its events."""
         prompt = self._check_prompt(prompt_ids)
-        params.validate(self.vocab_size)
-        if params.n > self.max_batch:
-            raise GenerationError(f"n ({params.n}) must not exceed the engine's max_batch of {self.max_batch}.")
+        if not isinstance(params, GenerationConfig):
+            raise GenerationError(f"submit() takes a GenerationConfig, got {type(params).__name__}.")
+        n, new = params.num_return_sequences, params.max_new_tokens
+        if n > self.max_batch:
+            raise GenerationError(f"n ({n}) must not exceed the engine's max_batch of {self.max_batch}.")
         room = self.max_context - len(prompt)
-        if params.max_tokens is None:
+        if new is None:
             if room < 1:
                 raise PromptTooLong(f"The prompt has {len(prompt)} tokens and leaves no room in the context of "
                                     f"{self.max_context}.")
-        elif len(prompt) + params.max_tokens > self.max_context:
-            raise PromptTooLong(f"The prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+        elif len(prompt) + new > self.max_context:
+            raise PromptTooLong(f"The prompt ({len(prompt)} tokens) plus max_tokens ({new}) exceeds "
                                 f"the context of {self.max_context} tokens.")
         if params.bad_words and self.tokenizer is None:
             raise GenerationError("bad_words needs a tokenizer; pass a LanguageModel to the engine.")
@@ -365,6 +327,9 @@ class BatchEngine:
             if self._closed:
                 raise GenerationError("This BatchEngine is closed; create a new one.")
             if len(self._waiting) >= self.max_queue:
+        bad = [t for t in end_ids(params, self.eos_id) if t >= self.vocab_size]
+        if bad:
+            raise GenerationError(f"stop_token_ids holds {bad[0]}, outside the model's vocabulary of {self.vocab_size}.")
                 raise QueueFull(f"The queue already holds {self.max_queue} waiting requests; retry later.")
             self._waiting.append(request)
             self._wake.notify()
@@ -375,7 +340,7 @@ class BatchEngine:
             request.cancelled = True
             self._wake.notify()
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+    def generate(self, prompt_ids: Sequence[int], params: GenerationConfig | None = None,
                  timeout: float | None = None) -> list[Completion]:
         """Submit and wait: one Completion per choice, in choice order."""
         params = params or SamplingParams()
@@ -385,7 +350,7 @@ class BatchEngine:
             self.cancel(request)
             request.done.wait()
         out = []
-        for i in range(params.n):
+        for i in range(request.n):
             evs = parts.get(i, [])
             toks = [e for e in evs if e.token_id is not None]
             final = evs[-1]
@@ -443,9 +408,9 @@ class BatchEngine:
         """Move waiting requests into free rows (FIFO), reserving one row per choice."""
         admitted = []
         free = [r for r in range(self.max_batch - 1, self._n_dec - 1, -1) if self._rows[r] is None]
-        while self._waiting and len(free) >= self._waiting[0].params.n:
+        while self._waiting and len(free) >= self._waiting[0].n:
             req = self._waiting.popleft()
-            rows = [free.pop(0) for _ in range(req.params.n)]  # highest rows first: fewer swaps later
+            rows = [free.pop(0) for _ in range(req.n)]  # highest rows first: fewer swaps later
             req.seqs = [self._new_seq(req, i, row) for i, row in enumerate(rows)]
             for seq in req.seqs:
                 self._rows[seq.row] = seq
@@ -459,16 +424,13 @@ class BatchEngine:
         if p.seed is not None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed((p.seed + index) % (2 ** 64))
-        if p.stop_token_ids is not None:
-            stop_ids = set(p.stop_token_ids)
-        else:
-            stop_ids = {self.eos_id} if self.eos_id is not None and not p.ignore_eos else set()
-        if p.ignore_eos and self.eos_id is not None:
-            stop_ids.discard(self.eos_id)
-        tracker = TextTracker(self.tokenizer, req.prompt_ids, p.stop) if self.tokenizer is not None else None
+        stop_ids = set(end_ids(p, self.eos_id))
+        tracker = (TextTracker(self.tokenizer, req.prompt_ids, p.stop, include_stop=p.include_stop_str_in_output)
+                   if self.tokenizer is not None else None)
         bad = None
         # as transformers: a banned single token that ends the sequence stays allowed
-        words = [ids for ids in (self.tokenizer.encode(w) for w in p.bad_words) if ids]
+        words = [ids for ids in (self.tokenizer.encode(w) for w in p.bad_words or ()) if ids]
+        words += [list(ids) for ids in p.bad_words_ids or ()]
         words = [ids for ids in words if not (len(ids) == 1 and ids[0] in stop_ids)]
         if words:
             bad = BadWords(words, self.vocab_size)
@@ -583,9 +545,9 @@ class BatchEngine:
         for r, s in enumerate(seqs):
             if s.bad_words is not None:
                 scores[r:r + 1] = s.bad_words(scores[r:r + 1], _OneRow(state.row_lists()[r]))
-        short = [s for s, p in zip(seqs, ps) if p.min_tokens and len(s.tokens) < p.min_tokens]
+        short = [s for s in seqs if len(s.tokens) < s.request.min_new_tokens]
         for stop_ids in {frozenset(s.stop_ids) for s in short}:  # rows that share a stop set, together
-            mins = tuple(p.min_tokens if frozenset(s.stop_ids) == stop_ids else 0 for s, p in zip(seqs, ps))
+            mins = tuple(s.request.min_new_tokens if frozenset(s.stop_ids) == stop_ids else 0 for s in seqs)
             scores = MinNewTokens(mins, sorted(stop_ids))(scores, state)
         return scores
 
@@ -596,27 +558,63 @@ class BatchEngine:
         want_lp = any(p.logprobs is not None for p in ps)
         logprobs = torch.log_softmax(logits, dim=-1) if want_lp and self.logprobs_mode == "raw" else None
         scores = self._process(logits, seqs, state)
-        temps = [p.temperature for p in ps]
+        # A row's maximum is NaN or +inf when any score is, -inf when every token is banned: one reduction.
+        broken = ~torch.isfinite(scores.amax(dim=-1))
+        broken_rows = broken.tolist()
+        if any(broken_rows):
+            log.warning("%d row(s) have no finite scores; ending them with an error", sum(broken_rows))
+            scores = scores.masked_fill(broken[:, None], 0.0)  # something to choose from; dropped below
+        rows = [s.request.sampling for s in seqs]
+        temps = [r["temperature"] for r in rows]
         if want_lp and logprobs is None:  # "processed": after penalties and temperature, before filters
+        if any(getattr(s, "grammar", None) is not None for s in seqs):  # response_format rows: their masks
+            from .grammar import GrammarProcessor
+
+            scores = GrammarProcessor([getattr(s, "grammar", None) for s in seqs])(None, scores.clone())
             logprobs = torch.log_softmax(apply_temperature(scores, torch.tensor(temps, device=dev)), dim=-1)
-        tokens = choose_tokens(scores, temperature=temps, top_k=[p.top_k for p in ps], top_p=[p.top_p for p in ps],
-                               min_p=[p.min_p for p in ps], generators=[sq.generator for sq in seqs])
+        tokens = choose_tokens(scores, temperature=temps, top_k=[r["top_k"] for r in rows],
+                               top_p=[r["top_p"] for r in rows], min_p=[r["min_p"] for r in rows],
+                               generators=[sq.generator for sq in seqs])
+        """Choose and commit every row's next token. A row fails alone: non-finite scores, a token outside the
+        vocabulary or an error while its scores are processed end that choice with finish_reason "error" and
+        leave the other rows as they are (an error in the vectorised pass is narrowed down row by row)."""
+        try:
+            picks = self._choose(logits, seqs)
+        except Exception:
+            if len(seqs) > 1:
+                for r, seq in enumerate(seqs):
+                    self._sample_and_commit(logits[r:r + 1], [seq])
+                return
+            log.exception("request %s failed while choosing its next token", seqs[0].request.id)
+            picks = [None]
+        for seq, pick in zip(seqs, picks):
+            if pick is None:
+                self._finish_seq(seq, "error")
+            else:
+                self._commit(seq, *pick)
+        self._release_finished(seqs)
+
+    def _choose(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[tuple | None]:
+        """(token, logprob, top logprobs) per row; None for a row that cannot go on."""
         chosen_lp = top = None
         if want_lp:
-            chosen_lp = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+            chosen_lp = logprobs.gather(1, tokens[:, None].clamp(0, logprobs.shape[-1] - 1))[:, 0].tolist()
             k = max(p.logprobs or 0 for p in ps)
             if k:
                 vals, ids = torch.topk(logprobs, k, dim=-1)
                 top = (vals.tolist(), ids.tolist())
-        tokens = tokens.tolist()
-        for r, (seq, tok) in enumerate(zip(seqs, tokens)):
+        out = []
+        for r, (seq, tok) in enumerate(zip(seqs, tokens.tolist())):
+            if broken_rows[r] or not 0 <= tok < self.vocab_size:
+                out.append(None)
+                continue
             lp = tl = None
             if seq.params.logprobs is not None:
                 lp = chosen_lp[r]
                 n = seq.params.logprobs
                 tl = [(i, self._text_of(i), v) for v, i in zip(top[0][r][:n], top[1][r][:n])] if n else []
-            self._commit(seq, tok, lp, tl)
-        self._release_finished(seqs)
+            out.append((tok, lp, tl))
+        return out
 
     def _text_of(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -636,15 +634,20 @@ class BatchEngine:
             reason = "stop"
         elif seq.tracker is not None and p.stop and seq.tracker.stop_hit(seq.tokens):
             reason = "stop"
-        elif (p.max_tokens is not None and len(seq.tokens) >= p.max_tokens) or hist >= self.max_context:
+        elif (p.max_new_tokens is not None and len(seq.tokens) >= p.max_new_tokens) or hist >= self.max_context:
             reason = "length"
         text = ""
         if seq.tracker is not None:
             text = seq.emitter.piece(seq.tracker.safe(seq.tokens, False)) if reason is None else ""
         with self._lock:
             self._stats["tokens_generated"] += 1
+        grammar = getattr(seq, "grammar", None)
+        if grammar is not None and token not in seq.stop_ids:
+            grammar.accept(token)
         self._emit(seq, TokenEvent(seq.index, token, text, logprob, top_logprobs, None,
                                    seq.request.prompt_tokens, len(seq.tokens)))
+        elif grammar is not None and grammar.is_finished():
+            reason = "stop"  # the response_format's text is complete
         if reason is not None:
             self._finish_seq(seq, reason)
 
@@ -707,7 +710,7 @@ class BatchEngine:
             self._free_row(row)
 
     def _finish_request_unadmitted(self, req: Request) -> None:
-        for i in range(req.params.n):
+        for i in range(req.n):
             req.finish_reasons[i] = "cancelled"
             try:
                 req.on_event(TokenEvent(i, None, "", None, None, "cancelled", req.prompt_tokens, 0))

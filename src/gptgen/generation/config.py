@@ -235,7 +235,7 @@ class GenerationConfig:
     @classmethod
     def from_openai(cls, fields: dict, base: "GenerationConfig | None" = None) -> "GenerationConfig":
         """From the sampling fields of an OpenAI (or vLLM) request over `base` (a model directory's defaults):
-        max_tokens -> max_new_tokens, n -> num_return_sequences, min_tokens -> min_new_tokens, top_k -1 -> off;
+        max_tokens -> max_new_tokens, n -> num_return_sequences, min_tokens -> min_new_tokens;
         it samples at temperature 1 unless told otherwise (temperature 0: greedy), with no top-k unless given.
         Every other option is taken by its GenerationConfig name; a field of neither kind is refused."""
         out = {k: v for k, v in (base.to_dict() if base is not None else {}).items() if k != "sampler"}
@@ -246,8 +246,6 @@ class GenerationConfig:
             if name not in _FIELDS or name == "sampler":
                 raise GenerationError(f"The request field {key!r} is not supported.")
             out[name] = value
-        if _is_int(out.get("top_k")) and out["top_k"] == -1:
-            out["top_k"] = 0
         temperature = out.setdefault("temperature", 1.0)
         out.setdefault("top_k", 0)
         if "do_sample" not in fields:

@@ -13,21 +13,19 @@ compiles, later calls of the same batch shape replay it.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Iterable, Iterator, Sequence
 
 import torch
 
 from ..errors import GenerationError
 from .loop import DecodeState, FunctionBackend, decode_steps, eos_list, run_functional  # noqa: F401
+from .config import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from .processors import build_processors
 from .runner import Runner, check_compile, require_cxx_compiler  # noqa: F401
 from .samplers import (BeamSampler, ContrastiveSampler, GreedySampler, RandomSampler, Sampler, TopKSampler,
-                       TopPSampler, _check_fraction, _check_min_tokens_to_keep, _check_temperature, get_sampler)
-from .stopping import StreamEmitter, TextTracker, normalize_stop
+                       TopPSampler)
+from .stopping import StreamEmitter, TextTracker
 
-DEFAULT_MAX_NEW_TOKENS = 50
 
 
 # Backends: where logits come from ---------------------------------------------------------------
@@ -65,113 +63,83 @@ class ModelBackend:
 
 
 # Token-level API -----------------------------------------------------------------------------------
-def resolve_sampler(sampler=None, *, do_sample=None, temperature=None, top_k=None, top_p=None, num_beams=None,
-                    length_penalty=1.0, early_stopping=False, penalty_alpha=None, min_p=None, typical_p=None,
-                    epsilon_cutoff=None, eta_cutoff=None, min_tokens_to_keep=None) -> Sampler:
-    """Map KerasHub (`sampler=`) and HF (`do_sample`, `top_k`, ...) options onto one sampler."""
-    temperature = _check_temperature(temperature) if temperature is not None else None
-    if length_penalty is not None and (isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float))
-                                       or not math.isfinite(length_penalty)):
-        raise GenerationError(f"length_penalty must be a finite number, got {length_penalty!r}.")
-    if penalty_alpha is not None:
-        _check_fraction(penalty_alpha, "penalty_alpha", low_open=False, high_open=False)
-    # transformers' warpers: checked whatever the sampler, passed to the drawing samplers.
-    warpers = dict(min_p=_check_fraction(min_p, "min_p", low_open=False, high_open=False),
-                   typical_p=_check_fraction(typical_p, "typical_p", high_open=False),
-                   epsilon_cutoff=_check_fraction(epsilon_cutoff, "epsilon_cutoff", low_open=False),
-                   eta_cutoff=_check_fraction(eta_cutoff, "eta_cutoff", low_open=False),
-                   min_tokens_to_keep=(None if min_tokens_to_keep is None
-                                       else _check_min_tokens_to_keep(min_tokens_to_keep)))
-    warpers = {k: v for k, v in warpers.items() if v is not None}
-    if num_beams is not None and (isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1):
-        raise GenerationError(f"num_beams must be a positive integer, got {num_beams!r}.")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        raise GenerationError(f"top_k must be a positive integer (0 turns it off), got {top_k!r}.")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise GenerationError(f"top_p must be in (0, 1], got {top_p!r}.")
-    temp = 1.0 if temperature is None else float(temperature)
-    if isinstance(sampler, Sampler):
-        return sampler
-    if sampler is not None:
-        if not isinstance(sampler, str):
-            raise GenerationError(f"sampler must be a name or a Sampler instance, got {type(sampler).__name__}.")
-        name = sampler.lower().replace("-", "_")
-        if name == "greedy":
-            return GreedySampler()
-        if name == "random":
-            return RandomSampler(temperature=temp, **warpers)
-        if name == "top_k":
-            return TopKSampler(k=5 if top_k is None else top_k, temperature=temp, **warpers)
-        if name == "top_p":
-            return TopPSampler(p=0.1 if top_p is None else top_p, k=top_k or None, temperature=temp, **warpers)
-        if name == "beam":  # a named sampler takes the temperature, as KerasHub's sampler objects do
-            return BeamSampler(num_beams=num_beams or 5, length_penalty=length_penalty, early_stopping=early_stopping,
-                               temperature=temp)
-        if name == "contrastive":
-            return ContrastiveSampler(k=5 if top_k is None else top_k,
-                                      alpha=0.6 if penalty_alpha is None else penalty_alpha, temperature=temp)
-        return get_sampler(sampler)  # raises the unknown-name error
-    if num_beams is not None and num_beams > 1:
-        if do_sample:
-            raise GenerationError("Beam sampling (do_sample with num_beams > 1) is not supported; drop one of them.")
-        return BeamSampler(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
-    if temperature == 0:
+def resolve_sampler(config=None, **options) -> Sampler:
+    """The sampler a GenerationConfig asks for: its `sampler` (a KerasHub name or object), else HF's rules:
+    num_beams > 1 -> beam search; temperature 0 -> greedy; penalty_alpha with top_k > 1 -> contrastive;
+    do_sample or any sampling option -> top-p, top-k (HF's default k of 50; 0 turns it off) or random;
+    otherwise greedy. Also takes the options themselves: resolve_sampler("top_k", top_k=10)."""
+    c = config if isinstance(config, GenerationConfig) else GenerationConfig.from_kwargs(sampler=config, **options)
+    temp = 1.0 if c.temperature is None else c.temperature
+    warpers = {n: getattr(c, n) for n in ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_tokens_to_keep")
+               if getattr(c, n) is not None}
+    if isinstance(c.sampler, Sampler):
+        return c.sampler
+    name = c.sampler
+    if name == "greedy":
         return GreedySampler()
-    if penalty_alpha is not None and penalty_alpha > 0 and top_k is not None and top_k > 1 and not do_sample:
-        return ContrastiveSampler(k=top_k, alpha=penalty_alpha)
-    sampling = do_sample if do_sample is not None else any(
-        v is not None for v in (temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff))
-    if not sampling:
+    if name == "random":
+        return RandomSampler(temperature=temp, **warpers)
+    if name == "top_k":
+        return TopKSampler(k=5 if c.top_k is None else c.top_k, temperature=temp, **warpers)
+    if name == "top_p":
+        return TopPSampler(p=0.1 if c.top_p is None else c.top_p, k=c.top_k or None, temperature=temp, **warpers)
+    if name == "beam":  # a named sampler takes the temperature, as KerasHub's sampler objects do
+        return BeamSampler(num_beams=c.num_beams or 5, length_penalty=c.length_penalty,
+                           early_stopping=c.early_stopping, temperature=temp)
+    if name == "contrastive":
+        return ContrastiveSampler(k=5 if c.top_k is None else c.top_k,
+                                  alpha=0.6 if c.penalty_alpha is None else c.penalty_alpha, temperature=temp)
+    if c.num_beams is not None and c.num_beams > 1:
+        return BeamSampler(num_beams=c.num_beams, length_penalty=c.length_penalty, early_stopping=c.early_stopping)
+    if c.temperature == 0:
         return GreedySampler()
-    k = 50 if top_k is None else (top_k or None)  # HF: top_k defaults to 50, 0 turns it off
-    p = 1.0 if top_p is None else float(top_p)
-    if p < 1.0:
-        return TopPSampler(p=p, k=k, temperature=temp, **warpers)
+    if c.penalty_alpha and c.top_k is not None and c.top_k > 1 and not c.do_sample:
+        return ContrastiveSampler(k=c.top_k, alpha=c.penalty_alpha)
+    if not c.is_sampling():
+        return GreedySampler()
+    k = 50 if c.top_k is None else (c.top_k or None)  # HF: top_k defaults to 50, 0 turns it off
+    if c.top_p is not None and c.top_p < 1.0:
+        return TopPSampler(p=c.top_p, k=k, temperature=temp, **warpers)
     if k:
         return TopKSampler(k=k, temperature=temp, **warpers)
     return RandomSampler(temperature=temp, **warpers)
+
+
+def end_ids(config: GenerationConfig, default) -> list[int]:
+    """The ids that end a sequence: eos_token_id (else `default`, unless ignore_eos) and stop_token_ids."""
+    eos = [] if config.ignore_eos else eos_list(config.eos_token_id if config.eos_token_id is not None else default)
+    return eos + [t for t in (config.stop_token_ids or ()) if t not in eos]
 
 
 class _Run:
     """Everything generate_ids needs once options are checked: built by _prepare, run by _iterate."""
 
 
-def _prepare(model, input_ids, *, max_length=None, max_new_tokens=None, sampler=None, do_sample=None,
-             temperature=None, top_k=None, top_p=None, num_beams=None, length_penalty=1.0, early_stopping=False,
-             penalty_alpha=None, no_repeat_ngram_size=0, repetition_penalty=1.0, bad_words_ids=None,
-             min_new_tokens=0, eos_token_id=None, num_return_sequences=1, seed=None, truncate_prompt=False,
-             pad_token_id=None, compile=None, stop_fn_factory=None, min_length=None, min_p=None, typical_p=None,
-             epsilon_cutoff=None, eta_cutoff=None, min_tokens_to_keep=None) -> _Run:
+def _prepare(model, input_ids, config: GenerationConfig, *, truncate_prompt=False, compile=None,
+             stop_fn_factory=None, default_eos=None, constraint=None) -> _Run:
     if not input_ids:
         raise GenerationError("The prompt list is empty; pass at least one prompt.")
     prompts = [[int(t) for t in p] for p in input_ids]
     if any(len(p) == 0 for p in prompts):
         raise GenerationError("A prompt has no tokens; give it text or a BOS token.")
-    cfg = model.config
+    c, cfg = config, model.config
     vocab = cfg.vocab_size
     for p in prompts:
         bad = [t for t in p if not 0 <= t < vocab]
         if bad:
             raise GenerationError(f"Prompt token id {bad[0]} is outside the model's vocabulary of {vocab}.")
-    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
-        raise GenerationError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}.")
-    chosen = resolve_sampler(sampler, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                             num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-                             penalty_alpha=penalty_alpha, min_p=min_p, typical_p=typical_p,
-                             epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
-                             min_tokens_to_keep=min_tokens_to_keep)
-    chosen.check(num_return_sequences)
+    chosen = resolve_sampler(c)
+    n = c.num_return_sequences
+    chosen.check(n)
+    rows_per = chosen.rows_per_sequence(n)
+    if c.response_format is not None and constraint is None:
+        raise GenerationError("response_format needs the tokenizer: use LanguageModel.generate, not generate_ids.")
+    if constraint is not None and isinstance(chosen, (BeamSampler, ContrastiveSampler)):
+        raise GenerationError("response_format works with greedy decoding and sampling, not with beam or "
+                              "contrastive search.")
     ctx = cfg.n_positions
-    if max_new_tokens is not None:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise GenerationError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")
-        new = max_new_tokens
-    elif max_length is not None:
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-            raise GenerationError(f"max_length must be a positive integer, got {max_length!r}.")
-        new = None
-    else:
-        new = DEFAULT_MAX_NEW_TOKENS
+    new = c.max_new_tokens if c.max_new_tokens is not None else (None if c.max_length is not None
+                                                                 else DEFAULT_MAX_NEW_TOKENS)
     longest = max(len(p) for p in prompts)
     if longest >= ctx or (truncate_prompt and new is not None and longest + new > ctx):
         if not truncate_prompt:
@@ -185,47 +153,59 @@ def _prepare(model, input_ids, *, max_length=None, max_new_tokens=None, sampler=
         prompts = [p[-(ctx - room):] for p in prompts]
         longest = max(len(p) for p in prompts)
     if new is None:
-        new = max(0, min(max_length, ctx) - longest)
+        new = max(0, min(c.max_length, ctx) - longest)
     new = min(new, ctx - longest)
-    eos = eos_list(eos_token_id if eos_token_id is not None else cfg.eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
-                                                         else (eos[0] if eos else 0))
-    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) or min_new_tokens < 0:
-        raise GenerationError(f"min_new_tokens must be a non-negative integer, got {min_new_tokens!r}.")
-    bad_eos = [e for e in eos if not 0 <= e < vocab]
-    if bad_eos:
-        raise GenerationError(f"eos_token_id {bad_eos[0]} is outside the model's vocabulary of {vocab}.")
-    if min_length is not None:
-        if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0:
-            raise GenerationError(f"min_length must be a non-negative integer, got {min_length!r}.")
+    _check_sizes(model, chosen, len(prompts), rows_per, longest + new, c)
+    eos = end_ids(c, default_eos if default_eos is not None else cfg.eos_token_id)
+    pad = c.pad_token_id if c.pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
+                                                             else (eos[0] if eos else 0))
+    for name, ids in (("eos_token_id", eos), ("pad_token_id", [pad])):
+        bad = [e for e in ids if not 0 <= e < vocab]
+        if bad:
+            raise GenerationError(f"{name} {bad[0]} is outside the model's vocabulary of {vocab}.")
+    min_new = c.min_new_tokens
+    if c.min_length is not None:
         # HF counts prompt + generated tokens; per row, so a prompt's padding in a batch does not count.
-        per_prompt = [max(min_new_tokens, min_length - len(p)) for p in prompts]
-        rows_per_min = chosen.rows_per_sequence(num_return_sequences)
-        per_row = tuple(m for m in per_prompt for _ in range(rows_per_min))
-        min_new_tokens = per_row[0] if len(set(per_row)) == 1 else per_row
-    procs = build_processors(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                             bad_words_ids=bad_words_ids, min_new_tokens=min_new_tokens, eos_ids=eos,
-                             vocab_size=vocab)
-    if not 0 <= pad < vocab:
-        raise GenerationError(f"pad_token_id {pad} is outside the model's vocabulary of {vocab}.")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                             or not -2**63 <= int(seed) < 2**64):
-        raise GenerationError(f"seed must be an integer of at most 64 bits, got {seed!r}.")
+        per_row = tuple(max(min_new, c.min_length - len(p)) for p in prompts for _ in range(rows_per))
+        min_new = per_row[0] if len(set(per_row)) == 1 else per_row
+    procs = build_processors(repetition_penalty=c.repetition_penalty, no_repeat_ngram_size=c.no_repeat_ngram_size,
+                             bad_words_ids=c.bad_words_ids, min_new_tokens=min_new, eos_ids=eos,
+                             vocab_size=vocab, presence_penalty=c.presence_penalty,
+                             frequency_penalty=c.frequency_penalty)
+    if constraint is not None:  # last: the grammar's mask is what sampling sees
+        from .grammar import SequenceGrammar
+
+        procs = list(procs) + [SequenceGrammar(constraint)]
     device = model.embed.wte.weight.device
     generator = None
-    if seed is not None:
+    if c.seed is not None:
         generator = torch.Generator(device=device)
-        generator.manual_seed(int(seed))
+        generator.manual_seed(c.seed)
     run = _Run()
     run.model, run.sampler, run.prompts = model, chosen, prompts
-    rows_per = chosen.rows_per_sequence(num_return_sequences)
     stop_fn = stop_fn_factory(prompts, rows_per) if stop_fn_factory is not None else None
-    run.state = DecodeState(prompts=prompts, rows_per_prompt=rows_per, num_return_sequences=num_return_sequences,
+    run.state = DecodeState(prompts=prompts, rows_per_prompt=rows_per, num_return_sequences=n,
                             max_new_tokens=new, eos_ids=eos, pad_id=pad, device=device, generator=generator,
                             processors=procs, stop_fn=stop_fn, row_stopping=chosen.row_stopping)
     run.backend = ModelBackend(model, compile=compile)
     run.check_every = 1 if device.type == "cpu" else 8
     return run
+
+
+def _check_sizes(model, sampler, prompts: int, rows_per: int, length: int, config: GenerationConfig) -> None:
+    """Refuse, before anything is allocated, rows x length that would not fit the machine's memory, naming
+    the option that made the rows (num_beams, contrastive top_k, num_return_sequences, or the prompts)."""
+    from ..limits import check_allocation, kv_cache_bytes
+
+    option, value = "prompts", prompts
+    if rows_per > 1:
+        option = ("num_beams" if isinstance(sampler, BeamSampler) else
+                  "top_k" if isinstance(sampler, ContrastiveSampler) else "num_return_sequences")
+        value = rows_per
+    rows, cfg = prompts * rows_per, model.config
+    # the cache, the token history, and a few (rows, vocab) float32 score tensors per step
+    nbytes = kv_cache_bytes(cfg, rows, length, model.embed.wte.weight.dtype) + rows * (16 * length + 32 * cfg.vocab_size)
+    check_allocation(option, nbytes, value=value, error=GenerationError)
 
 
 def _iterate(run: _Run) -> Iterator[DecodeState]:
@@ -261,20 +241,26 @@ def _finalize(run: _Run) -> list[list[list[int]]]:
     return trimmed
 
 
-def generate_ids(model, input_ids: Sequence[Sequence[int]], **options) -> list[list[int]]:
+def _config(base, config, options) -> GenerationConfig:
+    """config (else the model directory's, else the defaults) with the keyword options applied."""
+    if config is not None and not isinstance(config, GenerationConfig):
+        raise GenerationError(f"config must be a GenerationConfig, got {type(config).__name__}.")
+    return (config or base or GenerationConfig()).replace(**options)
+
+
+def generate_ids(model, input_ids: Sequence[Sequence[int]], config: GenerationConfig | None = None, *,
+                 truncate_prompt=False, compile=None, **options) -> list[list[int]]:
     """New tokens for each prompt (ids, no padding): num_return_sequences lists per prompt, flattened."""
-    run = _prepare(model, input_ids, **options)
+    run = _prepare(model, input_ids, _config(None, config, options), truncate_prompt=truncate_prompt,
+                   compile=compile)
     for _ in _iterate(run):
         pass
     return [seq for seqs in _finalize(run) for seq in seqs]
 
 
 # Text-level API ------------------------------------------------------------------------------------
-_TEXT_ONLY = ("bad_words", "stop", "add_bos", "include_prompt", "skip_special_tokens", "callback")
-
-
-def _text_run(lm, prompts: list[str], *, bad_words=None, bad_words_ids=None, stop=None, add_bos=None,
-              eos_token_id=None, skip_special_tokens=True, **options):
+def _text_run(lm, prompts: list[str], config: GenerationConfig, *, add_bos=None, skip_special_tokens=True,
+              truncate_prompt=False, compile=None):
     tok = lm.tokenizer
     for p in prompts:
         if not isinstance(p, str):
@@ -288,28 +274,32 @@ def _text_run(lm, prompts: list[str], *, bad_words=None, bad_words_ids=None, sto
             if fallback is None:
                 raise GenerationError("An empty prompt needs a BOS or EOS token to start from, and this tokenizer has neither.")
             ids[i] = [fallback]
-    bad = [list(b) for b in (bad_words_ids or [])]
-    if bad_words:
-        if isinstance(bad_words, str):
-            bad_words = [bad_words]
-        for word in bad_words:
-            enc = tok.encode(word)
-            if not enc:
-                raise GenerationError(f"The banned word {word!r} encodes to no tokens.")
-            bad.append(enc)
-    if eos_token_id is None:
-        eos_token_id = tok.eos_token_id if tok.eos_token_id is not None else lm.config.eos_token_id
-    stops = normalize_stop(stop)
+    bad = [list(b) for b in (config.bad_words_ids or [])]
+    for word in config.bad_words or ():
+        enc = tok.encode(word)
+        if not enc:
+            raise GenerationError(f"The banned word {word!r} encodes to no tokens.")
+        bad.append(enc)
+    if bad:
+        config = config.replace(bad_words_ids=bad)
+    default_eos = tok.eos_token_id if tok.eos_token_id is not None else lm.config.eos_token_id
+    stops = list(config.stop)
     trackers: list[TextTracker] = []
 
     def stop_factory(final_prompts, rows_per):
-        trackers.extend(TextTracker(tok, p, stops, skip_special_tokens) for p in final_prompts)
+        trackers.extend(TextTracker(tok, p, stops, skip_special_tokens, config.include_stop_str_in_output)
+                        for p in final_prompts)
         if not stops:
             return None
         return lambda r, gen: trackers[r // rows_per].stop_hit(gen)
 
-    run = _prepare(lm.model, ids, bad_words_ids=bad or None, eos_token_id=eos_token_id,
-                   stop_fn_factory=stop_factory, **options)
+    constraint = None
+    if config.response_format is not None:
+        from .grammar import compile_constraint
+
+        constraint = compile_constraint(tok, config.response_format)
+    run = _prepare(lm.model, ids, config, stop_fn_factory=stop_factory, default_eos=default_eos,
+                   truncate_prompt=truncate_prompt, compile=compile, constraint=constraint)
     return run, trackers
 
 
@@ -330,38 +320,24 @@ def _texts(run, trackers) -> list[list[str]]:
     return out
 
 
-_MORE_OPTIONS = {"min_length", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_tokens_to_keep", "pad_token_id"}
-
-
-def generate(lm, prompts, *, max_length=None, max_new_tokens=None, sampler=None, do_sample=None, temperature=None,
-             top_k=None, top_p=None, num_beams=None, length_penalty=1.0, early_stopping=False, penalty_alpha=None,
-             no_repeat_ngram_size=0, repetition_penalty=1.0, bad_words_ids=None, bad_words=None, min_new_tokens=0,
-             eos_token_id=None, stop=None, num_return_sequences=1, seed=None, add_bos=None, include_prompt=True,
+def generate(lm, prompts, config: GenerationConfig | None = None, *, add_bos=None, include_prompt=True,
              skip_special_tokens=True, truncate_prompt=False, callback=None, compile=None, **options):
     """Generate text for a prompt (-> str, or list[str] with num_return_sequences > 1) or a list of
-    prompts (-> list[str], or list[list[str]]). Accepts KerasHub's names (max_length, sampler=) and HF's
-    (max_new_tokens, do_sample, top_k (0 = off), top_p, temperature, num_beams, ...).
-    callback(index, text_piece) receives text as it is produced; index numbers the returned sequences.
-    Further HF options (min_length, min_p, typical_p, epsilon_cutoff, eta_cutoff, min_tokens_to_keep) pass on."""
-    unknown = sorted(set(options) - _MORE_OPTIONS)
-    if unknown:
-        raise GenerationError(f"generate() has no option {unknown[0]!r}.")
+    prompts (-> list[str], or list[list[str]]). The decoding options are a GenerationConfig (`config`, else the
+    model directory's generation_config.json, else the defaults) with any keyword options applied: KerasHub's
+    names (max_length, sampler=) and HF's (max_new_tokens, do_sample, top_k (0 = off), top_p, temperature,
+    num_beams, ...); see GenerationConfig. callback(index, text_piece) receives text as it is produced; index
+    numbers the returned sequences."""
+    config = _config(getattr(lm, "generation_config", None), config, options)
     single = isinstance(prompts, str)
     if prompts is None or not (single or isinstance(prompts, Iterable)):
         raise GenerationError(f"Prompts must be a string or a list of strings, got {type(prompts).__name__}.")
     plist = [prompts] if single else list(prompts)
     if not plist:
         raise GenerationError("The prompt list is empty; pass at least one prompt.")
-    run, trackers = _text_run(
-        lm, plist, bad_words=bad_words, bad_words_ids=bad_words_ids, stop=stop, add_bos=add_bos,
-        eos_token_id=eos_token_id, skip_special_tokens=skip_special_tokens, max_length=max_length,
-        max_new_tokens=max_new_tokens, sampler=sampler, do_sample=do_sample, temperature=temperature, top_k=top_k,
-        top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-        penalty_alpha=penalty_alpha, no_repeat_ngram_size=no_repeat_ngram_size,
-        repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-        num_return_sequences=num_return_sequences, seed=seed, truncate_prompt=truncate_prompt, compile=compile,
-        **options)
-    n = num_return_sequences
+    run, trackers = _text_run(lm, plist, config, add_bos=add_bos, skip_special_tokens=skip_special_tokens,
+                              truncate_prompt=truncate_prompt, compile=compile)
+    n = config.num_return_sequences
     rows = _stream_rows(run) if callback is not None else None
     emitters = [StreamEmitter() for _ in range(len(plist) * n)]
     for state in _iterate(run):
@@ -386,16 +362,17 @@ def generate(lm, prompts, *, max_length=None, max_new_tokens=None, sampler=None,
     return [ts[0] for ts in texts] if n == 1 else texts
 
 
-def stream(lm, prompt: str, **options) -> Iterator[str]:
+def stream(lm, prompt: str, config: GenerationConfig | None = None, *, add_bos=None, skip_special_tokens=True,
+           truncate_prompt=False, compile=None, include_prompt=None, callback=None, **options) -> Iterator[str]:
     """Yield the generated text of one prompt in pieces as tokens are produced; the pieces join to the
     text generate() returns with include_prompt=False."""
+    config = _config(getattr(lm, "generation_config", None), config, options)
     if not isinstance(prompt, str):
         raise GenerationError("stream() takes one prompt string.")
-    if options.get("num_return_sequences", 1) != 1:
+    if config.num_return_sequences != 1:
         raise GenerationError("stream() produces one sequence; use generate() for num_return_sequences > 1.")
-    for key in ("include_prompt", "callback"):
-        options.pop(key, None)
-    run, trackers = _text_run(lm, [prompt], **options)
+    run, trackers = _text_run(lm, [prompt], config, add_bos=add_bos, skip_special_tokens=skip_special_tokens,
+                              truncate_prompt=truncate_prompt, compile=compile)
     rows = _stream_rows(run)
     emitter = StreamEmitter()
     for state in _iterate(run):

@@ -30,8 +30,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-# An integer option may arrive as a JSON number such as 1e300: GenerationConfig gives its sentence.
-_Int = Union[int, float]
+# Decoding options are passed on as sent (1 an int, 1e300 a float, "hot" a string): GenerationConfig judges
+# them, and its sentence shows the value as the API and the CLI show it.
+_Int = Any
 
 
 class StreamOptions(_Strict):
@@ -47,15 +48,15 @@ class _Sampling(_Strict):
 
     model: Optional[str] = None
     max_tokens: Optional[_Int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
+    temperature: Optional[_Int] = None
+    top_p: Optional[_Int] = None
     n: _Int = 1
     stop: Union[str, list[str], None] = None
     seed: Optional[_Int] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[_Int] = None
+    frequency_penalty: Optional[_Int] = None
     user: Optional[str] = None
     # Refused with a 400 when asked for: they need the per-call engine (see docs/serving.md).
     best_of: Optional[int] = Field(None, ge=1)
