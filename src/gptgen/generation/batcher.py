@@ -318,18 +318,26 @@ class BatchEngine:
         elif len(prompt) + new > self.max_context:
             raise PromptTooLong(f"The prompt ({len(prompt)} tokens) plus max_tokens ({new}) exceeds "
                                 f"the context of {self.max_context} tokens.")
+        constraint = None
+        if params.response_format is not None:  # compiled here, so a bad schema is the caller's error
+            from .grammar import compile_constraint
+
+            if self.tokenizer is None:
+                raise GenerationError("response_format needs a tokenizer; pass a LanguageModel to the engine.")
+            constraint = compile_constraint(self.tokenizer, params.response_format)
         if params.bad_words and self.tokenizer is None:
             raise GenerationError("bad_words needs a tokenizer; pass a LanguageModel to the engine.")
+        bad = [t for t in end_ids(params, self.eos_id) if t >= self.vocab_size]
+        if bad:
+            raise GenerationError(f"stop_token_ids holds {bad[0]}, outside the model's vocabulary of {self.vocab_size}.")
         request = Request(prompt, params, on_event)
+        request.constraint = constraint
         if self._thread is None:
             self.start()
         with self._lock:
             if self._closed:
                 raise GenerationError("This BatchEngine is closed; create a new one.")
             if len(self._waiting) >= self.max_queue:
-        bad = [t for t in end_ids(params, self.eos_id) if t >= self.vocab_size]
-        if bad:
-            raise GenerationError(f"stop_token_ids holds {bad[0]}, outside the model's vocabulary of {self.vocab_size}.")
                 raise QueueFull(f"The queue already holds {self.max_queue} waiting requests; retry later.")
             self._waiting.append(request)
             self._wake.notify()
@@ -434,7 +442,10 @@ class BatchEngine:
         words = [ids for ids in words if not (len(ids) == 1 and ids[0] in stop_ids)]
         if words:
             bad = BadWords(words, self.vocab_size)
-        return _Seq(req, index, row, generator, tracker, stop_ids, bad)
+        seq = _Seq(req, index, row, generator, tracker, stop_ids, bad)
+        constraint = getattr(req, "constraint", None)
+        seq.grammar = constraint.new_row() if constraint is not None else None  # response_format's state
+        return seq
 
     def _step(self, cancelled: list[Request], admitted: list[Request]) -> None:
         for req in cancelled:
@@ -549,32 +560,13 @@ class BatchEngine:
         for stop_ids in {frozenset(s.stop_ids) for s in short}:  # rows that share a stop set, together
             mins = tuple(s.request.min_new_tokens if frozenset(s.stop_ids) == stop_ids else 0 for s in seqs)
             scores = MinNewTokens(mins, sorted(stop_ids))(scores, state)
-        return scores
-
-    def _sample_and_commit(self, logits: torch.Tensor, seqs: list[_Seq]) -> None:
-        ps = [s.params for s in seqs]
-        dev = self.device
-        state = _RowsState(self, seqs)
-        want_lp = any(p.logprobs is not None for p in ps)
-        logprobs = torch.log_softmax(logits, dim=-1) if want_lp and self.logprobs_mode == "raw" else None
-        scores = self._process(logits, seqs, state)
-        # A row's maximum is NaN or +inf when any score is, -inf when every token is banned: one reduction.
-        broken = ~torch.isfinite(scores.amax(dim=-1))
-        broken_rows = broken.tolist()
-        if any(broken_rows):
-            log.warning("%d row(s) have no finite scores; ending them with an error", sum(broken_rows))
-            scores = scores.masked_fill(broken[:, None], 0.0)  # something to choose from; dropped below
-        rows = [s.request.sampling for s in seqs]
-        temps = [r["temperature"] for r in rows]
-        if want_lp and logprobs is None:  # "processed": after penalties and temperature, before filters
         if any(getattr(s, "grammar", None) is not None for s in seqs):  # response_format rows: their masks
             from .grammar import GrammarProcessor
 
             scores = GrammarProcessor([getattr(s, "grammar", None) for s in seqs])(None, scores.clone())
-            logprobs = torch.log_softmax(apply_temperature(scores, torch.tensor(temps, device=dev)), dim=-1)
-        tokens = choose_tokens(scores, temperature=temps, top_k=[r["top_k"] for r in rows],
-                               top_p=[r["top_p"] for r in rows], min_p=[r["min_p"] for r in rows],
-                               generators=[sq.generator for sq in seqs])
+        return scores
+
+    def _sample_and_commit(self, logits: torch.Tensor, seqs: list[_Seq]) -> None:
         """Choose and commit every row's next token. A row fails alone: non-finite scores, a token outside the
         vocabulary or an error while its scores are processed end that choice with finish_reason "error" and
         leave the other rows as they are (an error in the vectorised pass is narrowed down row by row)."""
@@ -596,6 +588,25 @@ class BatchEngine:
 
     def _choose(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[tuple | None]:
         """(token, logprob, top logprobs) per row; None for a row that cannot go on."""
+        ps = [s.params for s in seqs]
+        dev = self.device
+        state = _RowsState(self, seqs)
+        want_lp = any(p.logprobs is not None for p in ps)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_lp and self.logprobs_mode == "raw" else None
+        scores = self._process(logits, seqs, state)
+        # A row's maximum is NaN or +inf when any score is, -inf when every token is banned: one reduction.
+        broken = ~torch.isfinite(scores.amax(dim=-1))
+        broken_rows = broken.tolist()
+        if any(broken_rows):
+            log.warning("%d row(s) have no finite scores; ending them with an error", sum(broken_rows))
+            scores = scores.masked_fill(broken[:, None], 0.0)  # something to choose from; dropped below
+        rows = [s.request.sampling for s in seqs]
+        temps = [r["temperature"] for r in rows]
+        if want_lp and logprobs is None:  # "processed": after penalties and temperature, before filters
+            logprobs = torch.log_softmax(apply_temperature(scores, torch.tensor(temps, device=dev)), dim=-1)
+        tokens = choose_tokens(scores, temperature=temps, top_k=[r["top_k"] for r in rows],
+                               top_p=[r["top_p"] for r in rows], min_p=[r["min_p"] for r in rows],
+                               generators=[sq.generator for sq in seqs])
         chosen_lp = top = None
         if want_lp:
             chosen_lp = logprobs.gather(1, tokens[:, None].clamp(0, logprobs.shape[-1] - 1))[:, 0].tolist()
@@ -630,8 +641,13 @@ class BatchEngine:
             self._history[seq.row, hist - 1] = token
         p = seq.params
         reason = None
+        grammar = getattr(seq, "grammar", None)
+        if grammar is not None and token not in seq.stop_ids:
+            grammar.accept(token)
         if token in seq.stop_ids:
             reason = "stop"
+        elif grammar is not None and grammar.is_finished():
+            reason = "stop"  # the response_format's text is complete
         elif seq.tracker is not None and p.stop and seq.tracker.stop_hit(seq.tokens):
             reason = "stop"
         elif (p.max_new_tokens is not None and len(seq.tokens) >= p.max_new_tokens) or hist >= self.max_context:
@@ -641,13 +657,8 @@ class BatchEngine:
             text = seq.emitter.piece(seq.tracker.safe(seq.tokens, False)) if reason is None else ""
         with self._lock:
             self._stats["tokens_generated"] += 1
-        grammar = getattr(seq, "grammar", None)
-        if grammar is not None and token not in seq.stop_ids:
-            grammar.accept(token)
         self._emit(seq, TokenEvent(seq.index, token, text, logprob, top_logprobs, None,
                                    seq.request.prompt_tokens, len(seq.tokens)))
-        elif grammar is not None and grammar.is_finished():
-            reason = "stop"  # the response_format's text is complete
         if reason is not None:
             self._finish_seq(seq, reason)
 
