@@ -427,6 +427,8 @@ def test_an_int8_model_is_served_with_its_own_greedy_text(gpt2_lm, mode):
 
 def test_gptgen_serve_passes_quantize_int8_to_load(monkeypatch, capsys):
     """`gptgen serve --quantize int8` reaches gptgen.load (the load is stopped there, before serving)."""
+    import uvicorn
+
     import gptgen.lm
     from gptgen.cli import main
     from gptgen.errors import GptgenError
@@ -437,7 +439,14 @@ def test_gptgen_serve_passes_quantize_int8_to_load(monkeypatch, capsys):
         seen.update(kwargs, model=model)
         raise GptgenError("stopped before serving.")
 
+    def run(app, **kw):  # uvicorn stubbed: the loading app's build runs as it would once the port is bound
+        try:
+            app.build()
+        except GptgenError as exc:
+            app.error = exc
+
     monkeypatch.setattr(gptgen.lm, "load", fake_load)
+    monkeypatch.setattr(uvicorn, "run", run)
     assert main(["serve", "--model", "m", "--quantize", "int8"]) == 2
     assert seen["model"] == "m" and seen["quantize"] == "int8"
     assert "stopped before serving." in capsys.readouterr().err
@@ -461,8 +470,9 @@ def test_gptgen_serve_compile_warms_the_engine_up_before_serving(monkeypatch, ca
         seen["started"] = self._thread is not None
         return 1.5
 
-    def run(app, **kw):
-        seen["engine"] = app.state.gptgen.engine
+    def run(app, **kw):  # the loading app builds the real one (load, create_app, warm-up) once the port is bound
+        real = app.build()
+        seen["engine"] = real.state.gptgen.engine
         seen["warm_ups_before_serving"] = seen["warm_ups"]
 
     monkeypatch.setattr(BatchEngine, "warm_up", warm_up)

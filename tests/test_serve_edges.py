@@ -129,3 +129,41 @@ def test_a_long_prompt_is_tokenized_off_the_event_loop(lm, monkeypatch):
         release.set()
         worker.join(30)
     assert result["r"].status_code == 200 and waited < 2.0
+
+
+def test_the_server_binds_first_and_is_ready_once_loaded(lm):
+    """/health: 503 {"status": "loading"} while the model loads (liveness: it answers), 200 once ready."""
+    from gptgen.serve.loading import LoadingApp
+
+    release = threading.Event()
+
+    def build():
+        release.wait(20)
+        return create_app(lm, max_batch=2, served_model_name="m")
+
+    failures = []
+    with LiveServer(LoadingApp(build, on_failure=failures.append)) as server:
+        r = httpx.get(server.url + "/health")
+        assert (r.status_code, r.json()) == (503, {"status": "loading"})
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "model_loading"
+        release.set()
+        deadline = time.monotonic() + 20
+        while httpx.get(server.url + "/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    assert not failures
+
+    def broken():
+        raise RuntimeError("no such model")
+
+    with LiveServer(LoadingApp(broken, on_failure=failures.append)) as server:
+        deadline = time.monotonic() + 10
+        while not failures:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert httpx.get(server.url + "/health").status_code == 503
+    assert str(failures[0]) == "no such model"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ..errors import ConfigError, GptgenError
@@ -58,22 +59,37 @@ def run_serve(args) -> int:
         check_template_name(args.chat_template)
     except GptgenError as exc:
         raise GptgenError(f"--chat-template: {exc}") from None
+    from ..checkpoint import resolve_dir
+    from ..serve.loading import LoadingApp
+
+    if os.sep in args.model or Path(args.model).exists():  # a missing directory fails now, before binding
+        resolve_dir(args.model, config_only=True)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize,
-              lora=args.lora)
-    check_serve_sizes(lm, args.max_batch, args.max_queue, args.max_body_size)
-    template = None if args.chat_template == "none" else args.chat_template
     name = args.served_model_name or Path(args.model).resolve().name
-    app = create_app(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key, cors=args.cors,
-                     served_model_name=name, chat_template=template, max_body_bytes=args.max_body_size,
-                     compile=args.compile)
-    engine = app.state.gptgen.engine
-    if engine.compile_cpu:  # here rather than in the app's start-up, so the time is printed
-        print(f"gptgen: compiling the decode step for batches 1-{args.max_batch} ...", flush=True)
-        print(f"gptgen: compiled in {engine.warm_up():.1f} s", flush=True)
-    print(f"gptgen: serving {name} ({lm.num_parameters():,} parameters) at http://{args.host}:{args.port}/ "
-          f"(playground at /, API at /v1)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+    def build():  # in a thread, while the port already answers /health with 503 {"status": "loading"}
+        lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize,
+                  lora=args.lora)
+        check_serve_sizes(lm, args.max_batch, args.max_queue, args.max_body_size)
+        template = None if args.chat_template == "none" else args.chat_template
+        app = create_app(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
+                         cors=args.cors, served_model_name=name, chat_template=template,
+                         max_body_bytes=args.max_body_size, compile=args.compile)
+        engine = app.state.gptgen.engine
+        if engine.compile_cpu:  # here rather than in the app's start-up, so the time is printed
+            print(f"gptgen: compiling the decode step for batches 1-{args.max_batch} ...", flush=True)
+            print(f"gptgen: compiled in {engine.warm_up():.1f} s", flush=True)
+        print(f"gptgen: {name} ({lm.num_parameters():,} parameters) is ready: /health answers 200", flush=True)
+        return app
+
+    loading = LoadingApp(build)
+    print(f"gptgen: serving {name} at http://{args.host}:{args.port}/ (playground at /, API at /v1); "
+          f"loading the model, /health answers 503 until it is ready", flush=True)
+    uvicorn.run(loading, host=args.host, port=args.port, log_level=args.log_level)
+    if loading.error is not None:
+        if isinstance(loading.error, GptgenError):
+            raise loading.error
+        raise GptgenError(f"Loading the model failed: {loading.error}") from None
     return 0
 
 
