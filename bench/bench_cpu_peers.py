@@ -8,6 +8,16 @@ decode step).
     python bench/bench_cpu_peers.py --shapes small --threads 1 --engines hf,gptgen-fp32,ct2-float32
     python bench/bench_cpu_peers.py --ppl             # int8/bf16 perplexity cost on a model trained on books
 
+Instruction-set masks: an engine name with "@avx2" (or "@portable") runs with GPTGEN_CPU_FEATURES set to it
+(gptgen: the AVX2 + FMA path) and CT2_FORCE_CPU_ISA=AVX2 (CTranslate2), so an AVX-512 machine also measures
+what an AVX2-only CPU runs. llama.cpp's ISA is fixed when it is built. "gptgen-default" is what a user gets
+with no option (the runner's choice: the native fp32 step on CPU); "gptgen-int8dyn" the best mode.
+Batch-1 figures are also given as a fraction of the machine's memory bandwidth, measured in the same run
+(a large copy on the same threads): bytes of weights read per token x tokens/s / copy bandwidth. The load
+average (/proc/loadavg, 1 min) at each figure's runs is printed beside it: the machine may be shared.
+The llama.cpp rows use gptgen's own GGUF writer (gptgen convert --to gguf) unless --llama-convert is given;
+--llama-python runs the llama.cpp workers with another interpreter (a venv holding llama-cpp-python).
+
 Each engine runs in its own process (torch, CTranslate2 and llama.cpp share the OpenMP runtime: in one
 process they slow each other), rounds are interleaved (machine noise hits every engine alike) and the
 median of the rounds is reported. Before timing, greedy tokens of gptgen fp32, HF and CTranslate2
@@ -32,7 +42,7 @@ import time
 from pathlib import Path
 
 SHAPES = {"small": dict(n_layer=6, n_embd=384, n_head=6), "gpt2": dict(n_layer=12, n_embd=768, n_head=12)}
-ENGINES = ("hf", "gptgen-fp32", "gptgen-bf16", "gptgen-int8", "gptgen-int8dyn", "gptgen-fp32-compile",
+ENGINES = ("hf", "gptgen-default", "gptgen-fp32", "gptgen-bf16", "gptgen-int8", "gptgen-int8dyn", "gptgen-fp32-compile",
            "gptgen-bf16-compile", "gptgen-int8-compile", "ct2-float32", "ct2-int8",
            "llama-f32", "llama-q8_0")
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--llama-convert", help="path of llama.cpp's convert_hf_to_gguf.py")
+    p.add_argument("--llama-convert", help="path of llama.cpp's convert_hf_to_gguf.py (default: gptgen's writer)")
+    p.add_argument("--llama-python", help="a Python interpreter with llama-cpp-python (default: this one)")
     p.add_argument("--tokenizer", default=os.environ.get("GPTGEN_DATA_DIR", str(REPO.parent / "shared" / "data"))
                    + "/gpt2-tokenizer", help="a GPT-2 tokenizer directory (CTranslate2 needs the vocabulary)")
     p.add_argument("--workdir", help="keep converted models here (default: a temporary directory)")
@@ -96,17 +107,57 @@ def convert_ct2(hf_dir: Path, quant: str) -> Path | None:
 
 
 def convert_gguf(hf_dir: Path, outtype: str, script: str | None) -> Path | None:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return None
-    if not script or not Path(script).is_file():
-        return None
-    out = hf_dir.parent / f"{hf_dir.name}-{outtype}.gguf"
-    if not out.is_file():
+    """The GGUF file of hf_dir: llama.cpp's converter where given, else `gptgen convert --to gguf`."""
+    out = hf_dir.parent / f"{hf_dir.name}-{outtype}{'-llamacpp' if script else ''}.gguf"
+    if out.is_file():
+        return out
+    if script:
         subprocess.run([sys.executable, script, str(hf_dir), "--outfile", str(out), "--outtype", outtype],
                        check=True, stdout=subprocess.DEVNULL)
+    else:
+        subprocess.run([sys.executable, "-m", "gptgen", "convert", str(hf_dir), str(out), "--to", "gguf",
+                        "--gguf-type", outtype, "--tokenizer", str(hf_dir)], check=True, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     return out
+
+
+def copy_bandwidth(threads: int, mib: int = 512) -> float:
+    """Bytes per second of a large tensor copy (read + write) on `threads` threads: the median of 5."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.ones(mib * 2 ** 18)  # float32: mib MiB
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        times.append(time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / statistics.median(times[1:])
+
+
+def weight_bytes_per_token(engine: str, shape: str) -> float:
+    """Bytes of weights one batch-1 decode step reads: every block matrix, the (tied) head, biases and norms;
+    per element 4 (fp32), 2 (bf16), 1 (+ a float32 scale per row) for int8, 34/32 for q8_0."""
+    cfg = SHAPES[shape]
+    c, layers, vocab = cfg["n_embd"], cfg["n_layer"], 50257
+    matrices = layers * 12 * c * c + vocab * c
+    rows = layers * (3 * c + c + 4 * c + c) + vocab
+    small = layers * (4 * c + 13 * c)  # norms and biases
+    if "int8" in engine:
+        return matrices + 4 * rows + 4 * small
+    if "q8_0" in engine:
+        return matrices * 34 / 32 + 4 * small
+    if "bf16" in engine:
+        return 2 * (matrices + small)
+    return 4 * (matrices + small)
+
+
+def loadavg() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # Workers: one engine, one case, in its own process ------------------------------------------------------
@@ -156,6 +207,8 @@ def worker(engine: str, job: dict) -> dict:
 
             quantize_model(model, "int8-dynamic" if "-int8dyn" in engine else "int8")
         compile_ = engine.endswith("-compile")
+        if engine.startswith("gptgen-default"):
+            compile_ = None  # the runner's default choice
         kw = dict(do_sample=False) if greedy else dict(do_sample=True, top_k=50, top_p=0.95, seed=0)
         if compile_:
             t0 = time.perf_counter()
@@ -165,8 +218,15 @@ def worker(engine: str, job: dict) -> dict:
                 job["eager_tokens"] = generate_ids(model, prompts[:1], max_new_tokens=min(new, 32), eos_token_id=[],
                                                    compile=False)[0]
 
-        def run():
-            return generate_ids(model, prompts, max_new_tokens=new, eos_token_id=[], compile=compile_, **kw)
+        if compile_ is None:
+            def run():
+                return generate_ids(model, prompts, max_new_tokens=new, eos_token_id=[], **kw)
+        else:
+            def run():
+                return generate_ids(model, prompts, max_new_tokens=new, eos_token_id=[], compile=compile_, **kw)
+        from gptgen import native
+
+        job["native"] = native.status()["decoder"].get("path")
     elif engine.startswith("ct2"):
         import threading
 
@@ -215,18 +275,24 @@ def worker(engine: str, job: dict) -> dict:
     dt = time.perf_counter() - t0
     assert all(len(t) == new for t in tokens), [len(t) for t in tokens]
     return {"tokens_per_s": len(prompts) * new / dt, "tokens": tokens[0][:32], "compile_s": job.get("compile_s"),
-            "eager_tokens": job.get("eager_tokens")}
+            "eager_tokens": job.get("eager_tokens"), "native": job.get("native")}
 
 
-def run_worker(engine: str, job: dict) -> dict:
-    cmd = [sys.executable, __file__, "--worker", engine, "--job", json.dumps(job)]
+def run_worker(engine: str, job: dict, python: str | None = None) -> dict:
+    base, _, isa = engine.partition("@")
+    cmd = [python or sys.executable, __file__, "--worker", base, "--job", json.dumps(job)]
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"])}
+    if isa:
+        env.update(GPTGEN_CPU_FEATURES=isa, CT2_FORCE_CPU_ISA=isa.upper() if isa != "portable" else "GENERIC")
+    load = loadavg()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode < 0 or proc.returncode > 128:
         return {"error": f"crashed (signal {abs(proc.returncode) % 128})"}
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["load"] = load
+    return out
 
 
 # Perplexity cost of int8 / bf16 --------------------------------------------------------------------------
@@ -297,41 +363,48 @@ def main(argv=None) -> int:
     except ImportError:
         print("# skipped CTranslate2: not installed (pip install ctranslate2)")
         engines = [e for e in engines if not e.startswith("ct2")]
-    try:
-        import llama_cpp  # noqa: F401
-        if not (args.llama_convert and Path(args.llama_convert).is_file()):
-            print("# skipped llama.cpp: pass --llama-convert PATH/convert_hf_to_gguf.py (llama-cpp-python sdist)")
-            engines = [e for e in engines if not e.startswith("llama")]
-    except ImportError:
-        print("# skipped llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python gguf)")
+    llama_python = args.llama_python or sys.executable
+    has_llama = subprocess.run([llama_python, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+    if not has_llama:
+        print("# skipped llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python; or pass "
+              "--llama-python)")
         engines = [e for e in engines if not e.startswith("llama")]
     sys.path.insert(0, str(REPO / "src"))
     from gptgen.hardware import cpu_features
 
+    flags = sorted(f for f in cpu_features().flags if f.startswith(("avx", "fma", "amx", "f16c")))
     print(f"# {cpu_features().describe()}; threads={args.threads}; each engine in its own process, {args.rounds} interleaved "
           "rounds, median")
+    print(f"# CPU flags: {' '.join(flags)}")
+    bandwidth = copy_bandwidth(args.threads)
+    print(f"# copy bandwidth ({args.threads} threads, 512 MiB float32 copy): {bandwidth / 1e9:.1f} GB/s "
+          f"(load {loadavg()})")
     for shape in args.shapes.split(","):
         hf_dir = make_hf_dir(shape, root, args.tokenizer)
         paths = {"hf_dir": str(hf_dir)}
         for e in engines:
+            kind = e.partition("@")[0].split("-", 1)[1] if "-" in e else ""
             if e.startswith("ct2"):
-                paths[e] = str(convert_ct2(hf_dir, e.split("-", 1)[1]))
+                paths[e] = str(convert_ct2(hf_dir, kind))
             if e.startswith("llama"):
-                paths[e] = str(convert_gguf(hf_dir, e.split("-", 1)[1], args.llama_convert))
+                paths[e] = str(convert_gguf(hf_dir, kind, args.llama_convert))
         for case in args.cases.split(","):
             job = dict(case=case, batch=args.sample_batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                        threads=args.threads, hf_dir=paths["hf_dir"])
             results: dict[str, list] = {e: [] for e in engines}
+            loads: dict[str, list] = {e: [] for e in engines}
             info: dict[str, dict] = {}
             for r in range(args.rounds):
                 for e in engines:
                     j = dict(job, ct2_dir=paths.get(e), gguf=paths.get(e))
-                    res = run_worker(e, j)
+                    res = run_worker(e, j, llama_python if e.startswith("llama") else None)
                     if "tokens_per_s" in res:
                         results[e].append(res["tokens_per_s"])
+                        loads[e].append(res.get("load"))
                     info[e] = res
                 if r == 0 and case == "greedy":
-                    ref = {e: info[e].get("tokens") for e in ("gptgen-fp32", "hf", "ct2-float32") if e in info}
+                    ref = {e: info[e].get("tokens") for e in ("gptgen-fp32", "gptgen-default", "hf", "ct2-float32",
+                                                            "llama-f32") if e in info}
                     toks = [t for t in ref.values() if t]
                     same = all(t == toks[0] for t in toks)
                     print(f"# {shape} greedy tokens agree across {', '.join(ref)}: {'yes' if same else 'NO'}")
@@ -354,8 +427,15 @@ def main(argv=None) -> int:
                     continue
                 med = statistics.median(results[e])
                 extra = f"  (first-call compile {info[e]['compile_s']} s)" if info[e].get("compile_s") else ""
+                if info[e].get("native"):
+                    extra += f"  [native library path {info[e]['native']}]"
                 ratio = f"{med / hf:5.2f}x HF" if hf else ""
-                print(f"  {e:<22} {med:9.1f} tok/s  {ratio}  runs {[round(x) for x in results[e]]}{extra}")
+                if case == "greedy":
+                    frac = weight_bytes_per_token(e, shape) * med / bandwidth
+                    ratio += f"  {100 * frac:5.1f}% of copy bw"
+                load = [x for x in loads[e] if x is not None]
+                print(f"  {e:<26} {med:9.1f} tok/s  {ratio}  runs {[round(x) for x in results[e]]}"
+                      f"  load {'/'.join(f'{x:.1f}' for x in load)}{extra}")
             sys.stdout.flush()
     if not args.workdir:
         shutil.rmtree(root, ignore_errors=True)
