@@ -217,10 +217,10 @@ def test_compiled_cpu_step_without_a_cxx_compiler_is_one_clear_error(monkeypatch
         generate_ids(tiny_gpt(), [[3, 4, 5]], max_new_tokens=2, eos_token_id=[], compile=True)
 
 
-def test_compile_true_on_a_float32_model_takes_the_native_step_where_it_runs():
-    """compile=True with float32 weights on CPU decodes through the native step (generation/int8_step.py, the
-    weights packed into a copy; no inductor compile) where its library runs: logits within float rounding of
-    the eager step's, the same greedy tokens, and a rebuild after the weights change in place."""
+def test_a_float32_model_takes_the_native_step_where_it_runs(monkeypatch):
+    """Float32 weights on CPU decode through the native step (the weights packed into a copy; nothing compiled)
+    where its library runs, whatever `compile` says: logits within float rounding of the eager step's, the
+    same greedy tokens, and a rebuild after the weights change in place."""
     from gptgen import int8_ops
     from gptgen.generation import engine
 
@@ -228,30 +228,35 @@ def test_compile_true_on_a_float32_model_takes_the_native_step_where_it_runs():
         pytest.skip(f"the native step's library is unavailable here: {int8_ops.status()['detail']}")
     model = tiny_gpt(5)
     prompts = [[3, 4, 5, 6], [7, 8]]
-    backend = engine.ModelBackend(model, compile=True)
-    eager = engine.ModelBackend(model, compile=False)
+    backend, eager = engine.ModelBackend(model, compile=True), engine.ModelBackend(model)
     from gptgen.generation.loop import DecodeState
 
     def state():
         return DecodeState(prompts=prompts, rows_per_prompt=1, num_return_sequences=1, max_new_tokens=4,
                            eos_ids=[], pad_id=0, device="cpu", generator=None, processors=[])
 
+    def layers(**options):  # the model's own forward at every step
+        with monkeypatch.context() as m:
+            m.setattr(gptgen.native, "decoder", lambda model: None)
+            return generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[], **options)
+
     logits = []
     for be in (backend, eager):
         st = state()
-        with torch.inference_mode():
+        with torch.inference_mode(), monkeypatch.context() as m:
+            if be is eager:
+                m.setattr(gptgen.native, "decoder", lambda model: None)
             be.prefill(st, False)
             logits.append(be.step(torch.tensor([9, 10]), st.prompt_len, False)[0])
         be.close()
     assert backend.native is not None and eager.native is None
     assert torch.allclose(logits[0], logits[1], atol=1e-5, rtol=0)
-    want = generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[], compile=False)
-    assert generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[], compile=True) == want
-    assert generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[]) == want  # the default: native too
+    want = layers()
+    for compile in (None, False, True):
+        assert generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[], compile=compile) == want
     with torch.no_grad():  # an in-place update (an optimizer step would do this): the packed copy is rebuilt
         model.lm_head.weight.mul_(-1.0)
-    assert generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[], compile=True) == \
-        generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[], compile=False)
+    assert generate_ids(model, prompts, max_new_tokens=12, eos_token_id=[]) == layers()
 
 
 @pytest.mark.parametrize("mask,mode,says", [

@@ -47,7 +47,10 @@ def backends():
 
 
 def make(model, backend, rows, max_len, private=False):
-    runner = Runner(model, rows, max_len, compile=False if backend == "eager" else None, private=private)
+    with pytest.MonkeyPatch.context() as m:
+        if backend == "eager":
+            m.setattr(gptgen.native, "decoder", lambda model: None)
+        runner = Runner(model, rows, max_len, private=private)
     assert runner.backend == backend
     return runner
 
@@ -133,12 +136,14 @@ def test_move_and_swap_rows_move_the_cache():
 
 def test_the_backend_is_chosen_in_one_place(monkeypatch):
     model = tiny()
-    assert select_backend(model, False) == ("eager", None)
     with pytest.raises(GenerationError, match="compile must be True, False or None"):
         select_backend(model, "yes")
-    name, step = select_backend(model, None)
-    assert name == ("native" if native_runs() else "eager") and (step is not None) == (name == "native")
+    for compile in (None, False, True):  # the native step whatever `compile` says: it compiles nothing
+        name, step = select_backend(model, compile)
+        assert name == ("native" if native_runs() else "compiled" if compile else "eager")
+        assert (step is not None) == (name == "native")
     monkeypatch.setattr(gptgen.native, "decoder", lambda model: None)
-    assert select_backend(model, None) == ("eager", None)
+    assert select_backend(model, None) == ("eager", None) and select_backend(model, False) == ("eager", None)
+    assert select_backend(model, True) == ("compiled", None)
     model.to(torch.bfloat16)
     assert select_backend(model, None)[0] == "eager"

@@ -456,6 +456,9 @@ def test_gptgen_serve_compile_warms_the_engine_up_before_serving(monkeypatch, ca
     """`gptgen serve --compile` on CPU serves an app over BatchEngine(compile=True) whose warm-up ran (and
     was timed) before uvicorn started, so the app's own start-up warm-up has nothing left to do (warm-up
     and uvicorn stubbed: no compile, no socket)."""
+    import gptgen.native
+
+    monkeypatch.setattr(gptgen.native, "decoder", lambda model: None)  # inductor's step (the native one compiles nothing)
     import uvicorn
 
     import gptgen.lm
@@ -487,6 +490,9 @@ def test_gptgen_serve_compile_warms_the_engine_up_before_serving(monkeypatch, ca
 def test_create_app_compile_warms_its_engine_up_before_starting_it(monkeypatch, gpt2_lm):
     """create_app(lm, compile=True) builds BatchEngine(compile=True) and runs its warm-up in the app's
     lifespan, before the engine thread starts (warm-up stubbed: no compile)."""
+    import gptgen.native
+
+    monkeypatch.setattr(gptgen.native, "decoder", lambda model: None)  # inductor's step (the native one compiles nothing)
     from fastapi.testclient import TestClient
 
     from gptgen.generation.batcher import BatchEngine

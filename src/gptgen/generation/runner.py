@@ -15,10 +15,11 @@ architecture; the backends only change how a one-token decode step runs, and are
 `select_backend`:
 
     native    the C++ one-token step (gptgen.native.decoder) of a float32 or int8-dynamic model on CPU,
-              where it runs: the default there (fastest, tested equal to model.py within float rounding)
-    compiled  compile=True otherwise: on CPU inductor (C++ kernels, weights frozen into the graph), on CUDA
-              CUDA graphs (torch.compile mode="reduce-overhead"; also the default on CUDA)
-    eager     the model's PyTorch forward; compile=False always gives it
+              wherever it runs, whatever `compile` says (it compiles nothing; fastest; tested equal to
+              model.py within float rounding). GPTGEN_NATIVE=0 turns it off.
+    compiled  otherwise with compile=True: on CPU inductor (C++ kernels, weights frozen into the graph); on
+              CUDA CUDA graphs (torch.compile mode="reduce-overhead"), there also with compile=None
+    eager     otherwise: the model's PyTorch forward
 
 Prefill (several tokens per row) always runs the model's forward eagerly.
 """
@@ -45,8 +46,6 @@ def check_compile(compile) -> None:
 def select_backend(model, compile: bool | None = None) -> tuple[str, object]:
     """(backend name, native decoder or None): 'native', 'compiled' or 'eager' (see the module docstring)."""
     check_compile(compile)
-    if compile is False:
-        return "eager", None
     device = model.embed.wte.weight.device.type
     if device == "cpu":
         step = native.decoder(model)
@@ -56,7 +55,7 @@ def select_backend(model, compile: bool | None = None) -> tuple[str, object]:
             require_cxx_compiler()
             return "compiled", None
         return "eager", None
-    return ("compiled" if device == "cuda" else "eager"), None
+    return ("compiled" if device == "cuda" and compile is not False else "eager"), None
 
 
 def require_cxx_compiler() -> None:
