@@ -21,6 +21,9 @@ def check_output_dir(path: str | os.PathLike | None, what: str = "the output dir
     """A directory gptgen may create or write into: not a file, under no file, and writable."""
     if path is None:
         return None
+    from .written import check_not_root_or_home
+
+    check_not_root_or_home(path, what)
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise ConfigError(f"{what} {target} is a file, not a directory; choose a directory path.")

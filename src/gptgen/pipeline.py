@@ -202,7 +202,10 @@ def _tokenizer(s, corpus, output_dir: Path | None, env, say, timings):
         say(f"Trained a {s['train_tokenizer']} tokenizer of {tok.vocab_size:,} tokens in "
             f"{timings['tokenizer_s']:.1f} s.")
         if tok_dir is not None:
+            from .written import record
+
             tok.save(tok_dir)
+            record(output_dir, ["tokenizer"])
     if env.enabled:
         D.barrier(env)
         if not env.is_main:
@@ -301,6 +304,12 @@ def train(recipe: str | None = None, *, data=None, val_data=None, dataset: str |
     _check(s)
     if output is not None:  # an earlier run or a running one in the output directory: refuse before any work
         check_run_dir(output, config.resume, config.overwrite)
+        if s["model"] is None and s["tokenizer"] is None and (output / "tokenizer").exists():
+            from .written import wrote
+
+            if not wrote(output, "tokenizer"):  # the trained tokenizer goes there: never over the user's
+                raise ConfigError(f"{output / 'tokenizer'} is not a tokenizer gptgen wrote, so the trained tokenizer "
+                                  "does not replace it; move it away or choose another output directory.")
 
     import torch
 

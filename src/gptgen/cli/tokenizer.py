@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--special", action="append", default=[], metavar="ROLE=TOKEN",
                    help="special token by role (pad, unk, bos, eos); repeatable")
     t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a tokenizer gptgen wrote in the output directory (never a file of yours)")
     t.set_defaults(handler=run_train)
 
     e = tsub.add_parser("encode", help="print the ids of a text")
@@ -67,7 +69,12 @@ def parse_roles(items: list[str]) -> dict[str, str] | None:
 def run_train(args) -> int:
     from ..options import check_output_dir
 
+    from ..tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+    from ..written import check_replaceable, record
+
     check_output_dir(args.output, "the output directory (-o)")
+    written = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
+    check_replaceable(args.output, written, args.overwrite)
     files = expand_paths(args.files)
     roles = parse_roles(args.special)
     if roles is None and args.reserved:
@@ -81,7 +88,9 @@ def run_train(args) -> int:
     tok = Tokenizer.train(args.kind, files, args.vocab_size, special_tokens=roles,
                           reserved_tokens=args.reserved, lowercase=args.lowercase,
                           min_frequency=args.min_frequency)
+    check_replaceable(args.output, written, args.overwrite)  # again: the files may have appeared meanwhile
     tok.save(args.output)
+    record(args.output, written)
     print(f"Trained a {args.kind} tokenizer of {tok.vocab_size:,} tokens on {len(files)} file(s) in "
           f"{time.perf_counter() - start:.1f} s; wrote {Path(args.output) / 'tokenizer.json'}.")
     print("Special tokens: " + json.dumps(tok.special_tokens, ensure_ascii=False))

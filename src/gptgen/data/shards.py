@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -147,13 +148,10 @@ def prepare_shards(texts_or_paths, tokenizer, out_dir: str | os.PathLike, *,
     texts = _as_texts(texts_or_paths, mode, reader_opts)
     dtype = choose_dtype(tokenizer.vocab_size)
     out_dir = Path(out_dir)
-    if (out_dir / MANIFEST).exists() and not overwrite:
-        raise DataError(f"{out_dir} already holds prepared shards; choose another directory or pass overwrite=True.")
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
-        raise DataError(f"{out_dir} exists and is not empty; choose an empty or new directory.")
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    ours = _check_target(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # a name no user picks, made by this call alone: only it is ever deleted on failure
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.gptgen-", suffix=".partial", dir=out_dir.parent))
     writer = _ShardWriter(tmp, dtype, shard_tokens)
     num_docs = 0
     workers = (os.cpu_count() or 1) if num_workers is None else max(1, int(num_workers))
@@ -197,14 +195,78 @@ def prepare_shards(texts_or_paths, tokenizer, out_dir: str | os.PathLike, *,
         }
         tokenizer.save(tmp / "tokenizer")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), "utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        _move_into_place(tmp, out_dir, ours)
     except BaseException:
         writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _owned_names(out_dir: Path) -> set[str]:
+    """The entries of out_dir that gptgen's manifest there says it wrote (the shards, the tokenizer, itself)."""
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text("utf-8"))
+        names = {MANIFEST, str(manifest.get("tokenizer", "tokenizer"))}
+        names |= {str(shard["file"]) for shard in manifest["shards"]}
+        if manifest.get("format") != FORMAT:
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{out_dir / MANIFEST} is not a manifest gptgen wrote, so gptgen does not replace what is in "
+                        f"{out_dir}; choose another directory.") from None
+    return {n for n in names if n and "/" not in n and "\\" not in n and n not in (".", "..")}
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> set[str]:
+    """What of out_dir a new preparation may replace (nothing changes here): DataError for a directory
+    holding shards without overwrite, or holding files gptgen did not write and no manifest."""
+    from ..written import check_not_root_or_home
+
+    check_not_root_or_home(out_dir, "The output directory", error=DataError)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"The output directory {out_dir} is a file; choose a directory.")
+    if (out_dir / MANIFEST).exists():
+        if not overwrite:
+            raise DataError(f"{out_dir} already holds prepared shards; choose another directory or pass "
+                            "overwrite=True (--overwrite).")
+        return _owned_names(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise DataError(f"{out_dir} exists and is not empty; choose an empty or new directory.")
+    return set()
+
+
+def _move_into_place(tmp: Path, out_dir: Path, ours: set[str]) -> None:
+    """Put the finished shards of tmp at out_dir, replacing only the earlier shards gptgen wrote there."""
+    if not out_dir.exists():
+        tmp.rename(out_dir)
+        return
+    entries = {p.name for p in out_dir.iterdir()}
+    if not entries:
+        out_dir.rmdir()
+        tmp.rename(out_dir)
+        return
+    if entries <= ours:  # nothing but gptgen's: swap the directories, then drop the old one
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.gptgen-", suffix=".old", dir=out_dir.parent))
+        old.rmdir()
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+        return
+    # the user's files live beside the shards: replace gptgen's entries one by one, the manifest last
+    clash = sorted({p.name for p in tmp.iterdir()} & (entries - ours))
+    if clash:
+        raise DataError(f"{out_dir / clash[0]} is not a file gptgen wrote, and the new shards need its name; move "
+                        "it away or choose another directory.")
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for name in sorted(ours & entries):
+        target = out_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    for item in sorted(tmp.iterdir(), key=lambda p: p.name == MANIFEST):
+        os.replace(item, out_dir / item.name)
+    tmp.rmdir()
 
 
 def _as_texts(source, mode: str, reader_opts: dict) -> Iterable[str]:

@@ -10,7 +10,9 @@ directory before training starts (the CLI's trained tokenizer). It
 - refuses a directory that holds an earlier run (any of last/, best/, metrics.jsonl) unless resume=True
   (continue it from last/) or overwrite=True (remove that run's last/, best/, metrics.jsonl, curves.png and
   start again). Nothing else in the directory is touched, and last/ or best/ holding files gptgen did not
-  write are refused even with overwrite.
+  write are refused even with overwrite, and so are a metrics.jsonl or curves.png not recorded as gptgen's
+  in the directory's .gptgen-written.json (gptgen.written);
+- refuses the filesystem root and the home directory itself.
 
 Claims are re-entrant within a process: a claim on a directory this process already holds checks nothing
 again and releases the lock only when the outermost claim is released.
@@ -22,7 +24,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .. import checkpoint
+from .. import checkpoint, written
 from ..errors import TrainingError
 
 RUN_LOCK = ".gptgen-run.lock"
@@ -147,6 +149,7 @@ def _remove_run(directory: Path) -> None:
         if sub.is_dir() and any(sub.iterdir()) and not checkpoint.is_model_dir(sub):
             raise TrainingError(f"{sub} holds files gptgen did not write, so overwrite does not remove it; move "
                                 "them away or choose another output directory.")
+    _check_run_files(directory)
     for name in ("last", "best"):
         if (directory / name).is_dir():
             shutil.rmtree(directory / name)
@@ -154,11 +157,32 @@ def _remove_run(directory: Path) -> None:
         (directory / name).unlink(missing_ok=True)
 
 
+def _run_file_is_ours(directory: Path, name: str) -> bool:
+    """A run file is gptgen's when its record says so; a run directory written before the record existed
+    counts its run files as gptgen's when last/ or best/ is a gptgen checkpoint."""
+    if written.wrote(directory, name):
+        return True
+    if (directory / written.RECORD).exists():
+        return False
+    return any(checkpoint.is_model_dir(directory / sub) for sub in ("last", "best") if (directory / sub).is_dir())
+
+
+def _check_run_files(directory: Path) -> None:
+    """Refuse a run directory holding a metrics.jsonl or curves.png that gptgen did not write (a run would
+    append to or replace it)."""
+    for name in RUN_FILES:
+        path = directory / name
+        if (path.exists() or path.is_symlink()) and not _run_file_is_ours(directory, name):
+            raise TrainingError(f"{path} is not a file gptgen wrote, so a run does not write over it; move it away "
+                                "or choose another output directory.")
+
+
 def check_run_dir(directory: str | os.PathLike, resume: bool = False, overwrite: bool = False,
                   _locked: bool = False) -> None:
     """Raise TrainingError when a run may not start in directory (no lock kept, nothing changed): another
     run holds it, or it holds an earlier run and neither resume nor overwrite was asked for."""
     directory = Path(directory)
+    written.check_not_root_or_home(directory, "The output directory", error=TrainingError)
     if directory.exists() and not directory.is_dir():
         raise TrainingError(f"The output directory {directory} is a file; choose a directory for the run.")
     if resume and overwrite:
@@ -168,6 +192,7 @@ def check_run_dir(directory: str | os.PathLike, resume: bool = False, overwrite:
         return
     if not _locked:
         _check_not_in_use(directory)
+    _check_run_files(directory)
     if overwrite or not holds_run(directory):
         return
     if not resume:
@@ -193,6 +218,7 @@ def claim_run_dir(directory: str | os.PathLike, resume: bool = False, overwrite:
         check_run_dir(directory, resume, overwrite, _locked=True)
         if overwrite:
             _remove_run(directory)
+        written.record(directory, RUN_FILES, hashed=False)  # what this run writes and may later replace
     except BaseException:
         handle.close()
         raise
