@@ -287,7 +287,7 @@ def test_api_key_body_limit_and_cors(gpt2_lm):
 # Queue, 429 and disconnects ---------------------------------------------------------------------------
 def _metric(url: str, name: str) -> float:
     text = httpx.get(url + "/metrics").text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    match = re.search(rf"^{re.escape(name)}(?:{{model=\"[^\"]*\"}})? (\S+)$", text, re.M)  # every series: model
     assert match, f"{name} not in /metrics"
     return float(match.group(1))
 
@@ -339,8 +339,10 @@ def test_queue_429_and_disconnect_frees_the_slot(gpt2_tokenizer_dir):
             assert _metric(live.url, "gptgen_requests_cancelled_total") == 1
             assert _metric(live.url, "gptgen_requests_running") == 0
             text = httpx.get(live.url + "/metrics").text
-            assert 'gptgen_requests_total{endpoint="/v1/completions",status="429"} 2' in text
-            assert "gptgen_time_to_first_token_seconds_count 2" in text
+            assert 'gptgen_requests_total{model="slow",endpoint="/v1/completions",status="429"} 2' in text
+            assert 'gptgen_time_to_first_token_seconds_count{model="slow"} 2' in text
+            assert 'gptgen_queue_time_seconds_count{model="slow"} 2' in text  # the two that ran
+            assert 'gptgen_prefill_time_seconds_count{model="slow"} 2' in text
 
 
 # The command ------------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ def test_200_concurrent_streams_all_complete_and_match_generate(gpt2_tokenizer_d
         assert r["finish"][-1] in ("length", "stop") and all(f is None for f in r["finish"][:-1])
         assert r["usage"]["prompt_tokens"] == len(tok.encode(prompt)) and len(r["ids"]) == 1
     assert len({next(iter(r["ids"])) for r in results}) == CONCURRENT
-    assert f'gptgen_requests_total{{endpoint="/v1/completions",status="200"}} {CONCURRENT}' in metrics
-    assert "gptgen_requests_running 0" in metrics
+    assert f'gptgen_requests_total{{model="load",endpoint="/v1/completions",status="200"}} {CONCURRENT}' in metrics
+    assert 'gptgen_requests_running{model="load"} 0' in metrics
+    assert f'gptgen_queue_time_seconds_count{{model="load"}} {CONCURRENT}' in metrics
     assert elapsed < 60

@@ -418,6 +418,7 @@ class BatchEngine:
         free = [r for r in range(self.max_batch - 1, self._n_dec - 1, -1) if self._rows[r] is None]
         while self._waiting and len(free) >= self._waiting[0].n:
             req = self._waiting.popleft()
+            req.admitted_at = time.monotonic()  # queue time: admitted_at - submitted_at (the server's metrics)
             rows = [free.pop(0) for _ in range(req.n)]  # highest rows first: fewer swaps later
             req.seqs = [self._new_seq(req, i, row) for i, row in enumerate(rows)]
             for seq in req.seqs:
@@ -523,6 +524,8 @@ class BatchEngine:
 
     def _join_decoding(self, seq: _Seq) -> None:
         """Move a row that finished its prefill to the end of the packed decoding rows."""
+        if getattr(seq.request, "prefilled_at", None) is None:
+            seq.request.prefilled_at = time.monotonic()  # prefill time: prefilled_at - admitted_at
         target = self._n_dec
         other = self._rows[target]
         if other is not seq:

@@ -622,6 +622,12 @@ class _Job:
             if not self.finished:
                 self.cancel()
             metrics.running -= 1
+            for req in self.requests:  # the engine's own clock (monotonic) for its stages; cancelled ones too
+                admitted, prefilled = getattr(req, "admitted_at", None), getattr(req, "prefilled_at", None)
+                if admitted is not None:
+                    metrics.queue.observe(max(0.0, admitted - req.submitted_at))
+                    if prefilled is not None:
+                        metrics.prefill.observe(max(0.0, prefilled - admitted))
             metrics.prompt_tokens += self.prompt_tokens
             metrics.generation_tokens += sum(self.completion_tokens.values())
 
