@@ -80,8 +80,8 @@ class SampleText(Callback):
         return str(text)
 
     def on_epoch_end(self, trainer, epoch: int, logs: dict[str, Any]) -> None:
-        if not trainer.is_main or (epoch + 1) % self.every_n_epochs:
-            return
+        if not trainer.is_main or (epoch + 1) % self.every_n_epochs or getattr(trainer, "fsdp", False):
+            return  # under FSDP no rank holds the whole model until training ends
         text = self.generate(trainer.lm)
         if text is None:
             return

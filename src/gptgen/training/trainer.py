@@ -107,6 +107,7 @@ class Trainer:
         self.last_val: dict[str, float] | None = None
         self._last_eval_step = -1
         self._metrics_file = None
+        self.fsdp = False  # set by _setup from config.fsdp
         self._first_loss: float | None = None  # of this process's first step, for the divergence warning
         self._warned_divergence = False
 
@@ -161,8 +162,11 @@ class Trainer:
         self.lm.to(self.device)
         model = self.lm.model
         model.train()
-        if cfg.fsdp or cfg.gradient_checkpointing:
-            raise TrainingError("fsdp and gradient_checkpointing are not available yet in this build.")
+        self.fsdp = bool(cfg.fsdp)
+        if self.fsdp and not self.dist.enabled:
+            raise TrainingError("fsdp=True (--fsdp) shards the model over torchrun's processes; launch the run with "
+                                "torchrun --nproc-per-node N (N >= 2), or train without it.")
+        model.gradient_checkpointing = bool(cfg.gradient_checkpointing)  # per block, in GPT.hidden_states
         if cfg.lora_rank:  # only the adapters train (and are in the optimizer); the base stays frozen
             from ..lora import enable_lora, has_lora
 
@@ -170,7 +174,14 @@ class Trainer:
                 enable_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
         self.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.loss_module = LossModule(model, compile=cfg.compile, chunk_rows=cfg.chunk_rows)
-        if self.dist.enabled:
+        if self.fsdp:  # blocks and the root sharded (fsdp.py); the optimizer is built below, after sharding
+            from . import fsdp
+
+            fsdp.shard(self.loss_module, model, precision)
+            self.train_module = self.loss_module
+            if precision == "bf16":
+                self.autocast = nullcontext  # the mixed-precision policy casts the parameters
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -194,14 +205,32 @@ class Trainer:
                                         cfg.min_lr_ratio)
 
     # Checkpoints (checkpointing.py) ----------------------------------------------------------------
+    # Under FSDP they see the gathered full model and optimizer state (fsdp.py): the same files as one process.
     def save_checkpoint(self, finished: bool = False) -> Path | None:
+        if self.fsdp:
+            from . import fsdp
+
+            view = fsdp.save_view(self) if self.output_dir is not None else None
+            return checkpointing.save_last(view, finished) if view is not None else None
         return checkpointing.save_last(self, finished)
 
     def _save_best(self) -> None:
+        if self.fsdp:
+            from . import fsdp
+
+            view = fsdp.save_view(self, with_optimizer=False) if self.output_dir is not None else None
+            if view is not None:
+                checkpointing.save_best(view)
+            return
         checkpointing.save_best(self)
 
     def _resume(self) -> None:
         _check_resume_lora(self.config, self.output_dir / "last" / STATE_JSON)
+        if self.fsdp:
+            from . import fsdp
+
+            checkpointing.resume(fsdp.resume_view(self))
+            return
         checkpointing.resume(self)
 
     def _open_log(self) -> None:
@@ -238,7 +267,7 @@ class Trainer:
         padded_tokens = 0
         for i, (batch, w) in enumerate(zip(batches, weights)):
             sync = i == len(batches) - 1
-            ctx = self.train_module.no_sync() if (env.enabled and not sync) else nullcontext()
+            ctx = self.train_module.no_sync() if (env.enabled and not sync and not self.fsdp) else nullcontext()
             x = batch["input_ids"].to(self.device, non_blocking=True)
             y = batch["labels"].to(self.device, non_blocking=True)
             m = batch["loss_mask"].to(self.device, non_blocking=True)
@@ -258,7 +287,8 @@ class Trainer:
         grad_norm = None
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.lm.model.parameters(), cfg.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(self.lm.model.parameters(), cfg.grad_clip)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
         lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -276,7 +306,7 @@ class Trainer:
         """Token-weighted loss, perplexity and accuracy over all of `data` (default the validation set)."""
         data = data if data is not None else self.val_data
         return _evaluate_examples(self.loss_module, data, self.config.eval_batch_size or self.config.batch_size,
-                                  self.device, self.autocast, self.dist)
+                                  self.device, self.autocast, self.dist, lockstep=self.fsdp)
 
     def _run_eval(self) -> dict[str, float]:
         if self._last_eval_step == self.step and self.last_val is not None:
@@ -379,6 +409,10 @@ class Trainer:
                 end_logs["stopped"] = self.stop_reason
             for cb in self.callbacks:
                 cb.on_train_end(self, end_logs)
+            if self.fsdp:  # every rank's lm gets a plain model with the trained weights
+                from . import fsdp
+
+                fsdp.unshard_into(self)
         finally:
             bar.close()
             if self._metrics_file is not None:
@@ -495,19 +529,24 @@ def evaluate(lm: LanguageModel, data, *, batch_size: int = 32, seq_len: int | No
 
 @torch.no_grad()
 def _evaluate_examples(loss_module: LossModule, data: _Examples, batch_size: int, device: torch.device,
-                       autocast, dist: D.DistEnv) -> dict[str, float]:
+                       autocast, dist: D.DistEnv, lockstep: bool = False) -> dict[str, float]:
     """Token-weighted loss, perplexity and accuracy of loss_module's model over all of data (each rank a share)."""
     model = loss_module.model
     was_training = model.training
     model.eval()
     mine = torch.tensor_split(torch.arange(len(data)), dist.world_size)[dist.rank]
     totals = torch.zeros(3, dtype=torch.float64, device=device)
-    for start in range(0, len(mine), batch_size):
-        batch = data.get(mine[start:start + batch_size])
+    starts = list(range(0, len(mine), batch_size))
+    if lockstep:  # FSDP gathers weights in every forward: every rank runs as many batches (extra ones count 0)
+        most = -(-len(data) // dist.world_size)
+        starts += [None] * (-(-most // batch_size) - len(starts))
+    for start in starts:
+        batch = data.get(mine[start:start + batch_size] if start is not None else torch.arange(1))
         with autocast():
             ls, corr = loss_module(batch["input_ids"].to(device), batch["labels"].to(device),
                                    batch["loss_mask"].to(device))
-        totals += torch.stack([ls.double(), corr.double(), batch["loss_mask"].sum().to(device).double()])
+        if start is not None:
+            totals += torch.stack([ls.double(), corr.double(), batch["loss_mask"].sum().to(device).double()])
     totals = D.all_reduce_tensor(totals, dist).tolist()
     model.train(was_training)
     metrics = TokenMetrics()
