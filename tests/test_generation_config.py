@@ -313,3 +313,20 @@ def test_submit_takes_a_generation_config_and_refuses_what_it_cannot_run(lm):
         # min_length counts the prompt, as in the per-call engine
         long = eng.generate(ids, GenerationConfig(max_new_tokens=10, temperature=0, min_length=len(ids) + 6))[0]
         assert long.completion_tokens >= 6
+
+
+# Sizes are checked against memory before anything is allocated -------------------------------------------
+@pytest.mark.parametrize("options, option", [
+    (dict(num_return_sequences=10 ** 6, do_sample=True), "num_return_sequences=1,000,000"),
+    (dict(num_beams=10 ** 5), "num_beams=100,000"),
+    (dict(penalty_alpha=0.6, top_k=10 ** 6), "top_k=1,000,000"),
+])
+def test_generation_sizes_are_refused_before_allocation(lm, model_dir, capsys, monkeypatch, options, option):
+    monkeypatch.setenv("GPTGEN_MEMORY_LIMIT", "256M")
+    with pytest.raises(GenerationError) as info:
+        lm.generate("the sea", max_new_tokens=2, **options)
+    message = str(info.value)
+    assert message.startswith(f"{option} would need about ") and message.endswith(".")
+    flags = [f"--{k.replace('_', '-')}={v}" if v is not True else f"--{k.replace('_', '-')}" for k, v in options.items()]
+    assert main(["generate", "--model", str(model_dir), "the sea", "--max-new-tokens", "2", *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"gptgen: error: {message}"

@@ -40,16 +40,10 @@ def _opt(default, kind: str, doc: str, *, low=None, high=None, low_open=False, h
 
 
 def _range(spec) -> str:
-    low, high = spec["low"], spec["high"]
+    low, high = spec["low"], spec["high"]  # every numeric option has a lower bound; floats an upper one too
     if spec["kind"] == "int":
-        if high is None:
-            return f"an integer of at least {low}"
-        return f"an integer from {low} to {high}"
-    if low is None:
-        return "a finite number"
-    if high is None:
-        return f"a finite number of at least {low}" if not spec["low_open"] else f"a number above {low}"
-    return (f"a number in {'(' if spec['low_open'] else '['}{low:g}, {high:g}{')' if spec['high_open'] else ']'}")
+        return f"an integer of at least {low}" if high is None else f"an integer from {low} to {high}"
+    return f"a number in {'(' if spec['low_open'] else '['}{low:g}, {high:g}{')' if spec['high_open'] else ']'}"
 
 
 def _describe(spec) -> str:
@@ -71,7 +65,7 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _token_list(value, name):
+def _token_list(value):
     if _is_int(value):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in value):
@@ -112,7 +106,7 @@ def check_option(name: str, value):
     elif kind == "id":
         out = value if _is_int(value) and value >= 0 else _BAD
     elif kind == "ids":
-        out = _token_list(value, name)
+        out = _token_list(value)
         out = _BAD if out is None else (value if _is_int(value) else out)
     elif kind == "texts":
         if isinstance(value, str):
@@ -121,7 +115,7 @@ def check_option(name: str, value):
             out = tuple(value)
     elif kind == "id_lists":
         if isinstance(value, (list, tuple)):
-            lists = [_token_list(v, name) if isinstance(v, (list, tuple)) else None for v in value]
+            lists = [_token_list(v) if isinstance(v, (list, tuple)) else None for v in value]
             if all(x for x in lists):
                 out = tuple(lists)
     elif kind == "response_format":
@@ -327,10 +321,6 @@ def _mapped(options: dict) -> dict:
             raise GenerationError(f"{key} and {name} name the same option; give one.")
         out[name] = value
     return out
-
-
-def option_names() -> list[str]:
-    return list(_FIELDS)
 
 
 def numeric_options() -> dict[str, dict]:

@@ -264,7 +264,8 @@ def draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
     sum is kept in float64 either way), so one random number per row and no host sync.
     `generator` is None, one torch.Generator for all rows, or a list with a generator (or None) per row:
     a row with its own generator reads only that generator's numbers, so a seeded row draws the same
-    token whatever other rows share the batch. A token of probability 0 is never drawn."""
+    token whatever other rows share the batch. A token of probability 0 is never drawn, and the result is a
+    token id even for a row of NaN weights (the batch engine ends such a row with an error)."""
     if probs.dtype not in (torch.float32, torch.float64):
         probs = probs.float()
     cdf = probs.cumsum(dim=-1)
@@ -272,7 +273,8 @@ def draw(probs: torch.Tensor, generator=None) -> torch.Tensor:
     point = (_uniforms(probs.shape[0], generator, probs.device) * total).to(cdf.dtype)
     picks = torch.searchsorted(cdf, point, right=True)
     last = torch.searchsorted(cdf, total)  # the last token of non-zero probability
-    return torch.minimum(picks, last)[:, 0]
+    # a row of non-finite weights (NaN) would point past the end: the pick stays a token id whatever comes in
+    return torch.minimum(picks, last).clamp_(max=probs.shape[-1] - 1)[:, 0]
 
 
 def _weights(scores: torch.Tensor) -> torch.Tensor:
