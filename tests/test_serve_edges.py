@@ -167,3 +167,33 @@ def test_the_server_binds_first_and_is_ready_once_loaded(lm):
             time.sleep(0.02)
         assert httpx.get(server.url + "/health").status_code == 503
     assert str(failures[0]) == "no such model"
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "byte-bpe"])
+def test_logprob_tokens_join_back_into_the_text(kind):
+    """Completions and chat: the logprobs' tokens concatenate to the answer and text_offset counts them, for a
+    WordPiece model ("##" pieces, spaces the decoder adds) and a byte-level one (Korean: characters split
+    over tokens)."""
+    torch.manual_seed(3)
+    words = ["hello there how are you fine thanks", "안녕하세요 반가워요 고마워요"] * 10
+    if kind == "wordpiece":
+        tok = Tokenizer.train("wordpiece", words, 120, special_tokens={"unk": "[UNK]", "eos": "[SEP]", "pad": "[PAD]"},
+                              reserved_tokens=["[UNK]", "[SEP]", "[PAD]"])
+    else:
+        tok = Tokenizer.train("byte-bpe", words, 300)
+    model = LanguageModel.from_preset("gpt2", tok, n_layer=1, n_embd=32, n_head=2, n_positions=64, init_std=0.2)
+    app = create_app(model, max_batch=2, served_model_name="m", chat_template="plain")
+    with LiveServer(app) as server:
+        for echo in (False, True):
+            r = httpx.post(server.url + "/v1/completions", json={
+                "prompt": "hello there 안녕", "max_tokens": 12, "logprobs": 2, "echo": echo, "seed": 1,
+                "temperature": 1.0, "ignore_eos": True}, timeout=30).json()["choices"][0]
+            lp = r["logprobs"]
+            joined = "".join(lp["tokens"])
+            assert joined == (r["text"] if not echo else tok.decode(tok.encode("hello there 안녕")) +
+                              r["text"][len("hello there 안녕"):])
+            assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
+        r = httpx.post(server.url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hello"}], "max_tokens": 12, "logprobs": True, "seed": 2,
+            "temperature": 1.0}, timeout=30).json()["choices"][0]
+        assert "".join(t["token"] for t in r["logprobs"]["content"]) == r["message"]["content"]

@@ -660,8 +660,9 @@ class _Job:
     # /v1/completions ---------------------------------------------------------------------------------
     def _completion_logprobs(self, tokens, offset: int) -> dict[str, Any]:
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for token_id, logprob, top in tokens:
-            text = self._token_text(token_id)
+        for token_id, logprob, top, *piece in tokens:
+            # the text this token added to the answer (so tokens join back into the text), else its own text
+            text = piece[0] if piece else self._token_text(token_id)
             out["tokens"].append(text)
             out["token_logprobs"].append(logprob)
             out["top_logprobs"].append(None if top is None else {t_text: lp for _, t_text, lp in top})
@@ -683,8 +684,8 @@ class _Job:
         async with aclosing(self.events(request)) as events:
             async for choice, event in events:
                 texts[choice] += event.text
-                if want_logprobs and event.token_id is not None and event.logprob is not None:
-                    tokens[choice].append((event.token_id, event.logprob, event.top_logprobs))
+                if want_logprobs:
+                    _add_token(tokens[choice], event)
                 if event.finish_reason is not None:
                     finish[choice] = event.finish_reason
         if not self.finished:
@@ -730,7 +731,7 @@ class _Job:
             async for choice, event in events:
                 toks = []
                 if want_logprobs and event.token_id is not None and event.logprob is not None:
-                    toks = [(event.token_id, event.logprob, event.top_logprobs)]
+                    toks = [(event.token_id, event.logprob, event.top_logprobs, event.text)]
                 if event.finish_reason == "error":
                     yield self._failure_event()
                     return
@@ -745,8 +746,8 @@ class _Job:
     # /v1/chat/completions ---------------------------------------------------------------------------
     def _chat_logprobs(self, tokens) -> dict[str, Any]:
         content = []
-        for token_id, logprob, top in tokens:
-            text = self._token_text(token_id)
+        for token_id, logprob, top, *piece in tokens:
+            text = piece[0] if piece else self._token_text(token_id)
             alternatives = [{"token": t_text, "logprob": lp, "bytes": list(t_text.encode("utf-8"))}
                             for _, t_text, lp in (top or [])]
             content.append({"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
@@ -759,9 +760,9 @@ class _Job:
         tokens: list[list] = [[] for _ in range(self.n)]
         async with aclosing(self.events(request)) as events:
             async for choice, event in events:
+                if self.req.logprobs:
+                    _add_token(tokens[choice], event, strip=not texts[choice].strip())
                 texts[choice] += event.text
-                if self.req.logprobs and event.token_id is not None and event.logprob is not None:
-                    tokens[choice].append((event.token_id, event.logprob, event.top_logprobs))
                 if event.finish_reason is not None:
                     finish[choice] = event.finish_reason
         if not self.finished:
@@ -793,9 +794,6 @@ class _Job:
         started = [False] * self.n
         async with aclosing(self.events(request)) as events:
             async for choice, event in events:
-                toks = []
-                if self.req.logprobs and event.token_id is not None and event.logprob is not None:
-                    toks = [(event.token_id, event.logprob, event.top_logprobs)]
                 if event.finish_reason == "error":
                     yield self._failure_event()
                     return
@@ -803,6 +801,9 @@ class _Job:
                 if not started[choice]:
                     text = text.lstrip()
                     started[choice] = bool(text)
+                toks = []
+                if self.req.logprobs and event.token_id is not None and event.logprob is not None:
+                    toks = [(event.token_id, event.logprob, event.top_logprobs, text)]
                 if text or toks:
                     yield chunk(choice, {"content": text}, toks, None)
                 if event.finish_reason is not None:
@@ -835,12 +836,38 @@ def _prompt_logprobs(lm, tokenizer, ids: list[int], top: int):
         if isinstance(logits, tuple):
             logits = logits[0]
         logprobs = torch.log_softmax(logits[0].float(), dim=-1)
-    out = [(ids[0], None, None)]
+    pieces = _pieces(tokenizer, ids)
+    out = [(ids[0], None, None, pieces[0])]
     for i in range(1, len(ids)):
         row = logprobs[i - 1]
         alternatives = None
         if top:
             values, index = row.topk(top)
             alternatives = [(int(t), token_text(tokenizer, int(t)), float(v)) for v, t in zip(values, index)]
-        out.append((ids[i], float(row[ids[i]]), alternatives))
+        out.append((ids[i], float(row[ids[i]]), alternatives, pieces[i]))
     return out
+
+
+def _pieces(tokenizer, ids: list[int]) -> list[str]:
+    """The text each token adds to the decoded prompt (WordPiece's "##" and spaces as decoding makes them);
+    a token inside a multi-byte character adds nothing until the character is whole."""
+    out, before = [], ""
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[:i + 1])
+        if text.endswith("\ufffd"):
+            out.append("")
+            continue
+        out.append(text[len(before):] if text.startswith(before) else token_text(tokenizer, ids[i]))
+        before = text
+    return out
+
+
+def _add_token(tokens: list, event, strip: bool = False) -> None:
+    """Record a token event for logprobs with the text it added to the answer; text that arrives without a
+    token (held back for a stop string, released at the end) joins the last token's."""
+    text = event.text.lstrip() if strip else event.text
+    if event.token_id is not None and event.logprob is not None:
+        tokens.append((event.token_id, event.logprob, event.top_logprobs, text))
+    elif text and tokens:
+        token_id, logprob, top, last = tokens[-1]
+        tokens[-1] = (token_id, logprob, top, last + text)
