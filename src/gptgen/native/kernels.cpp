@@ -39,8 +39,8 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(GPTGEN_PORTABLE_ONLY)  // (-DGPTGEN_PORTABLE_ONLY: what
+#include <immintrin.h>                                                         // a non-x86 CPU builds)
 #define GPTGEN_X86 1
 #endif
 
