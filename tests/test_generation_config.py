@@ -330,3 +330,26 @@ def test_generation_sizes_are_refused_before_allocation(lm, model_dir, capsys, m
     flags = [f"--{k.replace('_', '-')}={v}" if v is not True else f"--{k.replace('_', '-')}" for k, v in options.items()]
     assert main(["generate", "--model", str(model_dir), "the sea", "--max-new-tokens", "2", *flags]) == 2
     assert capsys.readouterr().err.strip() == f"gptgen: error: {message}"
+
+
+def test_stop_token_ids_and_include_stop_str_in_output_in_both_engines(lm):
+    from gptgen.generation import generate_ids
+
+    ids = lm.tokenizer.encode("the sea")
+    full_ids = generate_ids(lm.model, [ids], max_new_tokens=12, ignore_eos=True)[0]
+    stop_id = full_ids[3]
+    first = full_ids.index(stop_id)
+    assert generate_ids(lm.model, [ids], max_new_tokens=12, ignore_eos=True, stop_token_ids=[stop_id])[0] == \
+        full_ids[:first + 1]
+    full = lm.generate("the sea", max_new_tokens=12, ignore_eos=True, include_prompt=False)
+    stop = next(full[i:i + 2] for i in range(2, len(full) - 2) if full[i:i + 2].strip())
+    at = full.find(stop)
+    greedy = GenerationConfig(max_new_tokens=12, temperature=0, ignore_eos=True)
+    with BatchEngine(lm, max_batch=2) as eng:
+        for include in (False, True):
+            want = full[:at + (len(stop) if include else 0)]
+            config = greedy.replace(stop=[stop], include_stop_str_in_output=include)
+            assert lm.generate("the sea", config=config, include_prompt=False) == want
+            assert eng.generate(ids, config)[0].text == want
+        batch = eng.generate(ids, greedy.replace(stop_token_ids=[stop_id]))[0]
+        assert batch.token_ids == full_ids[:first + 1] and batch.finish_reason == "stop"

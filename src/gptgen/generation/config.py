@@ -205,7 +205,8 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            value = check_option(f.name, getattr(self, f.name))
+            value = getattr(self, f.name)
+            value = f.default if value is None else check_option(f.name, value)  # None: not set
             if value is not getattr(self, f.name):
                 object.__setattr__(self, f.name, value)
         if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:

@@ -498,7 +498,8 @@ class _ServerState:
         for name in ("tools", "functions"):
             if getattr(req, name, None):
                 raise APIError(400, f"{name} (function calling) is not supported by this model.", param=name)
-        fields = {name: getattr(req, name) for name in _REQUEST_OPTIONS if getattr(req, name, None) is not None}
+        # only the fields the client sent: the others keep the model directory's defaults
+        fields = {name: getattr(req, name) for name in _REQUEST_OPTIONS if name in req.model_fields_set}
         fields.update(req.model_extra or {}, max_tokens=max_tokens, logprobs=logprobs)
         try:
             params = GenerationConfig.from_openai(fields, base=self.lm.generation_config)
