@@ -45,6 +45,10 @@ class LanguageModel:
         return self.model.embed.wte.weight.device
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LanguageModel":
+        if device is not None:
+            from .options import check_device
+
+            check_device(str(device))  # one sentence for a device this machine lacks, not torch's assertion
         self.model.to(device=device, dtype=dtype)
         return self
 
@@ -178,6 +182,9 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
     activations, the fastest CPU decoding where the CPU has AVX512-VNNI (gptgen.quantize).
     lora: a peft LoRA adapter directory to run with the model (merged into its weights)."""
     _check_path_argument(directory, "load()")
+    from .options import check_device
+
+    check_device(str(device))
     directory = checkpoint.resolve_dir(directory, revision)  # names go through the Hugging Face cache
     model = checkpoint.load_model(directory, device=device, dtype=dtype)
     if lora is not None:  # base + adapter, folded into the weights (the decode paths run plain Linears)

@@ -297,7 +297,12 @@ class Tokenizer:
         bos = self._required_id("bos") if add_bos else None
         eos = self._required_id("eos") if add_eos else None
         out = []
-        for enc in self.backend.encode_batch(list(texts), add_special_tokens=False):
+        texts = list(texts)
+        try:
+            encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        except TypeError:  # tokenizers refuses non-strings and strings with lone surrogates
+            raise TokenizerError(_unencodable(texts)) from None
+        for enc in encodings:
             ids = enc.ids
             if bos is not None:
                 ids = [bos] + ids
@@ -355,6 +360,18 @@ class Tokenizer:
 
 
 # Helpers -------------------------------------------------------------------------------------------
+def _unencodable(texts) -> str:
+    """The sentence for a batch the backend refused: a non-string, or a lone surrogate (not valid Unicode)."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            return f"Text {i} to encode is a {type(text).__name__}, not a string."
+        for j, ch in enumerate(text):
+            if "\ud800" <= ch <= "\udfff":
+                return (f"Text {i} holds a lone surrogate U+{ord(ch):04X} at character {j}, which is not valid "
+                        "Unicode; pass valid text (for instance, decode bytes as UTF-8 with errors='replace').")
+    return "The texts to encode are not valid strings."
+
+
 # The trainers of `tokenizers` reserve tables sized by vocab_size before reading any text: about 71 bytes
 # an entry for BPE and WordPiece (measured: 10**9 asked for 70,866,960,400 bytes), more while merging.
 TRAINER_BYTES_PER_TOKEN = 128

@@ -85,6 +85,11 @@ def run_chat(args, stdin=None, stdout=None) -> int:
     session = ChatSession(lm, template=build_template(args, lm.tokenizer), history_turns=args.history,
                           candidates=candidates, system=args.system, options={k: v for k, v in options.items() if v is not None})
     interactive = stdin.isatty()
+    if hasattr(stdin, "reconfigure"):  # invalid bytes reach the check below instead of raising while read
+        try:
+            stdin.reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):  # pragma: no cover - a stream that cannot change
+            pass
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -106,6 +111,13 @@ def run_chat(args, stdin=None, stdout=None) -> int:
         line = line.strip()
         if not line:
             continue
+        bad = _undecodable(line)
+        if bad is not None:  # stdin decodes invalid UTF-8 bytes to lone surrogates
+            message = f"The input holds a line that is not valid UTF-8 (byte 0x{bad:02x}); type or pipe UTF-8 text."
+            if not interactive:
+                raise GenerationError(message)
+            stdout.write(f"error: {message}\n")
+            continue
         try:
             if line.startswith("/"):
                 if not _command(line, session, stdout, args.json):
@@ -120,6 +132,15 @@ def run_chat(args, stdin=None, stdout=None) -> int:
         _print_answers(line, answers, session.last_finished, stdout, args.json)
         stdout.flush()
     return 0
+
+
+def _undecodable(text: str) -> int | None:
+    """The first byte Python's surrogateescape decoding could not read (a lone surrogate), or None."""
+    for ch in text:
+        if "\ud800" <= ch <= "\udfff":
+            code = ord(ch)
+            return code - 0xDC00 if 0xDC80 <= code <= 0xDCFF else code
+    return None
 
 
 def _command(line: str, session, stdout, json_mode: bool) -> bool:

@@ -96,6 +96,10 @@ def read_corpus(data: PathsLike | None = None, *, dataset: str | None = None, va
         raise DataError("No data given: pass data=PATHS (files, directories, globs) or dataset=NAME.")
     if data is not None and dataset is not None:
         raise DataError("Give either data=PATHS or dataset=NAME, not both.")
+    if data is not None and not isinstance(data, (str, os.PathLike)):
+        data = list(data)
+        if not data:
+            raise DataError("The list of data files is empty; pass data=PATHS (files, directories or globs).")
     if min_length is not None and min_length < 0:
         raise DataError(f"min_length must be 0 or more characters, got {min_length}.")
     if dataset is not None:

@@ -65,7 +65,7 @@ def save_last(trainer: Trainer, finished: bool = False) -> Path | None:
         torch.save(state, tmp / STATE_FILE)
         (tmp / STATE_JSON).write_text(json.dumps(summary, indent=2), "utf-8")
 
-    return checkpoint.write_dir_atomically(trainer.output_dir / "last", fill, overwrite=True)
+    return _write_checkpoint(trainer, "last", fill, state)
 
 
 def save_best(trainer: Trainer) -> None:
@@ -78,7 +78,58 @@ def save_best(trainer: Trainer) -> None:
         (tmp / "metrics.json").write_text(json.dumps({"step": trainer.step, "epoch": trainer.epoch + 1,
                                                       **(trainer.last_val or {})}, indent=2), "utf-8")
 
-    checkpoint.write_dir_atomically(trainer.output_dir / "best", fill, overwrite=True)
+    _write_checkpoint(trainer, "best", fill, None)
+
+
+def _state_bytes(trainer: Trainer, state: dict | None) -> int:
+    """About what a checkpoint takes on disk: the weights, and the optimizer's state when it is saved."""
+    total = sum(t.numel() * t.element_size() for t in trainer.lm.model.state_dict().values())
+    if state is not None:
+        for value in state["optimizer"].get("state", {}).values():
+            for t in value.values():
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+    return total + (1 << 20)  # the tokenizer, the configuration, the RNG states
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)  # torch.save and safetensors report it in their own exception types
+    return any(m in text for m in ("No space left", "os error 28", "Disk quota", "file write failed"))
+
+
+def _write_checkpoint(trainer: Trainer, name: str, fill, state: dict | None) -> Path:
+    """write_dir_atomically, with a full disk said in one sentence: the earlier checkpoint is intact (the new
+    one is written beside it and moved in only when complete) and how much space the new one needs."""
+    import shutil
+
+    target = trainer.output_dir / name
+    try:
+        return checkpoint.write_dir_atomically(target, fill, overwrite=True)
+    except Exception as exc:
+        if not (_is_disk_full(exc) or (exc.__cause__ is not None and _is_disk_full(exc.__cause__))):
+            raise
+        need = _state_bytes(trainer, state)
+        try:
+            free = f", {shutil.disk_usage(trainer.output_dir).free / 1e6:,.0f} MB are free"
+        except OSError:
+            free = ""
+        earlier = _saved_step(target)
+        kept = (f"the earlier checkpoint in {target} (step {earlier}) is intact" if earlier is not None
+                else f"nothing was written to {target}")
+        raise TrainingError(
+            f"The disk is full: the checkpoint of step {trainer.step} needs about {need / 1e6:,.0f} MB in "
+            f"{trainer.output_dir}{free}; {kept}; free some space and continue with --resume.") from None
+
+
+def _saved_step(directory: Path) -> int | None:
+    try:
+        return int(json.loads((directory / STATE_JSON).read_text("utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def resume(trainer: Trainer) -> None:
@@ -93,6 +144,24 @@ def resume(trainer: Trainer) -> None:
     except Exception as exc:  # a truncated or foreign file
         raise TrainingError(f"The checkpoint {path} cannot be read ({type(exc).__name__}); "
                             "resume from another copy or start again without --resume.") from None
+    missing = [k for k in REQUIRED_STATE if k not in state] if isinstance(state, dict) else list(REQUIRED_STATE)
+    if missing:
+        raise TrainingError(f"The checkpoint {path} is not a complete training state (it lacks "
+                            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}); resume from another copy "
+                            "or start again without --resume.")
+    try:
+        _apply_state(trainer, state, path)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise TrainingError(f"The checkpoint {path} holds a training state this run cannot use "
+                            f"({type(exc).__name__}: {str(exc)[:120]}); resume from another copy or start again "
+                            "without --resume.") from None
+
+
+REQUIRED_STATE = ("step", "epoch", "batch_in_epoch", "best_val", "log_records", "epoch_metrics", "optimizer",
+                  "scheduler", "scaler", "rng", "model_config")
+
+
+def _apply_state(trainer: Trainer, state: dict, path: Path) -> None:
     if state["model_config"] != trainer.lm.config.to_dict():
         raise TrainingError(f"The checkpoint in {path.parent} was made with a different model configuration; "
                             "resume with the same command that started the run.")
