@@ -197,3 +197,11 @@ def test_logprob_tokens_join_back_into_the_text(kind):
             "messages": [{"role": "user", "content": "hello"}], "max_tokens": 12, "logprobs": True, "seed": 2,
             "temperature": 1.0}, timeout=30).json()["choices"][0]
         assert "".join(t["token"] for t in r["logprobs"]["content"]) == r["message"]["content"]
+
+
+@pytest.mark.parametrize("field,value", [("length_penalty", 2.0), ("early_stopping", True), ("penalty_alpha", 0.5),
+                                         ("guided_json", {}), ("tool_choice", "auto"), ("skip_special_tokens", False)])
+def test_fields_the_server_does_not_run_are_refused_by_name(live, field, value):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, field: value}
+    err = _error(httpx.post(live.url + "/v1/chat/completions", json=body), 400, field)
+    assert err["param"] in (field, None)

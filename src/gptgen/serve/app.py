@@ -36,6 +36,7 @@ log = logging.getLogger("gptgen.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_BODY = 1 << 20  # bytes
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI's /v1/completions
+_SEARCH_ONLY = ("length_penalty", "early_stopping", "penalty_alpha")
 MAX_JSON_DEPTH = 64  # a JSON schema in response_format nests; nothing else comes near
 
 
@@ -338,6 +339,10 @@ class _ServerState:
             message, param = error_sentence(exc)
             raise APIError(400, message, param=param, code="invalid_value") from None
         self.check_model(req.model)
+        for name in _SEARCH_ONLY:  # options of beam / contrastive search: refused, never silently dropped
+            if body.get(name) not in (None, False):
+                raise APIError(400, f"{name} belongs to beam or contrastive search, which the batching server "
+                                    "does not run; use gptgen generate or LanguageModel.generate.", param=name)
         return req
 
     # Requests to jobs -----------------------------------------------------------------------------
