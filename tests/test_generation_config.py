@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import threading
@@ -213,7 +214,7 @@ def test_generation_config_json_round_trip_and_transformers_reads_it(tmp_path):
         GenerationConfig.from_model_dir(tmp_path / "bad")
 
 
-def test_a_model_directory_sets_the_defaults_of_api_cli_and_server(lm, tmp_path, capsys):
+def test_a_model_directory_sets_the_defaults_of_api_cli_chat_and_server(lm, tmp_path, capsys, monkeypatch):
     from fastapi.testclient import TestClient
 
     from gptgen.serve import create_app
@@ -229,6 +230,13 @@ def test_a_model_directory_sets_the_defaults_of_api_cli_and_server(lm, tmp_path,
     assert loaded.generate("the sea", max_new_tokens=2) == lm.generate("the sea", **dict(defaults, max_new_tokens=2))
     assert main(["generate", "--model", str(path), "the sea"]) == 0
     assert capsys.readouterr().out == expected + "\n"
+    chats = []
+    for args in ([str(path)], [str(lm.save(tmp_path / "plain")), "--max-new-tokens", "5", "--do-sample", "--top-k",
+                               "5", "--temperature", "0.7", "--seed", "11"]):
+        monkeypatch.setattr("sys.stdin", io.StringIO("the sea\nblue\n"))
+        assert main(["chat", "--json", "--template", "plain", "--model", *args]) == 0
+        chats.append(capsys.readouterr().out)
+    assert chats[0] == chats[1] and len(chats[0].splitlines()) == 2
     with TestClient(create_app(loaded, max_batch=2)) as c:
         got = c.post("/v1/completions", json={"prompt": "the sea", "max_tokens": 5}).json()["choices"][0]["text"]
     with BatchEngine(lm, max_batch=2) as eng:

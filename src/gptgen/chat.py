@@ -461,9 +461,12 @@ class ChatSession:
         self.last_prompt = prompt
         options = dict(self.options)
         options.setdefault("truncate_prompt", True)
-        if options.get("seed") is not None:
+        seed = options.get("seed")
+        if seed is None:  # the model directory's default
+            seed = getattr(getattr(self.lm, "generation_config", None), "seed", None)
+        if seed is not None:
             # Reproducible conversations whose turns still draw different samples.
-            options["seed"] = int(options["seed"]) + self.turns_asked
+            options["seed"] = int(seed) + self.turns_asked
         self.turns_asked += 1
         # The template writes BOS itself; a model trained with add_bos must not get a second one.
         if tok.bos_token and prompt.startswith(tok.bos_token):
@@ -505,7 +508,8 @@ class ChatSession:
     def _budget(self) -> int:
         from .generation import DEFAULT_MAX_NEW_TOKENS
 
-        return int(self.options.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        default = getattr(self.lm, "generation_config", None)  # the model directory's default
+        return int(self.options.get("max_new_tokens") or (default and default.max_new_tokens) or DEFAULT_MAX_NEW_TOKENS)
 
     def _reached_text_marker(self, prompt: str, answer: str, options: dict[str, Any]) -> bool:
         """Whether a text-marker answer ended at the marker rather than at the token budget."""
