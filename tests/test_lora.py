@@ -200,3 +200,21 @@ def test_bad_lora_settings_and_adapters(hf_dir, tmp_path):
     peft.get_peft_model(hf_model(hf_dir), dora).save_pretrained(tmp_path / "dora")
     with pytest.raises(CheckpointError, match="use_dora"):
         load_adapter(load_model(hf_dir), tmp_path / "dora")
+
+
+def test_finetune_cli_lora_prints_memory_and_writes_adapter(hf_dir, data_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptgen", "finetune", "--model", str(hf_dir), "--tokenizer",
+         str(data_dir / "gpt2-tokenizer"), "--data", str(data_dir / "tinyshakespeare" / "input.txt"), "--reader",
+         "paragraphs", "--seq-len", "32", "--batch-size", "4", "--max-steps", "2", "--lora-rank", "4",
+         "--lora-target", "c_attn", "--gradient-checkpointing", "--threads", "1", "--no-progress", "--no-samples",
+         "--output", str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Memory estimate, 4 x 32 tokens: lora: ~" in proc.stdout and "full would need" in proc.stdout
+    config = json.loads((tmp_path / "run" / "last" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["target_modules"] == ["c_attn"] and config["lora_alpha"] == 16
+    bad = subprocess.run([sys.executable, "-m", "gptgen", "finetune", "--model", str(hf_dir), "--tokenizer",
+                          str(data_dir / "gpt2-tokenizer"), "--data", str(data_dir / "tinyshakespeare" / "input.txt"),
+                          "--lora-rank", "4", "--lora-target", "q_proj", "--max-steps", "1", "--no-progress"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert bad.returncode == 2 and "names no Linear" in bad.stderr and "Traceback" not in bad.stderr

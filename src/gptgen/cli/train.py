@@ -106,6 +106,21 @@ def _memory_args(p: argparse.ArgumentParser, lora: bool) -> None:
                         "instead of copying them to each (DDP)")
 
 
+class _MemoryHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Fills the description's {memory_table} only when --help is shown (the estimate takes a moment)."""
+
+    def _fill_text(self, text, width, indent):
+        if "{memory_table}" in text:
+            try:
+                from ..training.memory import memory_table
+
+                table = "Estimated memory (gptgen.training.memory.estimate_memory), " + memory_table(devices=4)
+            except Exception:  # --help never fails on the estimate
+                table = ""
+            text = text.replace("{memory_table}", table)
+        return super()._fill_text(text, width, indent)
+
+
 def _memory_settings(args) -> dict[str, Any]:
     target = getattr(args, "lora_target", None)
     if target is not None and len(target) == 1 and any(c in target[0] for c in "\\.*[("):
@@ -132,7 +147,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     _memory_args(p, lora=False)
     p.set_defaults(handler=run_train)
 
-    p = sub.add_parser("finetune", help="fine-tune a gptgen or Hugging Face GPT-2 model directory")
+    p = sub.add_parser(
+        "finetune", help="fine-tune a gptgen or Hugging Face GPT-2 model directory",
+        formatter_class=_MemoryHelpFormatter,
+        description="Fine-tune a model. Which mode fits your memory (printed before training starts):\n"
+                    "  full (default)   every weight trains; ~16 bytes a parameter plus activations\n"
+                    "  --lora-rank 8    adapters only (<1% of the weights train): the model fits where full\n"
+                    "                   fine-tuning does not; add --gradient-checkpointing for long sequences\n"
+                    "  --fsdp           under torchrun: full fine-tuning sharded over the processes\n"
+                    "                   (weights, gradients and Adam state divided by their number)\n\n"
+                    "{memory_table}")
     _model_args(p)
     _data_args(p)
     _train_args(p)
@@ -211,7 +235,42 @@ def _report(run, as_json: bool) -> int:
     return 0
 
 
+# Ctrl-C ------------------------------------------------------------------------------------------------
+def _resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run: the same flags, --resume instead of --overwrite."""
+    import shlex
+
+    flags = [a for a in argv if a != "--overwrite"]
+    if "--resume" not in flags:
+        flags.append("--resume")
+    return shlex.join(["gptgen", *flags])
+
+
+def _interruptible(handler):
+    """A command whose training stops cleanly on Ctrl-C: one line saying where the checkpoint is and the
+    command that resumes it, exit status 130."""
+    import functools
+    import sys
+
+    @functools.wraps(handler)
+    def run(args) -> int:
+        from ..training.checkpointing import TrainingInterrupted
+
+        try:
+            return handler(args)
+        except TrainingInterrupted as exc:
+            if exc.checkpoint is None:
+                print(f"gptgen: {exc} (pass --output to keep a checkpoint)", file=sys.stderr, flush=True)
+            else:
+                print(f"gptgen: interrupted at step {exc.step}; saved {exc.checkpoint}; resume with: "
+                      f"{_resume_command(sys.argv[1:])}", file=sys.stderr, flush=True)
+            return 130
+
+    return run
+
+
 # Commands ----------------------------------------------------------------------------------------------
+@_interruptible
 def run_train(args) -> int:
     from ..pipeline import train
 
@@ -222,9 +281,34 @@ def run_train(args) -> int:
     return _report(run, args.json)
 
 
+def _print_memory(args) -> None:
+    """The memory the run needs per device (gptgen.training.memory), and what the other modes would need."""
+    import os
+
+    if args.json or int(os.environ.get("RANK", "0")) != 0:
+        return
+    from ..checkpoint import read_config
+    from ..training.memory import GiB, estimate_memory
+
+    config = read_config(args.model)
+    devices = int(os.environ.get("WORLD_SIZE", "1"))
+    common = dict(batch_size=args.batch_size or 32, seq_len=args.seq_len or config.n_positions,
+                  grad_accum=args.grad_accum or 1, devices=devices, lora_target=_memory_settings(args)["lora_target"],
+                  gradient_checkpointing=bool(args.gradient_checkpointing))
+    mode = "fsdp" if args.fsdp and devices > 1 else "lora" if args.lora_rank else "full"
+    chosen = estimate_memory(config, mode, lora_rank=args.lora_rank, **common)
+    others = [estimate_memory(config, m, lora_rank=args.lora_rank or 8, **common)
+              for m in ("full", "lora") if m != mode]
+    print(f"Memory estimate, {common['batch_size']} x {common['seq_len']} tokens: {chosen.describe()}; "
+          + ", ".join(f"{e.mode} would need ~{e.total / GiB:.1f} GiB" for e in others)
+          + " (see docs/training.md).", flush=True)
+
+
+@_interruptible
 def run_finetune(args) -> int:
     from ..pipeline import train
 
+    _print_memory(args)
     run = train(args.recipe, model=args.model, tokenizer=args.tokenizer, **_train_settings(args))
     return _report(run, args.json)
 
