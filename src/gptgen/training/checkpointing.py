@@ -243,3 +243,62 @@ def _jsonable(obj):
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     return obj
+
+
+# Ctrl-C: the first SIGINT asks for a checkpoint at the current step, a second one aborts at once -------------
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C after a resumable checkpoint of the current step was written.
+
+    A KeyboardInterrupt, so code that stops on Ctrl-C still stops; `step` and `checkpoint` (last/, or None
+    without an output directory) say where the run can go on (resume=True, --resume)."""
+
+    def __init__(self, step: int, checkpoint_dir: Path | None) -> None:
+        where = f"; a checkpoint of step {step} is in {checkpoint_dir}" if checkpoint_dir else \
+            " (no output directory, so nothing was saved)"
+        super().__init__(f"Training interrupted at step {step}{where}.")
+        self.step = step
+        self.checkpoint = checkpoint_dir
+
+
+class graceful_interrupt:
+    """While training in the main thread of a single process, the first SIGINT sets trainer.interrupt_requested
+    (the step loop saves and raises TrainingInterrupted at the next step boundary); the second raises
+    KeyboardInterrupt at once. Other handlers (a caller's own) are left alone."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.previous = None
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.trainer.interrupt_requested:
+            signal.signal(signal.SIGINT, self.previous)
+            raise KeyboardInterrupt
+        self.trainer.interrupt_requested = True  # the one line is printed by whoever catches the exception
+
+    def __enter__(self) -> "graceful_interrupt":
+        import signal
+        import threading
+
+        self.trainer.interrupt_requested = False
+        if (threading.current_thread() is threading.main_thread() and not self.trainer.dist.enabled
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self.previous = signal.default_int_handler
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self.previous is not None and signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, self.previous)
+        self.previous = None
+
+
+def interrupt(trainer: Trainer, saved: Path | None = None) -> TrainingInterrupted:
+    """The exception that ends an interrupted run, after the checkpoint of the current step (unless `saved`
+    already holds it)."""
+    if saved is None and trainer.output_dir is not None:
+        saved = trainer.save_checkpoint()
+    return TrainingInterrupted(trainer.step, saved)

@@ -102,6 +102,7 @@ class Trainer:
         self.epoch_metrics = TokenMetrics()
         self.history: list[dict[str, Any]] = []
         self.should_stop = False
+        self.interrupt_requested = False  # set by the first Ctrl-C (checkpointing.graceful_interrupt)
         self.stop_reason: str | None = None
         self.curves_path: Path | None = None
         self.last_val: dict[str, float] | None = None
@@ -333,7 +334,8 @@ class Trainer:
             D.shutdown(self.dist)
             raise
         try:
-            return self._fit()
+            with checkpointing.graceful_interrupt(self):  # Ctrl-C: a checkpoint of this step, then stop
+                return self._fit()
         finally:
             if claim is not None:
                 claim.release()
@@ -391,11 +393,16 @@ class Trainer:
                         break
                     if cfg.save_every and self.step % cfg.save_every == 0 and self.batch_in_epoch < self.steps_per_epoch:
                         last_dir = self.save_checkpoint()
+                    if self.interrupt_requested and self.batch_in_epoch < self.steps_per_epoch:
+                        saved = cfg.save_every and self.step % cfg.save_every == 0
+                        raise checkpointing.interrupt(self, last_dir if saved else None)
                 if self.batch_in_epoch >= self.steps_per_epoch:
                     self._end_epoch(time.perf_counter() - start)
                     last_dir = self.save_checkpoint(finished=done or self.epoch >= self.num_epochs)
                 if done or self.should_stop:
                     break
+                if self.interrupt_requested:  # the epoch's end just wrote the checkpoint
+                    raise checkpointing.interrupt(self, last_dir)
             if already_done:  # resumed a finished run: nothing to train, nothing to rewrite
                 last_dir = self.output_dir / "last" if self.output_dir is not None else None
             else:
