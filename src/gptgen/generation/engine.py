@@ -6,9 +6,9 @@
 
 Rows are prompts times the sampler's rows per prompt (num_return_sequences, beams, or contrastive
 candidates). Left padding is masked out of attention and positions count real tokens only, so a
-prompt gives the same tokens alone or in a batch. On CUDA the one-token decode step is compiled with
-torch.compile(mode="reduce-overhead") (CUDA graphs) over a cache kept between calls; the first call
-compiles, later calls of the same batch shape replay it.
+prompt gives the same tokens alone or in a batch. The model runs through runner.Runner (the one caller
+of the model while generating, shared with the batch engine), whose backends (native, compiled, eager)
+are chosen in one place.
 """
 
 from __future__ import annotations
@@ -320,6 +320,26 @@ def _texts(run, trackers) -> list[list[str]]:
     return out
 
 
+def _pieces(run, trackers, n: int, texts: list, live: bool = True) -> Iterator[tuple[int, str]]:
+    """Run the generation: with live, yield (index of the returned sequence, text piece) as tokens are
+    produced (beam search: at the end); the final texts go into `texts`."""
+    rows = _stream_rows(run) if live else None
+    emitters = [StreamEmitter() for _ in range(len(trackers) * n)]
+    for state in _iterate(run):
+        if rows is None:
+            continue
+        gens = state.row_generated()
+        for i, r in enumerate(rows):
+            piece = emitters[i].piece(trackers[i // n].safe(gens[r], bool(state.finished[r])))
+            if piece:
+                yield i, piece
+    texts.extend(_texts(run, trackers))
+    for i, emitter in enumerate(emitters if live else ()):
+        piece = emitter.piece(texts[i // n][i % n])
+        if piece:
+            yield i, piece
+
+
 def generate(lm, prompts, config: GenerationConfig | None = None, *, add_bos=None, include_prompt=True,
              skip_special_tokens=True, truncate_prompt=False, callback=None, compile=None, **options):
     """Generate text for a prompt (-> str, or list[str] with num_return_sequences > 1) or a list of
@@ -337,24 +357,9 @@ def generate(lm, prompts, config: GenerationConfig | None = None, *, add_bos=Non
         raise GenerationError("The prompt list is empty; pass at least one prompt.")
     run, trackers = _text_run(lm, plist, config, add_bos=add_bos, skip_special_tokens=skip_special_tokens,
                               truncate_prompt=truncate_prompt, compile=compile)
-    n = config.num_return_sequences
-    rows = _stream_rows(run) if callback is not None else None
-    emitters = [StreamEmitter() for _ in range(len(plist) * n)]
-    for state in _iterate(run):
-        if rows is None:
-            continue
-        gens = state.row_generated()
-        for i, r in enumerate(rows):
-            done = bool(state.finished[r])
-            piece = emitters[i].piece(trackers[i // n].safe(gens[r], done))
-            if piece:
-                callback(i, piece)
-    texts = _texts(run, trackers)
-    if callback is not None:
-        for i in range(len(plist) * n):
-            piece = emitters[i].piece(texts[i // n][i % n])
-            if piece:
-                callback(i, piece)
+    n, texts = config.num_return_sequences, []
+    for i, piece in _pieces(run, trackers, n, texts, live=callback is not None):
+        callback(i, piece)
     if include_prompt:
         texts = [[p + t for t in ts] for p, ts in zip(plist, texts)]
     if single:
@@ -373,15 +378,5 @@ def stream(lm, prompt: str, config: GenerationConfig | None = None, *, add_bos=N
         raise GenerationError("stream() produces one sequence; use generate() for num_return_sequences > 1.")
     run, trackers = _text_run(lm, [prompt], config, add_bos=add_bos, skip_special_tokens=skip_special_tokens,
                               truncate_prompt=truncate_prompt, compile=compile)
-    rows = _stream_rows(run)
-    emitter = StreamEmitter()
-    for state in _iterate(run):
-        if rows is None:
-            continue
-        gen = state.row_generated()[rows[0]]
-        piece = emitter.piece(trackers[0].safe(gen, bool(state.finished[rows[0]])))
-        if piece:
-            yield piece
-    piece = emitter.piece(_texts(run, trackers)[0][0])
-    if piece:
+    for _, piece in _pieces(run, trackers, 1, []):
         yield piece
