@@ -308,7 +308,9 @@ def test_the_decoder_drops_its_cache_and_serves_another_batch_size(monkeypatch):
     model = build("mini", 1)
     dec = int8_step.decoder(model)
     assert dec is not None
-    run = engine._prepare(model, PROMPTS, max_new_tokens=8, eos_token_id=[])
+    from gptgen.generation.config import GenerationConfig
+
+    run = engine._prepare(model, PROMPTS, GenerationConfig(max_new_tokens=8, eos_token_id=[]))
     it = engine._iterate(run)
     next(it)  # prefilled, one token committed: the decoder holds the model's cache
     assert run.backend.native is dec
@@ -316,6 +318,7 @@ def test_the_decoder_drops_its_cache_and_serves_another_batch_size(monkeypatch):
     for _ in it:
         pass
     assert model.blocks[0].attn.kv_cache is None  # ModelBackend.close cleared the model's cache...
+    del it, run  # (the finished run's runner may keep its own buffers until it goes)
     gc.collect()
     assert held() is None, "the native decoder still holds the finished generation's cache"  # ...and the decoder's
     with pytest.raises(RuntimeError, match="set_cache first"):
