@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 
 
 def _metric(url: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(url + "/metrics").text, re.M)
+    match = re.search(rf"^{re.escape(name)}(?:{{model=\"[^\"]*\"}})? (\S+)$", httpx.get(url + "/metrics").text, re.M)
     return float(match.group(1))
 
 
@@ -111,3 +111,53 @@ def test_playground_streams_stops_and_chats(gpt2_tokenizer_dir, tmp_path):
         DOCS_IMG.mkdir(parents=True, exist_ok=True)
         for shot in shots:
             shutil.copy(shot, DOCS_IMG / shot.name)
+
+
+def test_playground_error_mid_stream_greedy_controls_and_json_mode(monkeypatch):
+    """A stream the engine fails midway reads as an error, not "done"; greedy disables temperature, top-k
+    and top-p; the JSON mode toggle sends response_format json_object and the answer parses."""
+    import json
+
+    pytest.importorskip("llguidance")
+    from gptgen.generation.batcher import BatchEngine
+
+    torch.manual_seed(0)
+    tok = Tokenizer.train("byte-bpe", ['{"name": "Anne", "age": 27} hello there'] * 20, 300)
+    lm = LanguageModel.from_preset("gpt2", tok, n_layer=1, n_embd=32, n_head=2, n_positions=256, init_std=0.2)
+    lm.model.eval()
+    app = create_app(lm, max_batch=2, served_model_name="small", chat_template="plain")
+    real_commit = BatchEngine._commit
+
+    def failing_commit(self, seq, token, logprob, top):  # a prompt of "FAIL" breaks after 3 tokens
+        if seq.request.prompt_ids == tok.encode("FAIL") and len(seq.tokens) == 3:
+            return self._finish_seq(seq, "error")
+        return real_commit(self, seq, token, logprob, top)
+
+    monkeypatch.setattr(BatchEngine, "_commit", failing_commit)
+    with LiveServer(app) as live, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            page.goto(live.url + "/")
+            sync_api.expect(page.locator("#model")).to_contain_text("small")
+            page.select_option("#sampler", "greedy")
+            assert page.is_disabled("#temperature") and page.is_disabled("#top_k") and page.is_disabled("#top_p")
+            page.select_option("#sampler", "top_k")
+            assert page.is_enabled("#temperature") and page.is_enabled("#top_k") and page.is_disabled("#top_p")
+
+            page.fill("#prompt", "FAIL")
+            page.fill("#max_tokens", "50")
+            page.click("#generate")
+            sync_api.expect(page.locator("#status")).to_have_text("error")
+            sync_api.expect(page.locator("#error")).to_contain_text("failed")
+
+            page.fill("#prompt", "person:")
+            page.fill("#max_tokens", "200")
+            page.fill("#seed", "3")
+            page.check("#json_mode")
+            page.click("#generate")
+            sync_api.expect(page.locator("#status")).to_contain_text("done", timeout=30000)
+            assert isinstance(json.loads(page.text_content("#out-text")), dict)
+        finally:
+            browser.close()

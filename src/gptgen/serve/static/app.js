@@ -38,20 +38,22 @@ function samplingFields() {
   if (seed !== "") body.seed = parseInt(seed, 10);
   const stops = $("stop_text").value.split("\n").filter((s) => s.length > 0);
   if (stops.length) body.stop = stops;
+  if ($("json_mode").checked) body.response_format = { type: "json_object" };
   body.stream = true;
   body.stream_options = { include_usage: true };
   if (state.model) body.model = state.model;
   return body;
 }
 
-// Reads an SSE response, calling onData(object) for each `data:` event until [DONE].
+// Reads an SSE response, calling onData(object) for each `data:` event until [DONE]. An error event, or a
+// stream that ends without [DONE], throws: the answer was cut short and must not read as done.
 async function readEvents(response, onData) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) return;
+    if (done) throw new Error("The stream ended before the answer was complete.");
     buffer += decoder.decode(value, { stream: true });
     let cut;
     while ((cut = buffer.indexOf("\n\n")) >= 0) {
@@ -61,7 +63,9 @@ async function readEvents(response, onData) {
         if (!line.startsWith("data:")) continue;
         const data = line.slice(5).trim();
         if (data === "[DONE]") return;
-        onData(JSON.parse(data));
+        const event = JSON.parse(data);
+        if (event.error) throw new Error(event.error.message || "The server failed while answering.");
+        onData(event);
       }
     }
   }
@@ -182,6 +186,15 @@ $("reset").addEventListener("click", () => { state.conversation = []; $("convers
 $("mode-complete").addEventListener("click", () => setMode("complete"));
 $("mode-chat").addEventListener("click", () => setMode("chat"));
 $("temperature").addEventListener("input", () => { $("temperature-value").textContent = $("temperature").value; });
+// Controls that do not apply to the chosen sampler are disabled: greedy ignores temperature, top-k and top-p.
+function updateControls() {
+  const sampler = $("sampler").value;
+  $("temperature").disabled = sampler === "greedy";
+  $("top_k").disabled = sampler !== "top_k";
+  $("top_p").disabled = sampler !== "top_p";
+}
+$("sampler").addEventListener("change", updateControls);
+updateControls();
 $("api_key").addEventListener("change", loadModel);
 for (const id of ["prompt", "message"]) {
   $(id).addEventListener("keydown", (e) => {
