@@ -4,7 +4,7 @@
     repeat: sampler.select -> reorder rows (beam / contrastive) -> commit tokens -> stop rows
             sampler.feed -> one step of the backend for the fed tokens -> logits
 
-A backend says where logits come from: engine.py's ModelBackend runs a gptgen GPT over its KV cache,
+A backend says where logits come from: engine.py's ModelBackend runs a gptgen GPT through runner.Runner,
 FunctionBackend calls a user's next(prompt, cache, index). This module imports neither the engine nor
 the samplers, so both can import it.
 """
