@@ -37,6 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "of seconds at start, then serves 1-1.5x faster in fp32 and 2-3x with --quantize int8 "
                         "(needs a C++ compiler; CUDA replays CUDA graphs without it)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection whose request headers are not complete within this time (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="close a connection whose request body is not complete within this time after its "
+                        "headers (default 30)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="close an idle keep-alive connection after this time (default 5)")
     p.set_defaults(handler=run_serve)
 
 
@@ -53,6 +60,10 @@ def run_serve(args) -> int:
 
     if not 0 < args.port < 65536:
         raise GptgenError(f"--port must be between 1 and 65535, got {args.port}.")
+    for option, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout),
+                          ("--keep-alive-timeout", args.keep_alive_timeout)):
+        if not 0 < value <= 86400:  # also refuses nan
+            raise ConfigError(f"{option} must be a number of seconds above 0 and at most 86400, got {value}.")
     from ..chat import check_template_name
 
     try:  # before the model loads: a wrong name fails in a second, not after the load
@@ -85,7 +96,11 @@ def run_serve(args) -> int:
     loading = LoadingApp(build)
     print(f"gptgen: serving {name} at http://{args.host}:{args.port}/ (playground at /, API at /v1); "
           f"loading the model, /health answers 503 until it is ready", flush=True)
-    uvicorn.run(loading, host=args.host, port=args.port, log_level=args.log_level)
+    from ..serve.hardening import timed_protocol
+
+    uvicorn.run(loading, host=args.host, port=args.port, log_level=args.log_level,
+                http=timed_protocol(args.header_timeout, args.body_timeout),  # slow clients are cut off
+                timeout_keep_alive=args.keep_alive_timeout)
     if loading.error is not None:
         if isinstance(loading.error, GptgenError):
             raise loading.error

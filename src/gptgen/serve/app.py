@@ -100,6 +100,9 @@ def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, ap
         app.add_middleware(CORSMiddleware, allow_origins=list(cors), allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["*"], expose_headers=["X-Request-Id"])
     app.add_middleware(_StatusCounter, metrics=state.metrics)
+    from .hardening import harden
+
+    harden(app)  # clients gone mid-body: one log line; gptgen's errors: 400 (serve/hardening.py)
 
     # Errors: always OpenAI's shape, never a traceback --------------------------------------------
     @app.exception_handler(APIError)
@@ -551,6 +554,9 @@ class _Job:
         self.finished = False
         self.failed = False  # the engine ended a choice with finish_reason "error"
         loop = asyncio.get_running_loop()
+        from .hardening import admit
+
+        admit(self.engine, len(prompts))  # 400 if they can never fit, 429 if not now: before any is queued
         for p_i, ids in enumerate(prompts):
             def on_event(event, p_i=p_i):  # engine thread: hand over, never block
                 self.pending.append((p_i, event))
