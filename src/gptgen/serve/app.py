@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..chat import ChatTemplate, _special_marker_id, get_template
 from ..errors import GenerationError, GptgenError
 from ..generation.batcher import token_text
+from ..generation.config import check_option
 from .errors import APIError, error_body
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, error_sentence
@@ -344,6 +345,10 @@ class _ServerState:
         self.check_model(req.model)
         for name in _SEARCH_ONLY:  # options of beam / contrastive search: refused, never silently dropped
             if body.get(name) not in (None, False):
+                try:  # a bad value gets GenerationConfig's sentence first, as in the API and the CLI
+                    check_option(name, body[name])
+                except GenerationError as exc:
+                    raise APIError(400, str(exc), param=name, code="invalid_value") from None
                 raise APIError(400, f"{name} belongs to beam or contrastive search, which the batching server "
                                     "does not run; use gptgen generate or LanguageModel.generate.", param=name)
         return req
