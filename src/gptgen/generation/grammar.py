@@ -66,6 +66,11 @@ def _ll_tokenizer(tokenizer):
     return made
 
 
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
 def kind_of(tokenizer) -> str:
     return getattr(tokenizer, "kind", None) or "unknown kind"
 
@@ -146,15 +151,15 @@ class RowState:
             mask = torch.zeros(vocab_size, dtype=torch.bool)
             mask[:n] = bits[:n]
         if self.matcher.is_error():
-            raise GenerationError(f"The grammar engine failed: {self.matcher.get_error()}")
+            raise GenerationError(_sentence(f"The grammar engine failed: {self.matcher.get_error().splitlines()[0]}"))
         if not mask.any() and self.eos < vocab_size:
             mask[self.eos] = True  # nothing can follow: end the text
         return mask
 
     def accept(self, token_id: int) -> None:
         if not self.matcher.consume_token(int(token_id)):
-            raise GenerationError(f"Token {token_id} does not fit the response_format here: "
-                                  f"{self.matcher.get_error() or 'not allowed by the grammar'}")
+            reason = (self.matcher.get_error() or "not allowed by the grammar").splitlines()[0]
+            raise GenerationError(_sentence(f"Token {token_id} does not fit the response_format here: {reason}"))
 
     def is_finished(self) -> bool:
         return self.matcher.is_stopped()
@@ -205,7 +210,7 @@ def _compiled(tokenizer, spec: str) -> Constraint | None:
     ll = _llguidance()
     error = ll.LLMatcher.validate_grammar(grammar, ll_tok)
     if error:
-        raise GenerationError(f"The response_format cannot be used: {error.splitlines()[0]}")
+        raise GenerationError(_sentence(f"The response_format cannot be used: {error.splitlines()[0]}"))
     constraint = Constraint(ll_tok, grammar, tokenizer.vocab_size, tokenizer.eos_token_id, spec)
     if len(cache) < 256:
         cache[spec] = constraint
