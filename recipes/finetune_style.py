@@ -10,6 +10,7 @@ perplexities before and after show the style change. `--base DIR` starts from an
 
     python recipes/finetune_style.py --base gpt2 --lr 5e-5 --batch-size 32 --max-steps 500   # the tutorial
     python recipes/finetune_style.py --pretrain-steps 300 --max-steps 300                        # CPU demo
+    python recipes/finetune_style.py --base gpt2 --lora-rank 8 --lr 1e-3 --max-steps 500           # LoRA
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def build_parser():
     p.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
                    help="train a GPT-2-style byte-level BPE of VOCAB tokens on books instead of GPT-2's own")
     p.add_argument("--prompts", nargs="+", default=PROMPTS)
+    p.add_argument("--lora-rank", type=int, help="fine-tune rank-R LoRA adapters only (the base frozen; try a 10x "
+                                                 "higher --lr); the adapter is saved in peft's format too")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
     return p
 
 
@@ -107,8 +111,11 @@ def main(argv=None) -> dict:
     if not args.quiet:
         print(f"Fine-tuning {base_dir} on {len(style_data):,} windows of tinyshakespeare (linear decay from "
               f"{args.lr:g} to 0).")
+    lora = dict(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha) if args.lora_rank else {}
     result = lm.fit(style_data, val_data=style_v, schedule="linear", eval_each_epoch=True,
-                    callbacks=[] if args.quiet else [PrintEpochs()], **C.fit_options(args))
+                    callbacks=[] if args.quiet else [PrintEpochs()], **C.fit_options(args), **lora)
+    if args.lora_rank:  # the adapter alone (peft format); the model directory below has it merged in
+        lm.save_lora(out / "adapter", overwrite=args.overwrite)
     model_dir = lm.save(out / "model", format="hf", overwrite=args.overwrite)
     after = measure(lm, args.prompts, args, style_v, books_v)
     if not args.quiet:
@@ -118,7 +125,7 @@ def main(argv=None) -> dict:
         print(f"\ntinyshakespeare validation perplexity {before['shakespeare_val_perplexity']:.1f} -> "
               f"{after['shakespeare_val_perplexity']:.1f}; books validation perplexity "
               f"{before['books_val_perplexity']:.1f} -> {after['books_val_perplexity']:.1f}.")
-    results = {"recipe": "finetune_style", "base": str(base_dir), "pretrain": pretrain,
+    results = {"recipe": "finetune_style", "base": str(base_dir), "pretrain": pretrain, "lora_rank": args.lora_rank,
                "parameters": lm.num_parameters(), "vocab_size": tok.vocab_size, "steps": result.steps,
                "style_windows": len(style_data), "before": before, "after": after, "epochs": [r for r in result.history if r["event"] == "epoch"],
                "model_dir": str(model_dir), "seconds": round(time.perf_counter() - start, 1)}

@@ -218,3 +218,24 @@ def test_finetune_cli_lora_prints_memory_and_writes_adapter(hf_dir, data_dir, tm
                           "--lora-rank", "4", "--lora-target", "q_proj", "--max-steps", "1", "--no-progress"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode == 2 and "names no Linear" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_finetune_style_recipe_with_lora(data_dir, tmp_path):
+    """recipes/finetune_style.py --lora-rank: only adapters train; the merged model equals base + adapter."""
+    import importlib
+
+    recipes = REPO / "recipes"
+    if str(recipes) not in sys.path:
+        sys.path.insert(0, str(recipes))
+    recipe = importlib.import_module("finetune_style")
+    r = recipe.main(["--data-dir", str(data_dir), "--output", str(tmp_path), "--threads", "1", "--limit", "120",
+                     "--pretrain-steps", "12", "--max-steps", "10", "--batch-size", "8", "--seq-len", "32",
+                     "--train-tokenizer", "600", "--max-new-tokens", "8", "--lora-rank", "4", "--lr", "3e-3",
+                     "--config", "n_layer=1", "--config", "n_embd=64", "--config", "n_head=2", "--quiet"])
+    assert r["lora_rank"] == 4 and r["steps"] == 10
+    assert r["after"]["shakespeare_val_perplexity"] < r["before"]["shakespeare_val_perplexity"]
+    base, merged = load(r["base"]).model, load(r["model_dir"]).model
+    with_adapter = load_adapter(load(r["base"]).model, tmp_path / "adapter")
+    x = torch.randint(0, 600, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(merged, x), logits(with_adapter, x), atol=1e-4, rtol=0)
+    assert (logits(merged, x) - logits(base, x)).abs().max() > 1e-3
