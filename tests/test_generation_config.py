@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -100,8 +101,7 @@ def test_api_cli_and_server_agree_on_every_numeric_option(lm, model_dir, client,
     api = _api(lm, name, value)
     if api is not None:  # refused: one sentence, the same everywhere
         assert api.endswith(".") and "\n" not in api
-    cli_flags = {a.dest for a in _parser_actions()}
-    if name in cli_flags:
+    if name in {a.dest for a in _parser_actions()}:
         assert _cli(model_dir, capsys, name, value) == api
     server = _server(client, name, value)
     if api is None and server is not None:
@@ -110,6 +110,7 @@ def test_api_cli_and_server_agree_on_every_numeric_option(lm, model_dir, client,
         assert server == api
 
 
+@functools.lru_cache(maxsize=1)
 def _parser_actions():
     from gptgen.cli import build_parser
 
@@ -361,3 +362,23 @@ def test_stop_token_ids_and_include_stop_str_in_output_in_both_engines(lm):
             assert eng.generate(ids, config)[0].text == want
         batch = eng.generate(ids, greedy.replace(stop_token_ids=[stop_id]))[0]
         assert batch.token_ids == full_ids[:first + 1] and batch.finish_reason == "stop"
+
+
+def test_extreme_but_accepted_values_beside_12_clean_greedy_http_requests(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    extremes = [{"temperature": 1e-300}, {"temperature": 100}, {"top_p": 5e-324}, {"min_p": 1.0},
+                {"repetition_penalty": 0.01}, {"repetition_penalty": 100},
+                {"presence_penalty": -2, "frequency_penalty": 2}, {"presence_penalty": 2, "frequency_penalty": -2}]
+
+    def post(body):
+        return client.post("/v1/completions", json=body)
+
+    clean = [{"prompt": p, "max_tokens": 8, "temperature": 0} for p in CLEAN]
+    solo = [post(b).json()["choices"][0]["text"] for b in clean]
+    bodies = clean + [dict(prompt="the sea", max_tokens=8, seed=i, **e) for i, e in enumerate(extremes)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        results = list(pool.map(post, bodies))
+    assert [r.status_code for r in results] == [200] * len(bodies), [r.text for r in results if r.status_code != 200]
+    assert all(r.json()["choices"][0]["finish_reason"] in ("length", "stop") for r in results)
+    assert [r.json()["choices"][0]["text"] for r in results[:12]] == solo
