@@ -27,7 +27,6 @@ from ..errors import GenerationError
 
 FILE_NAME = "generation_config.json"
 DEFAULT_MAX_NEW_TOKENS = 50
-MAX_LOGPROBS = 20
 SAMPLER_NAMES = ("greedy", "beam", "random", "top_k", "top_p", "contrastive")
 RESPONSE_FORMATS = {"text": None, "json_object": None, "json_schema": "json_schema", "regex": "regex",
                     "grammar": "grammar"}
@@ -149,42 +148,32 @@ class GenerationConfig:
     `replace(**options)`."""
 
     # Length
-    max_new_tokens: int | None = _opt(None, "int", "tokens to generate (default 50, or what max_length leaves)",
-                                      low=1)
+    max_new_tokens: int | None = _opt(None, "int", "tokens to generate (default 50, or what max_length leaves)", low=1)
     max_length: int | None = _opt(None, "int", "prompt plus generated tokens (KerasHub / HF count)", low=1)
     min_new_tokens: int = _opt(0, "int", "no end of sequence before this many new tokens", low=0)
     min_length: int | None = _opt(None, "int", "no end of sequence before prompt plus new tokens reach this", low=0)
     # Which sampler
-    sampler: Any = _opt(None, "sampler", "a sampler by name or object (KerasHub): greedy, beam, random, top_k, "
-                                         "top_p, contrastive")
-    do_sample: bool | None = _opt(None, "bool", "sample instead of greedy (HF: top_k 50 unless given); default: "
-                                                "sampling when temperature or a filter is given")
+    sampler: Any = _opt(None, "sampler", "a sampler by name or object (KerasHub); default: chosen by the options")
+    do_sample: bool | None = _opt(None, "bool", "sample (HF: top_k 50 unless given); default: when a filter is given")
     temperature: float | None = _opt(None, "float", "softmax temperature (0: greedy); default 1", low=0, high=100)
     top_k: int | None = _opt(None, "int", "keep the k most likely tokens (0: off)", low=0, note="0 turns it off")
-    top_p: float | None = _opt(None, "float", "nucleus: keep the most likely tokens up to this mass", low=0,
-                               high=1, low_open=True)
-    min_p: float | None = _opt(None, "float", "drop tokens below min_p times the top token's probability", low=0,
-                               high=1)
+    top_p: float | None = _opt(None, "float", "nucleus: the most likely tokens up to this mass", low=0, high=1,
+                               low_open=True)
+    min_p: float | None = _opt(None, "float", "drop tokens below min_p times the top probability", low=0, high=1)
     typical_p: float | None = _opt(None, "float", "locally typical sampling mass (1: off)", low=0, high=1,
                                    low_open=True)
     epsilon_cutoff: float | None = _opt(None, "float", "drop tokens of probability below this", low=0, high=1,
                                         high_open=True)
     eta_cutoff: float | None = _opt(None, "float", "eta sampling cutoff", low=0, high=1, high_open=True)
-    min_tokens_to_keep: int | None = _opt(None, "int", "every filter keeps at least this many tokens (default 1)",
-                                          low=1)
+    min_tokens_to_keep: int | None = _opt(None, "int", "every filter keeps this many tokens (default 1)", low=1)
     num_beams: int | None = _opt(None, "int", "beams of beam search (1: off)", low=1)
-    length_penalty: float = _opt(1.0, "float", "beam scores are divided by length ** length_penalty", low=-10,
-                                 high=10)
+    length_penalty: float = _opt(1.0, "float", "beam scores are divided by length ** length_penalty", low=-10, high=10)
     early_stopping: Any = _opt(False, "early_stopping", "beam search stopping rule: true, false or 'never'")
-    penalty_alpha: float | None = _opt(None, "float", "contrastive search's degeneration penalty (with top_k > 1)",
-                                       low=0, high=1)
+    penalty_alpha: float | None = _opt(None, "float", "contrastive search's penalty (with top_k > 1)", low=0, high=1)
     # Penalties and bans
-    repetition_penalty: float = _opt(1.0, "float", "CTRL penalty of tokens already present (1: off)", low=0.01,
-                                     high=100)
-    presence_penalty: float = _opt(0.0, "float", "OpenAI: subtracted once from every generated token's logit",
-                                   low=-2, high=2)
-    frequency_penalty: float = _opt(0.0, "float", "OpenAI: subtracted per occurrence of a generated token",
-                                    low=-2, high=2)
+    repetition_penalty: float = _opt(1.0, "float", "CTRL penalty of tokens present (1: off)", low=0.01, high=100)
+    presence_penalty: float = _opt(0.0, "float", "OpenAI: off a generated token's logit once", low=-2, high=2)
+    frequency_penalty: float = _opt(0.0, "float", "OpenAI: off a generated token's logit per use", low=-2, high=2)
     no_repeat_ngram_size: int = _opt(0, "int", "never repeat an n-gram of this size (0: off)", low=0)
     bad_words: Any = _opt(None, "texts", "texts never to generate")
     bad_words_ids: Any = _opt(None, "id_lists", "token sequences never to generate")
@@ -198,10 +187,8 @@ class GenerationConfig:
     # Outputs
     num_return_sequences: int = _opt(1, "int", "sequences per prompt", low=1)
     seed: int | None = _opt(None, "int", "seed of the sampler's random numbers", low=-2 ** 63, high=2 ** 64 - 1)
-    logprobs: int | None = _opt(None, "int", "the chosen token's logprob and this many alternatives (server)",
-                                low=0, high=MAX_LOGPROBS)
-    response_format: Any = _opt(None, "response_format", "structured output: json_object, json_schema, regex, "
-                                                         "grammar")
+    logprobs: int | None = _opt(None, "int", "logprob of the token and of N alternatives (server)", low=0, high=20)
+    response_format: Any = _opt(None, "response_format", "structured output: json_object, json_schema, regex, grammar")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
