@@ -1,6 +1,8 @@
-"""Text generation: one decode engine over a static KV cache, samplers, logits processors, stopping.
+"""Text generation: one decode engine over a static KV cache, samplers, logits processors, stopping; every
+option once in GenerationConfig (config.py).
 
-    from gptgen.generation import generate, stream, TopKSampler
+    from gptgen.generation import GenerationConfig, generate, stream, TopKSampler
+    generate(lm, "Once upon a time", GenerationConfig(max_new_tokens=40, do_sample=True, seed=0))
     generate(lm, "My trip to Yosemite was", max_length=200, sampler="top_k")
     generate(lm, ["a", "b"], max_new_tokens=40, do_sample=True, top_k=50, top_p=0.95, num_return_sequences=3)
     for piece in stream(lm, "Once upon a time", sampler=TopKSampler(k=10)): print(piece, end="")
