@@ -87,7 +87,48 @@ def test_every_size_option_is_refused_at_ten_times_memory(tiny_model, capsys, tm
     # the server: checked after the model loads and before the engine allocates its slots
     slot = limits.kv_cache_bytes(config, 1, 64, 4) + 8 * 4 * 200
     for option, unit in (("--max-batch", slot), ("--max-queue", 64 * 64 + (16 << 10)), ("--max-body-size", 4)):
-        _refused(capsys, ["serve", "--model", model, option, str(_ten_times_memory(unit)), "--port", "1"], option)
+        _refused(capsys, ["serve", "--model", model, option, str(_ten_times_memory(unit)), "--port",
+                          str(_free_port()), "--log-level", "critical"], option)
+    from gptgen.data.shards import WORKER_BYTES
+
+    _refused(capsys, ["prepare", str(corpus), "--tokenizer", model, "-o", str(tmp_path / "shards"), "--workers",
+                      str(_ten_times_memory(WORKER_BYTES))], "--workers")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_every_size_of_the_python_api_is_refused_at_ten_times_memory(tiny_model, tmp_path, monkeypatch):
+    """The same sizes given to the Python API: Tokenizer.train, LanguageModel.from_preset, lm.fit, lm.evaluate,
+    prepare_shards (one exception naming the option, nothing allocated)."""
+    import gptgen
+    from gptgen.data.shards import WORKER_BYTES, prepare_shards
+    from gptgen.errors import ConfigError, DataError, TokenizerError
+
+    corpus = str(tiny_model / "corpus.txt")
+    with pytest.raises(TokenizerError, match="vocab_size"):
+        Tokenizer.train("bpe", [corpus], _ten_times_memory(TRAINER_BYTES_PER_TOKEN))
+    lm = gptgen.load(tiny_model / "model")
+    width = int((10 * limits.available_memory() / 16 / 48) ** 0.5) + 1
+    with pytest.raises(ConfigError, match="parameters"):
+        gptgen.LanguageModel.from_preset("gpt2", lm.tokenizer, n_embd=width, n_head=1, n_layer=4)
+    texts = readers.read_lines(corpus)
+    need = limits.activation_bytes(lm.config, len(texts), 64)
+    monkeypatch.setenv("GPTGEN_MEMORY_LIMIT", str(need * 2 // 10))
+    with pytest.raises(ConfigError, match="batch_size"):
+        lm.fit(texts, batch_size=len(texts), seq_len=64, max_steps=1)
+    with pytest.raises(ConfigError, match="batch_size"):
+        lm.evaluate(texts, batch_size=len(texts), seq_len=64)
+    lm.evaluate(texts[:2], batch_size=len(texts), seq_len=8)  # a batch holds at most the examples there are
+    monkeypatch.delenv("GPTGEN_MEMORY_LIMIT")
+    with pytest.raises(DataError, match="--workers"):
+        prepare_shards(corpus, lm.tokenizer, tmp_path / "shards", num_workers=_ten_times_memory(WORKER_BYTES))
+    assert not any(tmp_path.iterdir())
 
 
 def test_negative_min_frequency_is_one_sentence(tiny_model, capsys, tmp_path):

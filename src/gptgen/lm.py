@@ -143,13 +143,37 @@ class LanguageModel:
         """Train or fine-tune; see gptgen.training.fit."""
         from .training import fit
 
+        self._check_batch(train_data, options, "batch_size", training=True)
+        if options.get("eval_batch_size") and options.get("val_data") is not None:
+            self._check_batch(options["val_data"], options, "eval_batch_size", training=False)
         return fit(self, train_data, **options)
 
     def evaluate(self, data, **options):
         """Loss, perplexity and token accuracy on data; see gptgen.training.evaluate."""
         from .training import evaluate
 
+        self._check_batch(data, options, "batch_size", training=False)
         return evaluate(self, data, **options)
+
+    def _check_batch(self, data, options: dict, name: str, training: bool) -> None:
+        """Refuse a batch size whose batch would not fit in memory, before anything is tokenised or allocated
+        (a batch never holds more rows than the data has examples)."""
+        from .options import check_batch_memory
+
+        size = options.get(name, 32)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            return  # the trainer's own check names it
+        seq_len = options.get("seq_len") or getattr(data, "seq_len", None) or self.config.n_positions
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            return
+        try:
+            rows = len(data)
+        except TypeError:
+            rows = None
+        accum = options.get("grad_accum", 1) if training else 1
+        accum = accum if isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1 else 1
+        check_batch_memory(self.config, size, int(seq_len), examples=rows, grad_accum=accum, option=name,
+                           training=training)
 
     def __repr__(self) -> str:
         return f"LanguageModel({self.num_parameters():,} parameters, {self.tokenizer!r})"

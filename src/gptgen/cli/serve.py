@@ -73,15 +73,21 @@ def run_serve(args) -> int:
     from ..checkpoint import resolve_dir
     from ..serve.loading import LoadingApp
 
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     if os.sep in args.model or Path(args.model).exists():  # a missing directory fails now, before binding
         resolve_dir(args.model, config_only=True)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+        from ..checkpoint import read_config
+
+        # sizes that cannot fit are refused before the port is bound (and again, exactly, once loaded)
+        check_serve_sizes(read_config(args.model), dtype or torch.float32, args.max_batch, args.max_queue,
+                          args.max_body_size)
     name = args.served_model_name or Path(args.model).resolve().name
 
     def build():  # in a thread, while the port already answers /health with 503 {"status": "loading"}
         lm = load(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize,
                   lora=args.lora)
-        check_serve_sizes(lm, args.max_batch, args.max_queue, args.max_body_size)
+        check_serve_sizes(lm.config, next(lm.model.parameters()).dtype, args.max_batch, args.max_queue,
+                          args.max_body_size)
         template = None if args.chat_template == "none" else args.chat_template
         app = create_app(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
                          cors=args.cors, served_model_name=name, chat_template=template,
@@ -108,7 +114,7 @@ def run_serve(args) -> int:
     return 0
 
 
-def check_serve_sizes(lm, max_batch: int, max_queue: int, max_body_size: int) -> None:
+def check_serve_sizes(config, dtype, max_batch: int, max_queue: int, max_body_size: int) -> None:
     """Refuse --max-batch, --max-queue and --max-body-size that could not fit the machine's memory, before the
     engine allocates its KV-cache slots (one sentence naming the option, exit 2)."""
     from ..limits import check_allocation, kv_cache_bytes
@@ -117,8 +123,6 @@ def check_serve_sizes(lm, max_batch: int, max_queue: int, max_body_size: int) ->
                           ("--max-body-size", max_body_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{option} must be a positive integer, got {value!r}.")
-    config = lm.config
-    dtype = next(lm.model.parameters()).dtype
     # every slot's cache over the whole context, and each step's (slots, vocab) float32 scores a few times over
     slots = kv_cache_bytes(config, max_batch, config.n_positions, dtype) + 8 * 4 * max_batch * config.vocab_size
     check_allocation("--max-batch", slots, value=max_batch, error=ConfigError)

@@ -33,6 +33,7 @@ MANIFEST = "manifest.json"
 FORMAT = "gptgen-token-shards"
 DEFAULT_SHARD_TOKENS = 100_000_000
 BATCH_TEXTS = 1024
+WORKER_BYTES = 128 << 20  # a tokenising worker process: the interpreter, a tokenizer, a batch
 
 
 def choose_dtype(vocab_size: int) -> np.dtype:
@@ -143,6 +144,14 @@ def prepare_shards(texts_or_paths, tokenizer, out_dir: str | os.PathLike, *,
         raise DataError(f"shard_tokens must be positive, got {shard_tokens}.")
     if batch_texts < 1:
         raise DataError(f"batch_texts must be positive, got {batch_texts}.")
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 1):
+        raise DataError(f"num_workers (--workers) must be a positive integer, got {num_workers!r}.")
+    from ..limits import check_allocation
+
+    # each worker process holds a copy of the tokenizer and a batch of texts and their ids
+    check_allocation("num_workers (--workers)", (num_workers or 1) * WORKER_BYTES, value=num_workers,
+                     error=DataError)
     bos = tokenizer._required_id("bos") if add_bos else None
     eos = tokenizer._required_id("eos") if add_eos else None
     texts = _as_texts(texts_or_paths, mode, reader_opts)
