@@ -46,6 +46,7 @@ from .runner import Runner
 from .stopping import StreamEmitter, TextTracker
 
 log = logging.getLogger(__name__)
+PREFIX_MIN = 8  # shared leading tokens worth copying a row's cache for
 
 
 class QueueFull(GenerationError):
@@ -212,7 +213,7 @@ class BatchEngine:
 
     def __init__(self, lm, *, max_batch: int = 16, max_queue: int = 256, prefill_chunk: int = 256,
                  max_context: int | None = None, device=None, logprobs_mode: str = "raw",
-                 compile: bool | None = None) -> None:
+                 compile: bool | None = None, prefix_caching: bool = True) -> None:
         model = getattr(lm, "model", lm)
         self.lm = lm
         self.tokenizer = getattr(lm, "tokenizer", None)
@@ -252,7 +253,13 @@ class BatchEngine:
         self._closed = False
         self._token_text: dict[int, str] = {}
         self._stats = dict(steps=0, tokens_generated=0, prompt_tokens=0, requests_finished=0,
-                           requests_cancelled=0, prefill_chunks=0)
+                           requests_cancelled=0, prefill_chunks=0, prefix_cache_queries=0, prefix_cache_hits=0,
+                           prefix_tokens_reused=0)
+        # Prefix caching: a new prompt that shares PREFIX_MIN+ leading tokens with a row's cache (a running
+        # sequence, or a finished one whose free row has not been written since: _retired) starts from a copy
+        # of that row's keys and values instead of recomputing them.
+        self.prefix_caching = bool(prefix_caching)
+        self._retired: dict[int, list[int]] = {}  # free row -> the tokens its cache still holds
 
     # Lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -419,13 +426,43 @@ class BatchEngine:
         while self._waiting and len(free) >= self._waiting[0].n:
             req = self._waiting.popleft()
             req.admitted_at = time.monotonic()  # queue time: admitted_at - submitted_at (the server's metrics)
+            length, source = self._longest_prefix(req.prompt_ids) if self.prefix_caching else (0, None)
+            if source in free:  # a finished sequence's row: take it, its cache is already in place
+                free.remove(source)
+                free.insert(0, source)
             rows = [free.pop(0) for _ in range(req.n)]  # highest rows first: fewer swaps later
+            for row in rows:
+                self._retired.pop(row, None)
             req.seqs = [self._new_seq(req, i, row) for i, row in enumerate(rows)]
             for seq in req.seqs:
                 self._rows[seq.row] = seq
+            if length:
+                self.runner.move_row(source, rows[0], length)
+                req.prefilled = req.seqs[0].cache_len = length
+                self._stats["prefix_cache_hits"] += 1
+                self._stats["prefix_tokens_reused"] += length
             self._active.append(req)
             admitted.append(req)
         return admitted
+
+    def _longest_prefix(self, prompt: list[int]) -> tuple[int, int | None]:
+        """(tokens, row): the longest run of the prompt's leading tokens whose keys and values a row holds
+        (the prompt's last token is always computed: its logits choose the first new token)."""
+        self._stats["prefix_cache_queries"] += 1
+        best, source = 0, None
+        candidates = [(row, toks) for row, toks in self._retired.items()]
+        candidates += [(s.row, (s.request.prompt_ids + s.tokens)[:s.cache_len]) for s in self._rows if s is not None]
+        limit = len(prompt) - 1
+        for row, toks in candidates:
+            n = min(limit, len(toks))
+            if n <= best:
+                continue
+            common = 0
+            while common < n and toks[common] == prompt[common]:
+                common += 1
+            if common > best:
+                best, source = common, row
+        return (best, source) if best >= PREFIX_MIN else (0, None)
 
     def _new_seq(self, req: Request, index: int, row: int) -> _Seq:
         p = req.params
@@ -528,6 +565,7 @@ class BatchEngine:
             seq.request.prefilled_at = time.monotonic()  # prefill time: prefilled_at - admitted_at
         target = self._n_dec
         other = self._rows[target]
+        self._retired.pop(target, None)  # written below
         if other is not seq:
             if other is None:
                 self.runner.move_row(seq.row, target, seq.cache_len)
@@ -705,12 +743,18 @@ class BatchEngine:
             last = self._n_dec - 1
             if row != last:
                 moved = self._rows[last]
-                self.runner.move_row(last, row, moved.cache_len)
-                self._history[row] = self._history[last]
+                if self.prefix_caching:  # swap: the finished sequence's cache stays usable in row `last`
+                    self.runner.swap_rows(last, row, max(moved.cache_len, seq.cache_len))
+                    self._history[[row, last]] = self._history[[last, row]]
+                else:
+                    self.runner.move_row(last, row, moved.cache_len)
+                    self._history[row] = self._history[last]
                 moved.row = row
                 self._rows[row] = moved
                 row = last
             self._n_dec -= 1
+        if self.prefix_caching and seq.cache_len >= PREFIX_MIN:
+            self._retired[row] = (seq.request.prompt_ids + seq.tokens)[:seq.cache_len]
         with self._lock:
             self._rows[row] = None
 
