@@ -96,6 +96,9 @@ class Metrics:
             "requests_finished": ("counter", "Requests the engine finished or cancelled."),
             "requests_cancelled": ("counter", "Requests the engine cancelled."),
             "prefill_chunks": ("counter", "Prompt chunks the engine prefilled."),
+            "prefix_cache_queries": ("counter", "Prompts looked up in the prefix cache."),
+            "prefix_cache_hits": ("counter", "Prompts that started from a cached prefix (hit rate: hits / queries)."),
+            "prefix_tokens_reused": ("counter", "Prompt tokens whose keys and values were copied, not computed."),
         }
         for key, (kind, text) in engine.items():
             if key in engine_stats:
