@@ -114,7 +114,7 @@ def test_every_size_of_the_python_api_is_refused_at_ten_times_memory(tiny_model,
     with pytest.raises(TokenizerError, match="vocab_size"):
         Tokenizer.train("bpe", [corpus], _ten_times_memory(TRAINER_BYTES_PER_TOKEN))
     lm = gptgen.load(tiny_model / "model")
-    width = int((10 * limits.available_memory() / 16 / 48) ** 0.5) + 1
+    width = int((10 * limits.available_memory() / 4 / 48) ** 0.5) + 1  # fp32 weights: 4 bytes a parameter
     with pytest.raises(ConfigError, match="parameters"):
         gptgen.LanguageModel.from_preset("gpt2", lm.tokenizer, n_embd=width, n_head=1, n_layer=4)
     texts = readers.read_lines(corpus)

@@ -111,13 +111,16 @@ def parameter_count(config) -> int:
     return (v + config.n_positions) * e + config.n_layer * block + (2 * e if config.final_norm else 0) + head
 
 
-def check_model_memory(config, what: str = "the model (--preset/--config)") -> None:
-    """ConfigError when a model of this config could not be trained here: fp32 weights, gradients and
-    Adam's two moments, 16 bytes a parameter."""
+def check_model_memory(config, what: str = "the model (--preset/--config)", *, training: bool = False,
+                       shards: int = 1) -> None:
+    """ConfigError when a model of this config would not fit here: its fp32 weights (4 bytes a parameter),
+    or to train it the weights, gradients and AdamW's two moments (16 bytes a parameter, split over
+    `shards` processes under FSDP)."""
     from .limits import check_allocation
 
     params = parameter_count(config)
-    check_allocation(f"{what} with {params:,} parameters", 16 * params,
+    per_param = 16 / max(1, shards) if training else 4
+    check_allocation(f"{what} with {params:,} parameters", int(per_param * params),
                      advice="choose a smaller preset, or fewer or narrower layers with --config")
 
 

@@ -229,6 +229,12 @@ def _model(s, tok):
         config = parse_overrides(list(config))
     torch.manual_seed(s["seed"])
     try:
+        from .config import preset
+        from .options import check_model_memory
+
+        shards = int(os.environ.get("WORLD_SIZE", "1") or 1) if s.get("fsdp") else 1
+        check_model_memory(preset(s["preset"], **{**config, "vocab_size": tok.vocab_size}), training=True,
+                           shards=shards)  # weights, gradients and AdamW's state, before any is allocated
         return LanguageModel.from_preset(s["preset"], tok, **config)
     except TypeError as exc:
         raise ConfigError(f"Bad model config override: {exc}.") from None
