@@ -326,7 +326,7 @@ def test_candidate_shortcut_draws_what_the_whole_row_draws():
 
 # Large vocabularies: the candidate search and the float32 draw ------------------------------------------
 def test_top_values_equal_torch_topk_values():
-    from gptgen.generation.samplers import _top_values
+    from gptgen.generation.samplers import top_values
 
     V = 4500  # not a whole number of blocks: the last 20 tokens sit past the last block
     scores = torch.randn(6, V, generator=torch.Generator().manual_seed(6)) * 3
@@ -336,7 +336,7 @@ def test_top_values_equal_torch_topk_values():
     scores[4, 64:96] = 50 + torch.arange(32.0)  # one block holds the 32 best
     scores[5, ::32] = 30.0  # every block has the same maximum
     for n in (1, 5, 33, 35):
-        values, ids = _top_values(scores, n)
+        values, ids = top_values(scores, n)
         assert torch.equal(values, torch.topk(scores, n).values), n
         assert torch.equal(scores.gather(1, ids), values), n
         assert all(len(set(row)) == n for row in ids.tolist()), n

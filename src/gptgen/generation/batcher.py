@@ -41,7 +41,7 @@ from .config import GenerationConfig
 from .engine import end_ids, resolve_sampler
 from .processors import BadWords, MinNewTokens, NoRepeatNGram, PresenceFrequencyPenalty, RepetitionPenalty
 from .row_sampling import apply_temperature, choose_tokens
-from .samplers import GreedySampler, _FilteringSampler
+from .samplers import GreedySampler, FilteringSampler
 from .runner import Runner
 from .stopping import StreamEmitter, TextTracker
 
@@ -71,7 +71,7 @@ def _row_options(config: GenerationConfig) -> dict:
     sampler = resolve_sampler(config)
     if isinstance(sampler, GreedySampler):
         return dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
-    if not isinstance(sampler, _FilteringSampler):
+    if not isinstance(sampler, FilteringSampler):
         raise GenerationError(f"The {sampler.name} sampler is not available in the batch engine; use "
                               "LanguageModel.generate or gptgen generate.")
     for name, off in (("typical_p", 1.0), ("epsilon_cutoff", 0.0), ("eta_cutoff", 0.0), ("min_tokens_to_keep", 1)):

@@ -96,10 +96,8 @@ def check_option(name: str, value):
     elif kind == "early_stopping":
         out = value if (isinstance(value, bool) or value == "never") else _BAD
     elif kind == "sampler":
-        from .samplers import Sampler
-
-        if isinstance(value, Sampler):
-            out = value
+        if callable(getattr(value, "select", None)) and callable(getattr(value, "finalize", None)):
+            out = value  # a Sampler (samplers.py imports this module: it is recognised by its hooks)
         elif isinstance(value, str) and value.lower().replace("-", "_") in SAMPLER_NAMES:
             out = value.lower().replace("-", "_")
     elif kind == "id":

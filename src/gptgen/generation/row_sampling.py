@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .samplers import _argmax, _top_values, apply_temperature, sample
+from .samplers import argmax, top_values, apply_temperature, sample
 
 CANDIDATES = 256
 
@@ -43,7 +43,7 @@ def choose_tokens(scores: torch.Tensor, *, temperature: Sequence[float], top_k: 
     sampled = [i for i, t in enumerate(temperature) if t > 0]
     dev = scores.device
     if len(sampled) < len(temperature):
-        out = _argmax(scores)
+        out = argmax(scores)
     else:
         out = torch.empty(scores.shape[0], dtype=torch.long, device=dev)
     if not sampled:
@@ -57,7 +57,7 @@ def choose_tokens(scores: torch.Tensor, *, temperature: Sequence[float], top_k: 
         # does each row's CANDIDATES most likely tokens' probability reach its p?
         rows = scores if len(p_only) == scores.shape[0] else scores.index_select(0, torch.tensor(p_only, device=dev))
         sub = apply_temperature(rows, _one([float(temperature[i]) for i in p_only]))
-        vals, ids = _top_values(sub, K)  # torch.topk's values, found faster on CPU
+        vals, ids = top_values(sub, K)  # torch.topk's values, found faster on CPU
         covered = torch.exp(torch.logsumexp(vals, dim=-1) - torch.logsumexp(sub, dim=-1)).tolist()
         cand_ids = {}
         for j, i in enumerate(p_only):

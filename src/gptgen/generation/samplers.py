@@ -287,7 +287,7 @@ def _weights(scores: torch.Tensor) -> torch.Tensor:
     return w.exp_()
 
 
-_CHUNK = 32  # tokens per block in _top_values' first pass
+_CHUNK = 32  # tokens per block in top_values' first pass
 
 
 @functools.lru_cache(maxsize=16)
@@ -297,7 +297,7 @@ def _block_index(vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
             torch.arange(vocab // _CHUNK * _CHUNK, vocab, device=device))
 
 
-def _top_values(scores: torch.Tensor, n: int):
+def top_values(scores: torch.Tensor, n: int):
     """torch.topk(scores, n, dim=-1) for rows of a large vocabulary (CPU): the same values, highest first,
     found among the tokens of the n blocks of _CHUNK tokens with the highest maxima (and the tokens past the
     last whole block). Those hold the n highest values: a token in a block left out scores no more than
@@ -317,7 +317,7 @@ def _top_values(scores: torch.Tensor, n: int):
     return values, ids.gather(1, where)
 
 
-def _argmax(scores: torch.Tensor) -> torch.Tensor:
+def argmax(scores: torch.Tensor) -> torch.Tensor:
     """torch.argmax(scores, dim=-1), through the native kernel for long CPU rows (same answer)."""
     if scores.device.type == "cpu" and scores.dim() == 2 and scores.shape[-1] >= LARGE_VOCAB:
         out = native.argmax(scores)
@@ -348,7 +348,7 @@ def _candidates(scores: torch.Tensor, k, min_tokens_to_keep: int):
     fast = native.top_candidates(scores, k, cap=kmax + max(kmax, 256))
     if fast is not None:
         return fast[0], fast[1], True
-    values, ids = _top_values(scores, kmax + 1)
+    values, ids = top_values(scores, kmax + 1)
     kth = values[:, kmax - 1:kmax] if isinstance(k, int) else values.gather(1, k - 1)
     if bool((values[:, kmax:] >= kth).any()):  # ties with a k-th value beyond the first kmax tokens
         # (common with bf16 logits): widen until every row's last value is below its k-th, so the set
@@ -358,7 +358,7 @@ def _candidates(scores: torch.Tensor, k, min_tokens_to_keep: int):
             n *= 2
             if 4 * n > V:
                 return None
-            values, ids = _top_values(scores, n)
+            values, ids = top_values(scores, n)
         return values.masked_fill(values < kth, NEG_INF), ids, False
     values, ids = values[:, :kmax], ids[:, :kmax]
     if not isinstance(k, int):  # rows whose k is below kmax
@@ -409,7 +409,7 @@ def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, top_k=0, mi
     same token as the whole row would for the same random number."""
     t = _rows(temperature, scores)
     if not isinstance(t, torch.Tensor) and t == 0:
-        return _argmax(scores)
+        return argmax(scores)
     k = _rows(top_k, scores, integer=True)
     cand = _candidates(scores, k, min_tokens_to_keep)
     if cand is None:
@@ -429,7 +429,7 @@ def sample(scores: torch.Tensor, generator=None, *, temperature=1.0, top_k=0, mi
         picks = ids.gather(1, draw(_weights(values), generator)[:, None])[:, 0]
     if isinstance(t, torch.Tensor):
         greedy = (t == 0)[:, 0]
-        picks = torch.where(greedy, _argmax(scores), picks)
+        picks = torch.where(greedy, argmax(scores), picks)
     return picks
 
 
@@ -499,10 +499,10 @@ class GreedySampler(Sampler):
         super().__init__(temperature)  # accepted as KerasHub does; it does not change the argmax
 
     def choose(self, scores, generator):
-        return _argmax(scores)
+        return argmax(scores)
 
 
-class _FilteringSampler(Sampler):
+class FilteringSampler(Sampler):
     """A draw from softmax(scores / temperature) after the filters the sampler and its options name:
     transformers' warpers min_p, typical_p, epsilon_cutoff and eta_cutoff are accepted by every
     drawing sampler, and min_tokens_to_keep applies to each filter."""
@@ -532,13 +532,13 @@ class _FilteringSampler(Sampler):
                       eta_cutoff=self.eta_cutoff, min_tokens_to_keep=self.min_tokens_to_keep)
 
 
-class RandomSampler(_FilteringSampler):
+class RandomSampler(FilteringSampler):
     """A draw from the whole softmax(logits / temperature)."""
 
     name = "random"
 
 
-class TopKSampler(_FilteringSampler):
+class TopKSampler(FilteringSampler):
     """A draw among the k most likely tokens (and every token tied with the k-th), renormalised."""
 
     name = "top_k"
@@ -552,7 +552,7 @@ class TopKSampler(_FilteringSampler):
         return self.k
 
 
-class TopPSampler(_FilteringSampler):
+class TopPSampler(FilteringSampler):
     """Nucleus sampling: a draw among the smallest set of most likely tokens whose probability reaches p
     (always at least one), optionally within the k most likely first."""
 
