@@ -363,7 +363,7 @@ def chat(lm, messages: Sequence[Mapping[str, Any]], *, template=None, add_genera
     stop, eos = list(options.pop("stop", None) or []), options.pop("eos_token_id", None)
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     for marker in tmpl.end_markers:
-        marker_id = _special_marker_id(tok, marker)
+        marker_id = special_marker_id(tok, marker)
         if marker_id is not None:
             eos.append(marker_id)
         else:
@@ -381,7 +381,7 @@ def chat(lm, messages: Sequence[Mapping[str, Any]], *, template=None, add_genera
     return lm.generate(prompt, **options)
 
 
-def _special_marker_id(tokenizer, marker: str) -> int | None:
+def special_marker_id(tokenizer, marker: str) -> int | None:
     """The id of `marker` when it is one special token of the tokenizer (like `</s>`), else None."""
     specials = set(tokenizer.special_tokens.values())
     try:  # tokens added as special (ChatML's <|im_end|>) count too
@@ -477,7 +477,7 @@ class ChatSession:
             used = len(tok.encode(prompt, add_bos=bool(options.get("add_bos", self.lm.config.extra.get("add_bos")))))
             options["max_new_tokens"] = max(1, min(self._budget(), self.lm.config.n_positions - used))
         n = self.candidates
-        marker_id = _special_marker_id(tok, marker)
+        marker_id = special_marker_id(tok, marker)
         if marker_id is not None:
             # A special-token marker (KoGPT-2's </s>): end at that token as well as at the model's EOS,
             # and keep the specials in the text to see whether each answer reached it.

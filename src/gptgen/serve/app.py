@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..chat import ChatTemplate, _special_marker_id, get_template
+from ..chat import ChatTemplate, get_template, special_marker_id
 from ..errors import GenerationError, GptgenError
 from ..generation.batcher import token_text
 from ..generation.config import check_option
@@ -381,7 +381,7 @@ class _ServerState:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, max_tokens=max_tokens, logprobs=logprobs, prompt_len=len(ids))
         for marker in self.template.end_markers:
-            marker_id = _special_marker_id(tok, marker)
+            marker_id = special_marker_id(tok, marker)
             if marker_id is not None:  # stop_token_ids end a sequence beside EOS
                 params = params.replace(stop_token_ids=sorted(set(params.stop_token_ids or ()) | {marker_id}))
             else:
