@@ -51,8 +51,10 @@ def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, ap
     The app builds a BatchEngine(lm, max_batch=, max_queue=, compile=) and runs it for its lifetime, unless
     an `engine` is passed (then the caller starts and closes it); with compile=True on CPU the engine's
     decode step is compiled (BatchEngine.warm_up) before the app takes requests. `api_key` guards /v1/*;
-    `cors` lists the origins allowed to call the API from a browser (none by default). `chat_template` is a ChatTemplate,
-    a name of gptgen.chat.TEMPLATES, "auto" (the tokenizer's BOS/EOS) or None (chat refused).
+    `cors` lists the origins allowed to call the API from a browser (none by default). `chat_template` is a
+    template object, a name of gptgen.chat.TEMPLATES (plain, kogpt2, chatml), the path of a Jinja file or model
+    directory, "auto" (the model directory's Jinja chat_template, else the tokenizer's BOS/EOS) or None (chat
+    refused); a name or path that does not work raises GenerationError here. Also /tokenize, /detokenize.
     """
     from ..generation.batcher import BatchEngine
 
