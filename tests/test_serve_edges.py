@@ -197,6 +197,19 @@ def test_logprob_tokens_join_back_into_the_text(kind):
             "messages": [{"role": "user", "content": "hello"}], "max_tokens": 12, "logprobs": True, "seed": 2,
             "temperature": 1.0}, timeout=30).json()["choices"][0]
         assert "".join(t["token"] for t in r["logprobs"]["content"]) == r["message"]["content"]
+        # Streams: each chunk's tokens join into that chunk's text (a token's text may come a chunk later).
+        with httpx.stream("POST", server.url + "/v1/completions", json={
+                "prompt": "hello there 안녕", "max_tokens": 12, "logprobs": 1, "seed": 1, "temperature": 1.0,
+                "ignore_eos": True, "stream": True}, timeout=30) as stream:
+            chunks = [json.loads(line[6:]) for line in stream.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        tokens = 0
+        for c in chunks:
+            choice = c["choices"][0]
+            if choice["logprobs"]:
+                assert "".join(choice["logprobs"]["tokens"]) == choice["text"]
+                tokens += len(choice["logprobs"]["tokens"])
+        assert tokens == 12
 
 
 @pytest.mark.parametrize("field,value", [("length_penalty", 2.0), ("early_stopping", True), ("penalty_alpha", 0.5),

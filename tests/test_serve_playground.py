@@ -122,7 +122,10 @@ def test_playground_error_mid_stream_greedy_controls_and_json_mode(monkeypatch):
     from gptgen.generation.batcher import BatchEngine
 
     torch.manual_seed(0)
-    tok = Tokenizer.train("byte-bpe", ['{"name": "Anne", "age": 27} hello there'] * 20, 300)
+    # a SentencePiece-style BPE: every token is whole text (no byte pieces), so each token gets its own span
+    tok = Tokenizer.train("bpe", ['{"name": "Anne", "age": 27} hello there, 0123456789 abc'] * 20, 200,
+                          special_tokens={"bos": "<s>", "eos": "</s>", "unk": "<unk>"},
+                          reserved_tokens=["<s>", "</s>", "<unk>"])
     lm = LanguageModel.from_preset("gpt2", tok, n_layer=1, n_embd=32, n_head=2, n_positions=256, init_std=0.2)
     lm.model.eval()
     app = create_app(lm, max_batch=2, served_model_name="small", chat_template="plain")
@@ -152,12 +155,27 @@ def test_playground_error_mid_stream_greedy_controls_and_json_mode(monkeypatch):
             sync_api.expect(page.locator("#status")).to_have_text("error")
             sync_api.expect(page.locator("#error")).to_contain_text("failed")
 
-            page.fill("#prompt", "person:")
-            page.fill("#max_tokens", "200")
-            page.fill("#seed", "3")
-            page.check("#json_mode")
+            # Token probabilities: one coloured span per token, the alternatives in its tooltip.
+            page.select_option("#sampler", "greedy")
+            page.check("#show_probs")
+            page.fill("#prompt", "hello")
+            page.fill("#max_tokens", "12")
             page.click("#generate")
             sync_api.expect(page.locator("#status")).to_contain_text("done", timeout=30000)
-            assert isinstance(json.loads(page.text_content("#out-text")), dict)
+            spans = page.locator("#out-text .tok")
+            assert spans.count() >= 1
+            assert "".join(spans.all_text_contents()) == page.text_content("#out-text")
+            assert all("%" in (spans.nth(i).get_attribute("title") or "") for i in range(spans.count()))
+            page.uncheck("#show_probs")
+
+            page.fill("#prompt", "person:")
+            page.fill("#max_tokens", "60")
+            page.fill("#seed", "3")
+            page.check("#json_mode")
+            with page.expect_request("**/v1/completions") as sent:
+                page.click("#generate")
+            assert json.loads(sent.value.post_data)["response_format"] == {"type": "json_object"}
+            sync_api.expect(page.locator("#status")).to_contain_text("done", timeout=30000)
+            assert page.text_content("#out-text").startswith("{")  # the grammar's first token (validity: test_structured_output)
         finally:
             browser.close()

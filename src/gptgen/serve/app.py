@@ -746,11 +746,10 @@ class _Job:
                 p_i = c // self.n
                 toks = await self._echo_logprobs(p_i) if want_logprobs else []
                 yield chunk(c, self.prompt_texts[p_i], toks, None)
+        pending: dict[int, list] = {}
         async with aclosing(self.events(request)) as events:
             async for choice, event in events:
-                toks = []
-                if want_logprobs and event.token_id is not None and event.logprob is not None:
-                    toks = [(event.token_id, event.logprob, event.top_logprobs, event.text)]
+                toks = _stream_tokens(pending.setdefault(choice, []), event, event.text, want_logprobs)
                 if event.finish_reason == "error":
                     yield self._failure_event()
                     return
@@ -811,6 +810,7 @@ class _Job:
             yield chunk(c, {"role": "assistant", "content": ""}, [], None)
         # Answers lose their leading white space (the template's turn prefix is often followed by a space).
         started = [False] * self.n
+        pending: dict[int, list] = {}
         async with aclosing(self.events(request)) as events:
             async for choice, event in events:
                 if event.finish_reason == "error":
@@ -820,9 +820,7 @@ class _Job:
                 if not started[choice]:
                     text = text.lstrip()
                     started[choice] = bool(text)
-                toks = []
-                if self.req.logprobs and event.token_id is not None and event.logprob is not None:
-                    toks = [(event.token_id, event.logprob, event.top_logprobs, text)]
+                toks = _stream_tokens(pending.setdefault(choice, []), event, text, self.req.logprobs)
                 if text or toks:
                     yield chunk(choice, {"content": text}, toks, None)
                 if event.finish_reason is not None:
@@ -878,6 +876,20 @@ def _pieces(tokenizer, ids: list[int]) -> list[str]:
             continue
         out.append(text[len(before):] if text.startswith(before) else token_text(tokenizer, ids[i]))
         before = text
+    return out
+
+
+def _stream_tokens(pending: list, event, text: str, want: bool) -> list:
+    """The tokens a stream chunk carrying `text` reports, so a chunk's tokens join into its text: a token whose
+    text has not come yet (part of a character, text held back for a stop string, the last token's text that
+    comes with the finish) waits for the chunk that brings it, and that text goes to the latest token."""
+    if want and event.token_id is not None and event.logprob is not None:
+        pending.append([event.token_id, event.logprob, event.top_logprobs, ""])
+    if not pending or not (text or event.finish_reason is not None):
+        return []
+    pending[-1][3] = text
+    out = [tuple(t) for t in pending]
+    pending.clear()
     return out
 
 

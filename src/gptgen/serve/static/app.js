@@ -39,6 +39,14 @@ function samplingFields() {
   const stops = $("stop_text").value.split("\n").filter((s) => s.length > 0);
   if (stops.length) body.stop = stops;
   if ($("json_mode").checked) body.response_format = { type: "json_object" };
+  for (const name of ["presence_penalty", "frequency_penalty"]) {
+    const value = parseFloat($(name).value);
+    if (value) body[name] = value;
+  }
+  if ($("show_probs").checked) {
+    if (state.mode === "complete") body.logprobs = 5;
+    else { body.logprobs = true; body.top_logprobs = 5; }
+  }
   body.stream = true;
   body.stream_options = { include_usage: true };
   if (state.model) body.model = state.model;
@@ -91,7 +99,7 @@ async function generate() {
     body.prompt = $("prompt").value;
     $("out-prompt").textContent = body.prompt;
     $("out-text").textContent = "";
-    sink = (piece) => { $("out-text").textContent += piece; };
+    sink = (piece, tokens) => { appendTokens($("out-text"), piece, tokens); };
   } else {
     const text = $("message").value.trim();
     if (!text) return;
@@ -101,7 +109,7 @@ async function generate() {
     $("message").value = "";
     body.messages = state.conversation.slice();
     const bubble = addBubble("assistant", "");
-    sink = (piece) => { bubble.textContent += piece; scrollChat(); };
+    sink = (piece, tokens) => { appendTokens(bubble, piece, tokens); scrollChat(); };
   }
   state.controller = new AbortController();
   setBusy(true, "generating…");
@@ -122,7 +130,7 @@ async function generate() {
           if (firstAt === null) firstAt = performance.now();
           if (!chunk.usage) tokens += 1;
           reply += piece;
-          sink(piece);
+          sink(piece, tokenProbs(choice.logprobs));
         }
         if (choice.finish_reason) finish = choice.finish_reason;
       }
@@ -143,6 +151,36 @@ async function generate() {
       else state.conversation.pop();  // no answer: forget the question too
     }
     showSpeed(tokens, started, firstAt);
+  }
+}
+
+// [{text, p, top: [[text, p], ...]}] from a chunk's logprobs (completions' or chat's shape), or null.
+function tokenProbs(logprobs) {
+  if (!logprobs) return null;
+  if (logprobs.content) {
+    return logprobs.content.map((t) => ({ text: t.token, p: Math.exp(t.logprob),
+      top: (t.top_logprobs || []).map((a) => [a.token, Math.exp(a.logprob)]) }));
+  }
+  return logprobs.tokens.map((text, i) => ({ text, p: Math.exp(logprobs.token_logprobs[i]),
+    top: Object.entries(logprobs.top_logprobs[i] || {}).map(([k, v]) => [k, Math.exp(v)]) }));
+}
+
+// Appends a piece of answer: as plain text, or as one span per token coloured by its probability (red:
+// unlikely, green: likely) with the top alternatives in its tooltip. Tokens join into the piece.
+function appendTokens(target, piece, tokens) {
+  const joined = tokens ? tokens.map((t) => t.text).join("") : null;
+  if (!tokens || joined !== piece) {
+    target.appendChild(document.createTextNode(piece));
+    return;
+  }
+  for (const t of tokens) {
+    const span = document.createElement("span");
+    span.className = "tok";
+    span.textContent = t.text;
+    span.style.background = "hsl(" + Math.round(120 * t.p) + ", 70%, 85%)";
+    span.title = (100 * t.p).toFixed(1) + "%" + t.top.map(([text, p]) =>
+      "\n" + JSON.stringify(text) + " " + (100 * p).toFixed(1) + "%").join("");
+    target.appendChild(span);
   }
 }
 
