@@ -254,11 +254,11 @@ def _interruptible(handler):
 
     @functools.wraps(handler)
     def run(args) -> int:
-        from ..training.checkpointing import TrainingInterrupted
-
         try:
             return handler(args)
-        except TrainingInterrupted as exc:
+        except KeyboardInterrupt as exc:  # gptgen.training.checkpointing.TrainingInterrupted carries a step
+            if getattr(exc, "step", None) is None:
+                raise
             if exc.checkpoint is None:
                 print(f"gptgen: {exc} (pass --output to keep a checkpoint)", file=sys.stderr, flush=True)
             else:
