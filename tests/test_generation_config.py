@@ -183,6 +183,7 @@ def test_names_of_hf_kerashub_and_openai_map_onto_one_config():
     assert c.stop_token_ids == (5,) and c.include_stop_str_in_output and c.logprobs == 2
     assert c.response_format == {"type": "json_object"}
     assert GenerationConfig.from_openai({"response_format": {"type": "text"}}).response_format is None
+    assert GenerationConfig(top_k=-1).top_k == 0 == GenerationConfig.from_openai({"top_k": -1}).top_k  # vLLM's off
     with pytest.raises(GenerationError, match="'best_off' is not supported"):
         GenerationConfig.from_openai({"best_off": 2})
     with pytest.raises(GenerationError, match="response_format must be"):

@@ -84,7 +84,7 @@ def check_option(name: str, value):
     kind, out = spec["kind"], _BAD
     if kind == "int":
         if _is_int(value) and value >= spec["low"] and (spec["high"] is None or value <= spec["high"]):
-            out = value
+            out = 0 if name == "top_k" and value == -1 else value  # vLLM's "off"
     elif kind == "float":
         if _is_number(value) and math.isfinite(value):
             low, high = spec["low"], spec["high"]
@@ -154,7 +154,8 @@ class GenerationConfig:
     sampler: Any = _opt(None, "sampler", "a sampler by name or object (KerasHub); default: chosen by the options")
     do_sample: bool | None = _opt(None, "bool", "sample (HF: top_k 50 unless given); default: when a filter is given")
     temperature: float | None = _opt(None, "float", "softmax temperature (0: greedy); default 1", low=0, high=100)
-    top_k: int | None = _opt(None, "int", "keep the k most likely tokens (0: off)", low=0, note="0 turns it off")
+    top_k: int | None = _opt(None, "int", "keep the k most likely tokens (0 or vLLM's -1: off)", low=-1,
+                             note="0 or -1 turns it off")
     top_p: float | None = _opt(None, "float", "nucleus: the most likely tokens up to this mass", low=0, high=1,
                                low_open=True)
     min_p: float | None = _opt(None, "float", "drop tokens below min_p times the top probability", low=0, high=1)
