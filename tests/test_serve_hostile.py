@@ -122,3 +122,19 @@ def test_slowloris_and_dropped_clients_are_cut_off_while_others_are_served(serve
     assert sum("no complete request body" in l for l in lines) == 50  # the silent ones
     assert sum("went away" in l for l in lines) == 50  # the ones that closed mid-body
     assert len(lines) <= 300 + 2 * len(good)
+
+
+def test_a_keep_alive_client_is_not_cut_off_between_or_during_its_requests(server):
+    import http.client
+
+    _, port, log_path = server
+    before = len(_lines(log_path))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for pause in (0.0, 0.5 * TIMEOUT, 0.9 * TIMEOUT):
+        time.sleep(pause)
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "hello", "max_tokens": 3}),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["choices"]
+    conn.close()
+    assert not [l for l in _lines(log_path)[before:] if "closed the connection" in l]

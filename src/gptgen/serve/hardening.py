@@ -33,8 +33,8 @@ def timed_protocol(header_timeout: float = DEFAULT_HEADER_TIMEOUT, body_timeout:
             self._arm("headers")
 
         def data_received(self, data: bytes) -> None:
-            if self._waiting_for is None:  # a keep-alive connection starts its next request
-                self._arm("headers")
+            if self._waiting_for is None and (self.cycle is None or self.cycle.response_complete):
+                self._arm("headers")  # a keep-alive connection starts its next request (not while answering)
             super().data_received(data)
             self._progress()
 
