@@ -388,7 +388,7 @@ def test_resume_after_a_nan_stop_applies_a_new_learning_rate_and_says_so(tok, tm
 class _Explode(Callback):
     """Scales the head's weights a thousandfold after step 2: from step 3 on the loss is huge but finite on every
     CPU (a too-high learning rate also explodes, but whether to a finite loss or to NaN depends on the CPU's
-    rounding: NaN at step 3 with lr 300 on an AVX2 EPYC, a finite explosion on an AVX-512 Xeon)."""
+    rounding: NaN at step 3 with lr 300 on an AMD EPYC, a finite explosion on an Intel Xeon)."""
 
     def on_step_end(self, trainer, logs):
         if trainer.step == 2:
