@@ -147,3 +147,36 @@ def test_the_backend_is_chosen_in_one_place(monkeypatch):
     assert select_backend(model, True) == ("compiled", None)
     model.to(torch.bfloat16)
     assert select_backend(model, None)[0] == "eager"
+
+
+def test_the_cuda_graph_steps_run_eagerly_give_the_whole_sequence_logits(monkeypatch):
+    """The CUDA-graph step bodies (fixed shapes: left-padded rows over the whole cache; per-row positions padded
+    to a power-of-two bucket) run eagerly on CPU, torch.compile replaced by a pass-through."""
+    from gptgen.generation import runner as runner_module
+
+    compiled = []
+
+    def eager(fn, **options):
+        assert options["mode"] == "reduce-overhead" and options["fullgraph"]
+        compiled.append(options.get("dynamic"))
+        return fn
+
+    monkeypatch.setattr(runner_module.torch, "compile", eager)
+    model = tiny()
+    prompts = [s[:2] for s in SEQS]
+    with torch.inference_mode():
+        padded = make(model, "eager", rows=3, max_len=8)
+        padded.graphs = True
+        padded.start_padded(torch.ones(3, 2, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+        padded.forward_padded(torch.tensor(prompts), 0, prefill=True)
+        logits, _ = padded.forward_padded(torch.tensor([[s[2]] for s in SEQS]), 2)
+        for i, seq in enumerate(SEQS):
+            torch.testing.assert_close(logits[i], reference(model, seq)[2], atol=1e-4, rtol=1e-4)
+        padded.close()
+        rows = make(model, "eager", rows=4, max_len=16, private=True)
+        rows.graphs = True
+        rows.forward(torch.tensor(prompts), torch.arange(2).expand(3, 2), rows=torch.arange(3), last=torch.ones(3, dtype=torch.long))
+        logits = rows.forward(torch.tensor([[s[2]] for s in SEQS]), torch.full((3, 1), 2))  # 3 rows: a bucket of 4
+        for i, seq in enumerate(SEQS):
+            torch.testing.assert_close(logits[i], reference(model, seq)[2], atol=1e-4, rtol=1e-4)
+    assert compiled == [None, False]
