@@ -93,6 +93,17 @@ def run_speed(args) -> None:
               f"{statistics.median(x['load'] for x in rows):>9.1f}")
 
 
+def _pretrain(args, books, work, common) -> str:
+    """A small GPT-2-shaped model (4 blocks of 256, a 4,000-token byte-level BPE) trained on the books."""
+    from gptgen import train
+
+    base = train(preset="gpt2", config=dict(n_layer=4, n_embd=256, n_head=4, n_positions=args.seq_len),
+                 train_tokenizer="byte-bpe", vocab_size=4000, data=books, reader="paragraphs", packing="chunk",
+                 max_steps=args.base_steps, lr=1e-3, schedule="cosine", warmup_steps=20,
+                 output_dir=str(work / "base"), **common)
+    return str(base.model_dir)
+
+
 def run_quality(args) -> None:
     from gptgen import train
     from gptgen.pipeline import evaluate_corpus
@@ -103,18 +114,17 @@ def run_quality(args) -> None:
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
     books = sorted(str(p) for p in (DATA / "books").glob("*.txt") if "shakespeare" not in p.name)
-    base = train(preset="gpt2", config=dict(n_layer=4, n_embd=256, n_head=4, n_positions=args.seq_len),
-                 train_tokenizer="byte-bpe", vocab_size=4000, data=books, reader="paragraphs", packing="chunk",
-                 max_steps=args.base_steps, lr=1e-3, schedule="cosine", warmup_steps=20,
-                 output_dir=str(work / "base"), **common)
+    base_dir = args.base
+    if base_dir is None:
+        base_dir = _pretrain(args, books, work, common)
     shakespeare = dict(data=[str(DATA / "tinyshakespeare" / "input.txt")], reader="paragraphs",
                        split="every_nth:10", packing="chunk")
-    ppl = {"base (books only)": evaluate_corpus(base.model_dir, seq_len=args.seq_len, packing="chunk",
+    ppl = {"base (books only)": evaluate_corpus(base_dir, seq_len=args.seq_len, packing="chunk",
                                                 batch_size=32, **{k: v for k, v in shakespeare.items()
                                                                   if k != "packing"})["perplexity"]}
     runs = {"full": dict(lr=args.full_lr), "lora r=8": dict(lr=args.lora_lr, lora_rank=8)}
     for name, extra in runs.items():
-        run = train(model=base.model_dir, max_steps=args.steps, schedule="constant", output_dir=str(work / name.split()[0]),
+        run = train(model=str(base_dir), max_steps=args.steps, schedule="constant", output_dir=str(work / name.split()[0]),
                     **shakespeare, **common, **extra)
         ppl[name] = run.val["perplexity"]
     print(f"\nHeld-out Tiny Shakespeare (every 10th paragraph), seq {args.seq_len}: base GPT-2-shaped 4x256 trained "
@@ -142,6 +152,7 @@ def main() -> None:
     s.add_argument("--threads", type=int, default=2)
     q = sub.add_parser("quality")
     q.add_argument("--base-steps", type=int, default=300)
+    q.add_argument("--base", help="a base model directory from an earlier run (skips the pretraining)")
     q.add_argument("--steps", type=int, default=150)
     q.add_argument("--batch-size", type=int, default=16)
     q.add_argument("--seq-len", type=int, default=128)
