@@ -242,7 +242,7 @@ def _read_config(directory: Path) -> dict:
     return data
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path.parent} has no weights file {path.name}.")
     try:
@@ -291,7 +291,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
     elif is_hf_gpt2_dir(directory):
         state = hf_state_to_native(_load_hf_weights(directory), config)
     else:
-        state = _load_safetensors(directory / WEIGHTS_FILE)
+        state = load_safetensors(directory / WEIGHTS_FILE)
     from . import lora
 
     state, adapter = lora.split_lora_state(state)  # a LoRA run's checkpoint: base + adapter
@@ -395,7 +395,7 @@ _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # HF Conv1D 
 def _load_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     st = directory / WEIGHTS_FILE
     if st.is_file():
-        return _load_safetensors(st)
+        return load_safetensors(st)
     binary = directory / HF_BIN_FILE
     if binary.is_file():
         try:

@@ -343,6 +343,8 @@ def train(recipe: str | None = None, *, data=None, val_data=None, dataset: str |
         if add_bos and s["packing"] == "pad":
             lm.config.extra["add_bos"] = True  # generation then starts from BOS, as the model was trained
         _check_batch_sizes(lm, s, seq_len, len(corpus.train), len(corpus.val or []))
+        if s["model"] is not None:
+            say(_memory_line(lm.config, s, seq_len, env.world_size))
         t0 = time.perf_counter()
         packed = corpus.pack(lm.tokenizer, seq_len, s["packing"], add_bos, bool(s["add_eos"]))
         timings["tokenize_s"] = time.perf_counter() - t0
@@ -359,6 +361,28 @@ def train(recipe: str | None = None, *, data=None, val_data=None, dataset: str |
         D.shutdown(env)
     return Run(lm, result, s, output, len(packed.train), len(packed.val) if packed.val is not None else 0, seq_len,
                timings, env.is_main)
+
+
+def memory_table(**options) -> str:
+    """The memory each fine-tuning mode needs for GPT-2 small to XL (gptgen.training.memory.memory_table)."""
+    from .training.memory import memory_table as table
+
+    return table(**options)
+
+
+def _memory_line(config, s, seq_len: int, devices: int) -> str:
+    """The memory a fine-tune needs per device (gptgen.training.memory), and what the other modes would need."""
+    from .training.memory import GiB, estimate_memory
+
+    common = dict(batch_size=s.get("batch_size") or 32, seq_len=seq_len, grad_accum=s.get("grad_accum") or 1,
+                  devices=devices, lora_target=s.get("lora_target"),
+                  gradient_checkpointing=bool(s.get("gradient_checkpointing")))
+    mode = "fsdp" if s.get("fsdp") and devices > 1 else "lora" if s.get("lora_rank") else "full"
+    chosen = estimate_memory(config, mode, lora_rank=s.get("lora_rank"), **common)
+    others = [estimate_memory(config, m, lora_rank=s.get("lora_rank") or 8, **common)
+              for m in ("full", "lora") if m != mode]
+    return (f"Memory estimate, {common['batch_size']} x {seq_len} tokens: {chosen.describe()}; "
+            + ", ".join(f"{e.mode} would need ~{e.total / GiB:.1f} GiB" for e in others) + " (see docs/training.md).")
 
 
 def evaluate_corpus(model, *, tokenizer=None, data=None, val_data=None, dataset: str | None = None, reader: str | None = None,

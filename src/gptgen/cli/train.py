@@ -112,7 +112,7 @@ class _MemoryHelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _fill_text(self, text, width, indent):
         if "{memory_table}" in text:
             try:
-                from ..training.memory import memory_table
+                from ..pipeline import memory_table
 
                 table = "Estimated memory (gptgen.training.memory.estimate_memory), " + memory_table(devices=4)
             except Exception:  # --help never fails on the estimate
@@ -281,34 +281,10 @@ def run_train(args) -> int:
     return _report(run, args.json)
 
 
-def _print_memory(args) -> None:
-    """The memory the run needs per device (gptgen.training.memory), and what the other modes would need."""
-    import os
-
-    if args.json or int(os.environ.get("RANK", "0")) != 0:
-        return
-    from ..checkpoint import read_config
-    from ..training.memory import GiB, estimate_memory
-
-    config = read_config(args.model)
-    devices = int(os.environ.get("WORLD_SIZE", "1"))
-    common = dict(batch_size=args.batch_size or 32, seq_len=args.seq_len or config.n_positions,
-                  grad_accum=args.grad_accum or 1, devices=devices, lora_target=_memory_settings(args)["lora_target"],
-                  gradient_checkpointing=bool(args.gradient_checkpointing))
-    mode = "fsdp" if args.fsdp and devices > 1 else "lora" if args.lora_rank else "full"
-    chosen = estimate_memory(config, mode, lora_rank=args.lora_rank, **common)
-    others = [estimate_memory(config, m, lora_rank=args.lora_rank or 8, **common)
-              for m in ("full", "lora") if m != mode]
-    print(f"Memory estimate, {common['batch_size']} x {common['seq_len']} tokens: {chosen.describe()}; "
-          + ", ".join(f"{e.mode} would need ~{e.total / GiB:.1f} GiB" for e in others)
-          + " (see docs/training.md).", flush=True)
-
-
 @_interruptible
 def run_finetune(args) -> int:
     from ..pipeline import train
 
-    _print_memory(args)
     run = train(args.recipe, model=args.model, tokenizer=args.tokenizer, **_train_settings(args))
     return _report(run, args.json)
 

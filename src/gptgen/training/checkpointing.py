@@ -166,7 +166,7 @@ def _apply_state(trainer: Trainer, state: dict, path: Path) -> None:
         raise TrainingError(f"The checkpoint in {path.parent} was made with a different model configuration; "
                             "resume with the same command that started the run.")
     check_resume_options(trainer, state.get("train_config") or {}, path.parent)
-    weights = checkpoint._load_safetensors(path.parent / checkpoint.WEIGHTS_FILE)  # CheckpointError if cut
+    weights = checkpoint.load_safetensors(path.parent / checkpoint.WEIGHTS_FILE)  # CheckpointError if cut
     model = trainer.lm.model
     missing, unexpected = model.load_state_dict(weights, strict=False)
     allowed = {"lm_head.weight"} if model.config.tie_word_embeddings else set()

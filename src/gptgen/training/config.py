@@ -63,46 +63,46 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise TrainingError (one sentence naming the option) for any value training cannot use."""
-        _int_option("epochs", self.epochs, 0 if self.max_steps else 1)  # max_steps alone may bound the run
+        int_option("epochs", self.epochs, 0 if self.max_steps else 1)  # max_steps alone may bound the run
         for name in ("max_steps", "eval_batch_size", "num_threads", "seq_len"):
             if getattr(self, name) is not None:
-                _int_option(name, getattr(self, name), 1)
-        _int_option("batch_size", self.batch_size, 1)
-        _int_option("grad_accum", self.grad_accum, 1)
+                int_option(name, getattr(self, name), 1)
+        int_option("batch_size", self.batch_size, 1)
+        int_option("grad_accum", self.grad_accum, 1)
         for name in ("eval_every", "save_every", "early_stopping", "chunk_rows"):  # 0 or None: off
             if getattr(self, name) is not None:
-                _int_option(name, getattr(self, name), 0)
-        _int_option("warmup_steps", self.warmup_steps, 0)
-        _int_option("seed", self.seed, 0)
+                int_option(name, getattr(self, name), 0)
+        int_option("warmup_steps", self.warmup_steps, 0)
+        int_option("seed", self.seed, 0)
         if self.seed > MAX_SEED:
             raise TrainingError(f"seed must be at most {MAX_SEED:,}, got {self.seed}.")
         if self.schedule not in SCHEDULES:
             raise TrainingError(f"Unknown learning-rate schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
         if self.precision not in PRECISIONS:
             raise TrainingError(f"Unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
-        if not (_number("lr", self.lr) > 0 and math.isfinite(self.lr)):
+        if not (number_option("lr", self.lr) > 0 and math.isfinite(self.lr)):
             raise TrainingError(f"The learning rate must be a positive number, got {self.lr}.")
-        if not (_number("eps", self.eps) > 0 and math.isfinite(self.eps)):
+        if not (number_option("eps", self.eps) > 0 and math.isfinite(self.eps)):
             raise TrainingError(f"The Adam epsilon (eps, --adam-eps) must be a positive number, got {self.eps}.")
-        if not (0 <= _number("weight_decay", self.weight_decay) and math.isfinite(self.weight_decay)):
+        if not (0 <= number_option("weight_decay", self.weight_decay) and math.isfinite(self.weight_decay)):
             raise TrainingError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}.")
-        if not 0 <= _number("min_lr_ratio", self.min_lr_ratio) <= 1:
+        if not 0 <= number_option("min_lr_ratio", self.min_lr_ratio) <= 1:
             raise TrainingError(f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}.")
-        if self.grad_clip is not None and not (0 <= _number("grad_clip", self.grad_clip) and math.isfinite(self.grad_clip)):
+        if self.grad_clip is not None and not (0 <= number_option("grad_clip", self.grad_clip) and math.isfinite(self.grad_clip)):
             raise TrainingError(f"grad_clip must be a positive number (or 0/None for no clipping), got {self.grad_clip}.")
-        if self.max_time is not None and not (_number("max_time", self.max_time) > 0):
+        if self.max_time is not None and not (number_option("max_time", self.max_time) > 0):
             raise TrainingError(f"The time budget (max_time, --minutes) must be positive, got {self.max_time}.")
         if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
             raise TrainingError(f"betas must be a pair (beta1, beta2), got {self.betas!r}.")
         for i, beta in enumerate(self.betas, 1):
-            if not 0 <= _number(f"beta{i}", beta) < 1:
+            if not 0 <= number_option(f"beta{i}", beta) < 1:
                 raise TrainingError(f"beta{i} (--beta{i}) must be in [0, 1), got {beta}.")
         check_device(self.device)
         if self.lora_rank is not None:
-            _int_option("lora_rank", self.lora_rank, 0)
-        if not (_number("lora_alpha", self.lora_alpha) > 0 and math.isfinite(self.lora_alpha)):
+            int_option("lora_rank", self.lora_rank, 0)
+        if not (number_option("lora_alpha", self.lora_alpha) > 0 and math.isfinite(self.lora_alpha)):
             raise TrainingError(f"lora_alpha (--lora-alpha) must be a positive number, got {self.lora_alpha}.")
-        if not 0 <= _number("lora_dropout", self.lora_dropout) < 1:
+        if not 0 <= number_option("lora_dropout", self.lora_dropout) < 1:
             raise TrainingError(f"lora_dropout (--lora-dropout) must be in [0, 1), got {self.lora_dropout}.")
         if isinstance(self.lora_target, list):
             self.lora_target = tuple(self.lora_target)
@@ -129,13 +129,13 @@ class TrainConfig:
         return cfg
 
 
-def _number(name: str, value) -> float:
+def number_option(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # NaN fails the range checks
         raise TrainingError(f"{name} must be a number, got {value!r}.")
     return value
 
 
-def _int_option(name: str, value, minimum: int) -> None:
+def int_option(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TrainingError(f"{name} must be a whole number, got {value!r}.")
     if value < minimum:

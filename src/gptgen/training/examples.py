@@ -12,7 +12,7 @@ if TYPE_CHECKING:  # the training package does not import lm.py (lm.py imports i
     from ..lm import LanguageModel
 
 
-class _Examples:
+class Examples:
     """Packed examples as three tensors (input_ids, labels, loss_mask), or any map-style dataset of dicts."""
 
     def __init__(self, data) -> None:
@@ -76,9 +76,9 @@ class _Examples:
 
 
 def as_examples(lm: LanguageModel, data, seq_len: int | None = None, add_bos: bool | None = None,
-                add_eos: bool = False, what: str = "training") -> _Examples:
+                add_eos: bool = False, what: str = "training") -> Examples:
     """Texts (a list of str) are tokenised and packed; other forms are used as they are."""
-    if isinstance(data, _Examples):
+    if isinstance(data, Examples):
         return data
     if isinstance(data, str):
         raise TrainingError("Pass a list of texts (or packed examples), not a single string.")
@@ -87,17 +87,17 @@ def as_examples(lm: LanguageModel, data, seq_len: int | None = None, add_bos: bo
 
         if add_bos is None:
             add_bos = bool(lm.config.extra.get("add_bos", False))
-        return _Examples(pack_texts(list(data), lm.tokenizer, seq_len or lm.config.n_positions, "pad",
+        return Examples(pack_texts(list(data), lm.tokenizer, seq_len or lm.config.n_positions, "pad",
                                     add_bos, add_eos))
     if isinstance(data, (list, tuple)) and not data:
         if what == "validation":
             raise DataError("The validation data is empty (an empty list); pass val_data=None to train without "
                             "validation.")
         raise DataError(f"There are no {what} examples (the list of texts is empty).")
-    return _Examples(data)
+    return Examples(data)
 
 
-def check_examples(lm: LanguageModel, data: _Examples, what: str) -> None:
+def check_examples(lm: LanguageModel, data: Examples, what: str) -> None:
     """DataError for no examples, TrainingError for examples longer than the context or ids past the vocabulary."""
     if len(data) == 0:
         raise DataError(f"There are no {what} examples.")

@@ -38,8 +38,8 @@ from . import checkpointing
 from . import distributed as D
 from .callbacks import Callback, EarlyStopping, LossCurvePlot
 from .checkpointing import METRICS_FILE, STATE_FILE, STATE_JSON  # noqa: F401  (re-exported)
-from .config import MAX_SEED, PRECISIONS, TrainConfig, _int_option, _number, check_device  # noqa: F401
-from .examples import _Examples, as_examples, check_examples
+from .config import MAX_SEED, PRECISIONS, TrainConfig, int_option, number_option, check_device  # noqa: F401
+from .examples import Examples, as_examples, check_examples
 from .loss import LossModule, hidden_states  # noqa: F401  (re-exported)
 from .metrics import TokenMetrics
 from .rundir import check_run_dir, claim_run_dir
@@ -303,7 +303,7 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self, data: _Examples | None = None) -> dict[str, float]:
+    def evaluate(self, data: Examples | None = None) -> dict[str, float]:
         """Token-weighted loss, perplexity and accuracy over all of `data` (default the validation set)."""
         data = data if data is not None else self.val_data
         return _evaluate_examples(self.loss_module, data, self.config.eval_batch_size or self.config.batch_size,
@@ -517,9 +517,9 @@ def evaluate(lm: LanguageModel, data, *, batch_size: int = 32, seq_len: int | No
              add_bos: bool | None = None, add_eos: bool = False, device: str | None = None,
              precision: str = "fp32") -> dict[str, float]:
     """Loss, perplexity (exp of the token-weighted mean loss) and token accuracy of lm on data."""
-    _int_option("batch_size", batch_size, 1)
+    int_option("batch_size", batch_size, 1)
     if seq_len is not None:
-        _int_option("seq_len", seq_len, 1)
+        int_option("seq_len", seq_len, 1)
     if precision not in PRECISIONS:
         raise TrainingError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
     check_device(device)
@@ -535,7 +535,7 @@ def evaluate(lm: LanguageModel, data, *, batch_size: int = 32, seq_len: int | No
 
 
 @torch.no_grad()
-def _evaluate_examples(loss_module: LossModule, data: _Examples, batch_size: int, device: torch.device,
+def _evaluate_examples(loss_module: LossModule, data: Examples, batch_size: int, device: torch.device,
                        autocast, dist: D.DistEnv, lockstep: bool = False) -> dict[str, float]:
     """Token-weighted loss, perplexity and accuracy of loss_module's model over all of data (each rank a share)."""
     model = loss_module.model
