@@ -707,7 +707,7 @@ def test_int8_dynamic_engine_decodes_through_the_native_step_with_the_per_call_t
     tokens equal the per-call engine's (its native step over a left-padded cache); warm_up compiles nothing."""
     import copy
 
-    from gptgen import int8_ops
+    from gptgen.native import int8 as int8_ops
     from gptgen.quantize import quantize_model
 
     if not int8_ops.available():

@@ -224,7 +224,7 @@ def test_a_float32_model_takes_the_native_step_where_it_runs(monkeypatch):
     """Float32 weights on CPU decode through the native step (the weights packed into a copy; nothing compiled)
     where its library runs, whatever `compile` says: logits within float rounding of the eager step's, the
     same greedy tokens, and a rebuild after the weights change in place."""
-    from gptgen import int8_ops
+    from gptgen.native import int8 as int8_ops
     from gptgen.generation import engine
 
     if not int8_ops.available():

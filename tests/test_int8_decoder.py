@@ -29,9 +29,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptgen import int8_ops
+from gptgen.native import int8 as int8_ops
 from gptgen.config import preset
-from gptgen.generation import engine, generate_ids, int8_step
+from gptgen.generation import engine, generate_ids
+from gptgen.native import step as int8_step
 from gptgen.generation.engine import DecodeState, ModelBackend
 from gptgen.model import GPT
 from gptgen.quantize import quantize_model

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gptgen import int8_ops
+from gptgen.native import int8 as int8_ops
 from gptgen.config import GPTConfig
 from gptgen.errors import ConfigError
 from gptgen.hardware import ISA_PATHS

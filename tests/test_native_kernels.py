@@ -1,4 +1,4 @@
-"""The C sampler kernels (gptgen/generation/native.c): the same answers as PyTorch and brute force, the
+"""The C sampler kernels (gptgen/native/sampler.c): the same answers as PyTorch and brute force, the
 same sampled tokens as the PyTorch path for the same random numbers, and a clean fallback without them."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from gptgen.generation import native
+from gptgen.native import sampler as native
 from gptgen.generation.samplers import sample
 
 LIB = native.library()
@@ -122,7 +122,7 @@ def test_without_kernels_sampling_still_works(tmp_path, env, state):
     """GPTGEN_NATIVE=0, or no compiler to build them: status says why and the PyTorch path answers."""
     code = (
         "import torch\n"
-        "from gptgen.generation import native\n"
+        "from gptgen.native import sampler as native\n"
         "from gptgen.generation.samplers import sample\n"
         "assert native.library() is None\n"
         "print(native.status()['state'])\n"
@@ -145,7 +145,7 @@ def test_built_library_is_cached_and_reused(tmp_path):
         pytest.skip(f"native kernels not built: {native.status()['detail']}")
     import os
 
-    code = "from gptgen.generation import native\nassert native.library() is not None\nprint(native.status()['detail'])\n"
+    code = "from gptgen.native import sampler as native\nassert native.library() is not None\nprint(native.status()['detail'])\n"
     env = {**os.environ, "GPTGEN_CACHE_DIR": str(tmp_path)}
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr[-2000:]

@@ -82,11 +82,11 @@ class Int8Linear(nn.Module):
 
 class Int8DynamicLinear(nn.Module):
     """y = (int8(x) W^T) * x_scale * w_scale + b: W int8 with a scale per output row, each row of x
-    quantized to int8 when the layer runs (gptgen.int8_ops). Output in x's dtype."""
+    quantized to int8 when the layer runs (gptgen.native.int8). Output in x's dtype."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        from . import int8_ops
+        from .native import int8 as int8_ops
 
         q, scale = _quantize_weight(weight)
         self.in_features, self.out_features = q.shape[1], q.shape[0]
@@ -113,7 +113,7 @@ class Int8DynamicLinear(nn.Module):
         return self
 
     def weight_int8(self) -> torch.Tensor:
-        from . import int8_ops
+        from .native import int8 as int8_ops
 
         return int8_ops.unpack(self.packed, self.out_features, self.in_features) if self.kernel else self.q
 
@@ -126,7 +126,7 @@ class Int8DynamicLinear(nn.Module):
         return self.dequantized()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from . import int8_ops
+        from .native import int8 as int8_ops
 
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)

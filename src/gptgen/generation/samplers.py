@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import GenerationError
-from . import native
+from ..native import sampler as native
 from .config import check_option
 from .loop import run_functional
 

@@ -13,7 +13,6 @@ import weakref
 import torch
 
 from . import int8 as int8_ops
-from ..quantize import Int8DynamicLinear
 
 _ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2}
 _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, Int8Decoder or None)
@@ -42,7 +41,7 @@ def decoder(model, weights_key=None):
     linears.append(model.lm_head)
     if int8:
         layers_ok = dtype in (torch.float32, torch.bfloat16) and all(
-            isinstance(m, Int8DynamicLinear) and m.kernel for m in linears)
+            getattr(m, "kernel", False) and isinstance(getattr(m, "packed", None), torch.Tensor) for m in linears)
     else:
         layers_ok = (getattr(model, "quantized", None) is None and dtype == torch.float32
                      and all(type(m) is torch.nn.Linear for m in linears))
