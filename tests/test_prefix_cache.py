@@ -85,3 +85,25 @@ def test_a_prompt_equal_to_a_cached_one_still_computes_its_last_token(lm):
         again = engine.generate(prompt, config)[0].token_ids
         assert engine.stats()["prefix_tokens_reused"] == len(prompt) - 1
     assert first == again
+
+
+def test_the_server_flag_turns_prefix_caching_off(lm):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from gptgen.cli import build_parser
+    from gptgen.serve import create_app
+
+    args = build_parser().parse_args(["serve", "--model", "m", "--no-prefix-caching"])
+    assert args.no_prefix_caching is True
+    assert build_parser().parse_args(["serve", "--model", "m"]).no_prefix_caching is False
+    system = "you are a helpful assistant who answers questions about the sea. " * 3
+    body = {"model": "gptgen", "prompt": system + "q: why?", "max_tokens": 3, "temperature": 0}
+    texts, hits = {}, {}
+    for on in (True, False):
+        app = create_app(lm, max_batch=2, prefix_caching=on)
+        with TestClient(app) as client:
+            texts[on] = [client.post("/v1/completions", json=body).json()["choices"][0]["text"] for _ in range(2)]
+            hits[on] = app.state.gptgen.engine.stats()["prefix_cache_hits"]
+    assert hits[True] >= 1 and hits[False] == 0
+    assert texts[True] == texts[False]

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="CPU: compile the decode step with inductor (C++ kernels) before serving; takes tens "
                         "of seconds at start, then serves 1-1.5x faster in fp32 and 2-3x with --quantize int8 "
                         "(needs a C++ compiler; CUDA replays CUDA graphs without it)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="recompute every prompt instead of reusing the KV of a prefix it shares with an earlier one "
+                        "(outputs are the same either way; for measuring)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="close a connection whose request headers are not complete within this time (default 10)")
@@ -91,7 +94,8 @@ def run_serve(args) -> int:
         template = None if args.chat_template == "none" else args.chat_template
         app = create_app(lm, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key,
                          cors=args.cors, served_model_name=name, chat_template=template,
-                         max_body_bytes=args.max_body_size, compile=args.compile)
+                         max_body_bytes=args.max_body_size, compile=args.compile,
+                         prefix_caching=not args.no_prefix_caching)
         engine = app.state.gptgen.engine
         if engine.compile_cpu:  # here rather than in the app's start-up, so the time is printed
             print(f"gptgen: compiling the decode step for batches 1-{args.max_batch} ...", flush=True)

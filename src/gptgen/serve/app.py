@@ -44,7 +44,7 @@ MAX_JSON_DEPTH = 64  # a JSON schema in response_format nests; nothing else come
 def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, api_key: str | None = None,
                cors: str | list[str] | None = None, served_model_name: str | None = None,
                chat_template: ChatTemplate | str | None = "auto", max_body_bytes: int = DEFAULT_MAX_BODY,
-               max_context: int | None = None, compile: bool | None = None):
+               max_context: int | None = None, compile: bool | None = None, prefix_caching: bool = True):
     """The FastAPI app serving `lm` (a LanguageModel): /v1/completions, /v1/chat/completions, /v1/models,
     /health, /metrics and the playground at /.
 
@@ -54,7 +54,8 @@ def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, ap
     `cors` lists the origins allowed to call the API from a browser (none by default). `chat_template` is a
     template object, a name of gptgen.chat.TEMPLATES (plain, kogpt2, chatml), the path of a Jinja file or model
     directory, "auto" (the model directory's Jinja chat_template, else the tokenizer's BOS/EOS) or None (chat
-    refused); a name or path that does not work raises GenerationError here. Also /tokenize, /detokenize.
+    refused); a name or path that does not work raises GenerationError here. prefix_caching=False turns off
+    the reuse of a shared prompt prefix's KV (outputs are the same either way). Also /tokenize, /detokenize.
     """
     from ..generation.batcher import BatchEngine
 
@@ -64,7 +65,7 @@ def create_app(lm, *, engine=None, max_batch: int = 16, max_queue: int = 256, ap
     owns_engine = engine is None
     if engine is None:
         engine = BatchEngine(lm, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
-                             compile=compile)
+                             compile=compile, prefix_caching=prefix_caching)
     model_name = served_model_name or "gptgen"
     template, template_error = None, None
     if chat_template is None:
