@@ -56,10 +56,14 @@ def parse_args(argv=None):
     p.add_argument("--min-requests", type=int, default=4, help="at least this many requests per level (default 4)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default 32)")
     p.add_argument("--prompt-words", type=int, default=12, help="words per prompt (default 12, ~16 tokens)")
+    p.add_argument("--shared-prefix-words", type=int, default=0,
+                   help="every prompt starts with the same prefix of this many words (a system prompt, few-shot "
+                        "examples): time to first token with prefix caching; add --peers gptgen-no-prefix-cache "
+                        "for the same server recomputing every prompt (default 0: no shared prefix)")
     p.add_argument("--max-batch", type=int, default=32, help="gptgen's --max-batch (default 32)")
     p.add_argument("--peers", default="naive",
-                   help="comma list of naive, gptgen-compiled, gptgen-int8dyn, transformers, transformers-cb, "
-                   "llama.cpp (default naive)")
+                   help="comma list of naive, gptgen-no-prefix-cache, gptgen-compiled, gptgen-int8dyn, "
+                   "transformers, transformers-cb, llama.cpp (default naive)")
     p.add_argument("--gptgen-args", default="",
                    help="extra arguments for every gptgen server, e.g. '--quantize int8' (default none)")
     p.add_argument("--level-seconds", type=float, default=120,
@@ -328,12 +332,18 @@ def main(argv=None) -> int:
     print(f"model: {lm.num_parameters():,} parameters ({lm.config.n_layer} layers, {lm.config.n_embd} wide, "
           f"vocabulary {lm.config.vocab_size:,}); {args.max_tokens} tokens per request, "
           f"~{args.prompt_words}-word prompts; CPU threads: {os.cpu_count()}", flush=True)
+    shared = make_prompts(1, args.shared_prefix_words, seed=12345)[0] if args.shared_prefix_words else ""
+    if shared:
+        print(f"shared prefix: {len(lm.tokenizer.encode(shared))} tokens before each prompt", flush=True)
     servers, skipped = [], {}
     try:
         extra = args.gptgen_args.split()
         servers.append(start_gptgen("gptgen", native, args.max_batch, args.threads, extra))
         if "naive" in peers:
             servers.append(start_gptgen("naive", native, 1, args.threads, extra))
+        if "gptgen-no-prefix-cache" in peers:
+            servers.append(start_gptgen("gptgen-no-prefix-cache", native, args.max_batch, args.threads,
+                                        [*extra, "--no-prefix-caching"]))
         if "gptgen-compiled" in peers:
             servers.append(start_gptgen("gptgen-compiled", native, args.max_batch, args.threads,
                                         [*extra, "--compile"]))
@@ -369,6 +379,8 @@ def main(argv=None) -> int:
         for li, c in enumerate(levels):
             total = max(args.min_requests, c * args.requests)
             prompts = make_prompts(total, args.prompt_words, seed=c)
+            if shared:
+                prompts = [shared + " " + p for p in prompts]
             order = ready if li % 2 == 0 else ready[::-1]  # interleave who goes first
             for s in order:
                 if s.name in too_slow:
