@@ -177,5 +177,23 @@ def test_playground_error_mid_stream_greedy_controls_and_json_mode(monkeypatch):
             assert json.loads(sent.value.post_data)["response_format"] == {"type": "json_object"}
             sync_api.expect(page.locator("#status")).to_contain_text("done", timeout=30000)
             assert page.text_content("#out-text").startswith("{")  # the grammar's first token (validity: test_structured_output)
+            page.uncheck("#json_mode")
+
+            # n choices: each in its own block, each the text the API gives that choice (seed + i).
+            page.select_option("#sampler", "random")
+            page.fill("#prompt", "hello")
+            page.fill("#max_tokens", "8")
+            page.fill("#seed", "5")
+            page.fill("#n", "2")  # the server has 2 slots
+            with page.expect_request("**/v1/completions") as sent:
+                page.click("#generate")
+            assert json.loads(sent.value.post_data)["n"] == 2
+            sync_api.expect(page.locator("#status")).to_contain_text("done", timeout=30000)
+            shown = [page.text_content("#out-text")] + page.locator("#more-outputs .choice-text").all_text_contents()
+            api = httpx.post(live.url + "/v1/completions", json={
+                "model": "small", "prompt": "hello", "max_tokens": 8, "n": 2, "seed": 5, "temperature": 0.8})
+            assert shown == [c["text"] for c in sorted(api.json()["choices"], key=lambda c: c["index"])]
+            page.click("#mode-chat")
+            assert page.is_disabled("#n")
         finally:
             browser.close()

@@ -36,6 +36,8 @@ function samplingFields() {
   }
   const seed = $("seed").value.trim();
   if (seed !== "") body.seed = parseInt(seed, 10);
+  const n = Math.min(4, Math.max(1, parseInt($("n").value, 10) || 1));
+  if (state.mode === "complete" && n > 1) body.n = n;  // choice i is seeded with seed + i by the server
   const stops = $("stop_text").value.split("\n").filter((s) => s.length > 0);
   if (stops.length) body.stop = stops;
   if ($("json_mode").checked) body.response_format = { type: "json_object" };
@@ -99,7 +101,22 @@ async function generate() {
     body.prompt = $("prompt").value;
     $("out-prompt").textContent = body.prompt;
     $("out-text").textContent = "";
-    sink = (piece, tokens) => { appendTokens($("out-text"), piece, tokens); };
+    // Choices after the first get an output block each (same prompt, their own text).
+    const targets = [$("out-text")];
+    $("more-outputs").textContent = "";
+    for (let i = 1; i < (body.n || 1); i++) {
+      const pre = document.createElement("pre");
+      pre.className = "choice";
+      const prompt = document.createElement("span");
+      prompt.className = "choice-prompt";
+      prompt.textContent = body.prompt;
+      const text = document.createElement("span");
+      text.className = "choice-text";
+      pre.append(prompt, text);
+      $("more-outputs").appendChild(pre);
+      targets.push(text);
+    }
+    sink = (piece, tokens, index) => { appendTokens(targets[index] || targets[0], piece, tokens); };
   } else {
     const text = $("message").value.trim();
     if (!text) return;
@@ -130,7 +147,7 @@ async function generate() {
           if (firstAt === null) firstAt = performance.now();
           if (!chunk.usage) tokens += 1;
           reply += piece;
-          sink(piece, tokenProbs(choice.logprobs));
+          sink(piece, tokenProbs(choice.logprobs), choice.index || 0);
         }
         if (choice.finish_reason) finish = choice.finish_reason;
       }
@@ -216,6 +233,7 @@ function setMode(mode) {
   $("chat-pane").hidden = mode !== "chat";
   $("reset").hidden = mode !== "chat";
   $("generate").textContent = mode === "chat" ? "Send" : "Generate";
+  $("n").disabled = mode !== "complete";  // a chat turn has one reply
 }
 
 $("generate").addEventListener("click", generate);
