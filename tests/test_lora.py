@@ -239,3 +239,24 @@ def test_finetune_style_recipe_with_lora(data_dir, tmp_path):
     x = torch.randint(0, 600, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(logits(merged, x), logits(with_adapter, x), atol=1e-4, rtol=0)
     assert (logits(merged, x) - logits(base, x)).abs().max() > 1e-3
+
+
+def test_quantizing_a_model_with_unmerged_adapters_is_refused_and_merged_is_not():
+    from gptgen import LanguageModel, Tokenizer
+    from gptgen.quantize import quantize_model
+
+    torch.manual_seed(0)
+    tok = Tokenizer.train("byte-bpe", ["a small text for a tiny tokenizer"] * 5, 280)
+    lm = LanguageModel.from_preset("gpt2", tok, n_layer=1, n_embd=32, n_head=2, n_positions=64)
+    lm.enable_lora(rank=2, alpha=4)
+    with pytest.raises(ConfigError, match="LoRA adapters that are not merged"):
+        quantize_model(lm.model, "int8-dynamic")
+    ids = torch.tensor([tok.encode("a small text")])
+    with torch.no_grad():
+        before = lm.model(ids)
+    lm.merge_lora()
+    quantize_model(lm.model, "int8-dynamic")
+    with torch.no_grad():
+        after = lm.model(ids)
+    assert lm.model.quantized == "int8-dynamic"
+    assert torch.allclose(before.float(), after.float(), atol=0.05 * float(before.abs().max()))

@@ -174,6 +174,11 @@ def quantize_model(model: nn.Module, mode: str = "int8", compute_dtype: torch.dt
         raise ConfigError(f"Unknown quantization {mode!r}; choose one of {', '.join(QUANTIZE_MODES)}.")
     if getattr(model, "quantized", None):
         raise ConfigError(f"The model is already quantized ({model.quantized}).")
+    from .lora import has_lora
+
+    if has_lora(model):  # its LoRA layers wrap the Linears: quantizing would drop the adapters silently
+        raise ConfigError("The model has LoRA adapters that are not merged; merge them first (lm.merge_lora(), or "
+                          "load with lora=DIR, which merges) and quantize the merged model.")
     device = next(model.parameters()).device
     if mode == "int8-dynamic" and device.type != "cpu":
         raise ConfigError(f"int8-dynamic quantization runs on CPU; the model is on {device} (use int8 there, or "
