@@ -130,6 +130,9 @@ class Request:
         self.finish_reasons: list[str | None] = [None] * self.n
         self.done = threading.Event()  # set once every choice has finished
         self.submitted_at = time.monotonic()
+        self.admitted_at: float | None = None   # given a row (queue time: admitted_at - submitted_at)
+        self.prefilled_at: float | None = None  # its prompt in the cache (prefill time: - admitted_at)
+        self.constraint = None                  # response_format compiled (grammar.Constraint) or None
         self.seqs: list[_Seq] = []
 
     def __repr__(self) -> str:
@@ -141,6 +144,8 @@ class _Seq:
 
     def __init__(self, request: Request, index: int, row: int, generator, tracker, stop_ids, bad_words) -> None:
         self.request = request
+        # the row's response_format state (grammar.RowState) or None
+        self.grammar = request.constraint.new_row() if request.constraint is not None else None
         self.params = request.params
         self.index = index
         self.row = row
@@ -425,7 +430,7 @@ class BatchEngine:
         free = [r for r in range(self.max_batch - 1, self._n_dec - 1, -1) if self._rows[r] is None]
         while self._waiting and len(free) >= self._waiting[0].n:
             req = self._waiting.popleft()
-            req.admitted_at = time.monotonic()  # queue time: admitted_at - submitted_at (the server's metrics)
+            req.admitted_at = time.monotonic()
             length, source = self._longest_prefix(req.prompt_ids) if self.prefix_caching else (0, None)
             if source in free:  # a finished sequence's row: take it, its cache is already in place
                 free.remove(source)
@@ -480,10 +485,7 @@ class BatchEngine:
         words = [ids for ids in words if not (len(ids) == 1 and ids[0] in stop_ids)]
         if words:
             bad = BadWords(words, self.vocab_size)
-        seq = _Seq(req, index, row, generator, tracker, stop_ids, bad)
-        constraint = getattr(req, "constraint", None)
-        seq.grammar = constraint.new_row() if constraint is not None else None  # response_format's state
-        return seq
+        return _Seq(req, index, row, generator, tracker, stop_ids, bad)
 
     def _step(self, cancelled: list[Request], admitted: list[Request]) -> None:
         for req in cancelled:
@@ -561,8 +563,8 @@ class BatchEngine:
 
     def _join_decoding(self, seq: _Seq) -> None:
         """Move a row that finished its prefill to the end of the packed decoding rows."""
-        if getattr(seq.request, "prefilled_at", None) is None:
-            seq.request.prefilled_at = time.monotonic()  # prefill time: prefilled_at - admitted_at
+        if seq.request.prefilled_at is None:
+            seq.request.prefilled_at = time.monotonic()
         target = self._n_dec
         other = self._rows[target]
         self._retired.pop(target, None)  # written below
@@ -601,10 +603,10 @@ class BatchEngine:
         for stop_ids in {frozenset(s.stop_ids) for s in short}:  # rows that share a stop set, together
             mins = tuple(s.request.min_new_tokens if frozenset(s.stop_ids) == stop_ids else 0 for s in seqs)
             scores = MinNewTokens(mins, sorted(stop_ids))(scores, state)
-        if any(getattr(s, "grammar", None) is not None for s in seqs):  # response_format rows: their masks
+        if any(s.grammar is not None for s in seqs):  # response_format rows: their masks
             from .grammar import GrammarProcessor
 
-            scores = GrammarProcessor([getattr(s, "grammar", None) for s in seqs])(None, scores.clone())
+            scores = GrammarProcessor([s.grammar for s in seqs])(None, scores.clone())
         return scores
 
     def _sample_and_commit(self, logits: torch.Tensor, seqs: list[_Seq]) -> None:
@@ -682,7 +684,7 @@ class BatchEngine:
             self._history[seq.row, hist - 1] = token
         p = seq.params
         reason = None
-        grammar = getattr(seq, "grammar", None)
+        grammar = seq.grammar
         if grammar is not None and token not in seq.stop_ids:
             grammar.accept(token)
         if token in seq.stop_ids:

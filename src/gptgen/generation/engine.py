@@ -27,7 +27,6 @@ from .samplers import (BeamSampler, ContrastiveSampler, GreedySampler, RandomSam
 from .stopping import StreamEmitter, TextTracker
 
 
-
 # Backends: where logits come from ---------------------------------------------------------------
 class ModelBackend:
     """The decode loop's view of a gptgen GPT: a Runner (runner.py) over the left-padded rows."""

@@ -10,26 +10,15 @@ Public API:
 
 from __future__ import annotations
 
-import itertools
-
-import torch
-
+from ..model import fingerprint
 from .build import build_and_load, cache_dir, native_off
 
 __all__ = ["decoder", "status", "build_and_load", "cache_dir", "native_off", "weights_key", "quantize_notice"]
 
 
-def _fingerprint(t: torch.Tensor) -> float:
-    """The sum of ~4,096 evenly spaced elements: in-place updates that leave the version counter alone (the
-    fused AdamW kernels do) still change it."""
-    flat = t.detach().reshape(-1)
-    return float(flat[::max(1, flat.numel() // 4096)].float().sum())
-
-
 def weights_key(model) -> tuple:
     """A key of a float32 model's weights that changes with load_state_dict, .to() and in-place updates."""
-    return tuple((p.data_ptr(), p._version, p.dtype, tuple(p.shape), _fingerprint(p))
-                 for p in itertools.chain(model.parameters()))
+    return tuple((p.data_ptr(), p._version, p.dtype, tuple(p.shape), fingerprint(p)) for p in model.parameters())
 
 
 def decoder(model):

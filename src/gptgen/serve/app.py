@@ -643,7 +643,7 @@ class _Job:
                 self.cancel()
             metrics.running -= 1
             for req in self.requests:  # the engine's own clock (monotonic) for its stages; cancelled ones too
-                admitted, prefilled = getattr(req, "admitted_at", None), getattr(req, "prefilled_at", None)
+                admitted, prefilled = req.admitted_at, req.prefilled_at
                 if admitted is not None:
                     metrics.queue.observe(max(0.0, admitted - req.submitted_at))
                     if prefilled is not None:
