@@ -361,7 +361,7 @@ class _ServerState:
         if req.suffix:
             raise APIError(400, "suffix (insertion) is not supported by this model.", param="suffix")
         texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
-        self.check_prompt_bytes(sum(len(t.encode("utf-8", "surrogatepass")) for t in texts), "prompt")
+        self.check_prompt_bytes(texts, "prompt")
         # Off the event loop: a long prompt must not stall the streams being answered.
         prompts, texts = await asyncio.to_thread(self._completion_prompts, req.prompt)
         max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
@@ -374,8 +374,7 @@ class _ServerState:
         if self.template is None:
             raise APIError(400, self.template_error, param="messages", code="no_chat_template")
         add_generation_prompt = True if req.add_generation_prompt is None else req.add_generation_prompt
-        self.check_prompt_bytes(sum(len(m.text().encode("utf-8", "surrogatepass")) for m in req.messages),
-                                "messages")
+        self.check_prompt_bytes([m.text() for m in req.messages], "messages")
         prompt, ids = await asyncio.to_thread(self.chat_ids, req.messages, add_generation_prompt)
         tok = self.tokenizer
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -406,15 +405,14 @@ class _ServerState:
         if "prompt" in body:
             if not isinstance(body["prompt"], str):
                 raise APIError(400, "'prompt' must be a string.", param="prompt")
-            self.check_prompt_bytes(len(body["prompt"].encode("utf-8", "surrogatepass")), "prompt")
+            self.check_prompt_bytes([body["prompt"]], "prompt")
             add_bos = bool(self.lm.config.extra.get("add_bos", False)) and body.get("add_special_tokens", True)
             ids = await asyncio.to_thread(self.tokenizer.encode, body["prompt"], add_bos=add_bos)
         else:
             if self.template is None:
                 raise APIError(400, self.template_error, param="messages", code="no_chat_template")
             req = self.validate(ChatCompletionRequest, {"messages": body["messages"]})
-            self.check_prompt_bytes(sum(len(m.text().encode("utf-8", "surrogatepass")) for m in req.messages),
-                                    "messages")
+            self.check_prompt_bytes([m.text() for m in req.messages], "messages")
             _, ids = await asyncio.to_thread(self.chat_ids, req.messages, body.get("add_generation_prompt", True))
         strs = [token_text(self.tokenizer, t) for t in ids] if body.get("return_token_strs") else None
         return {"count": len(ids), "max_model_len": self.context, "tokens": ids, "token_strs": strs}
@@ -434,9 +432,10 @@ class _ServerState:
             raise APIError(400, f"Token id {bad[0]} is outside the model's vocabulary of {vocab}.", param="tokens")
         return {"prompt": await asyncio.to_thread(self.tokenizer.decode, ids)}
 
-    def check_prompt_bytes(self, nbytes: int, param: str) -> None:
-        """Refuse, before tokenizing, text too long to fit the context whatever its tokens: no token holds
-        more than the vocabulary's longest token (in UTF-8 bytes)."""
+    def check_prompt_bytes(self, texts: list[str], param: str) -> None:
+        """Refuse, before tokenizing, texts too long to fit the context whatever their tokens: no token holds
+        more than the vocabulary's longest token (in UTF-8 bytes; a lone surrogate counts as its 3 bytes)."""
+        nbytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
         if nbytes > self.max_prompt_bytes:
             raise APIError(400, f"The {param} holds {nbytes:,} bytes, more than the model's context of "
                                 f"{self.context} tokens can hold; shorten it.", param=param,
