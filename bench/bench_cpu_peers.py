@@ -21,11 +21,15 @@ The llama.cpp rows use gptgen's own GGUF writer (gptgen convert --to gguf) unles
 Each engine runs in its own process (torch, CTranslate2 and llama.cpp share the OpenMP runtime: in one
 process they slow each other), rounds are interleaved (machine noise hits every engine alike) and the
 median of the rounds is reported. Before timing, greedy tokens of gptgen fp32, HF and CTranslate2
-float32 are compared: a fast wrong engine is no peer. llama.cpp's GGUF is made by llama.cpp's own
-convert_hf_to_gguf.py (pass --llama-convert PATH to it: it ships in the llama-cpp-python sdist under
-vendor/llama.cpp/); its q8_0 runs with use_extra_bufts=False. A llama.cpp built with its AMX int8 path dies in
-q8_0 with SIGILL on our AMX Xeon (the bench reports the crash and goes on); built without it (CMAKE_ARGS in
-docs/performance.md, "Peers") q8_0 runs on AVX512-VNNI.
+float32 are compared: a fast wrong engine is no peer. With --llama-convert PATH the GGUF is made by llama.cpp's
+own convert_hf_to_gguf.py (it ships in the llama-cpp-python sdist under vendor/llama.cpp/). llama.cpp greedy
+batch 1 runs through the high-level Llama.generate; sampling batch 16 through the low-level API (llama_cpp):
+one context with a sequence per prompt, all prompts prefilled in one llama_batch, then one batch of a token per
+sequence each step, each sequence drawing from its own llama.cpp sampler chain (top-k, top-p, dist). The
+batch-16 path loads the model with use_extra_bufts=False (no repacked weight buffers); llama-cpp-python 0.3.36's
+Llama() swallows that keyword unused, so batch 1 runs with llama.cpp's default. A llama.cpp built with its AMX
+int8 path dies in q8_0 with SIGILL on our AMX Xeon (the bench reports the crash and goes on); built without it
+(CMAKE_ARGS in docs/performance.md, "Peers") q8_0 runs on AVX512-VNNI.
 """
 
 from __future__ import annotations
@@ -169,11 +173,83 @@ def prompts_for(job) -> list[list[int]]:
     return [[rng.randrange(50256) for _ in range(job["prompt_len"])] for _ in range(batch)]
 
 
+def llama_batched(gguf: str, prompts: list[list[int]], new: int, threads: int, top_k: int = 50,
+                  top_p: float = 0.95, seed: int = 0):
+    """llama.cpp sampling of all prompts at once through llama-cpp-python's low-level API: one context with a
+    sequence per prompt, the prompts prefilled in one llama_batch, then one batch of a token per sequence each
+    step; each sequence draws from its own llama.cpp sampler chain (top-k, top-p, dist seeded seed + its
+    index). Returns (run, close): run() gives `new` tokens per prompt (no EOS stop), close() frees it all."""
+    import llama_cpp as L
+
+    L.llama_backend_init()
+    mparams = L.llama_model_default_params()
+    mparams.use_extra_bufts = False  # no repacked weight buffers (the AMX int8 path among them)
+    model = L.llama_model_load_from_file(gguf.encode(), mparams)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {gguf}")
+    n_seq, n_prompt = len(prompts), sum(len(p) for p in prompts)
+    cparams = L.llama_context_default_params()
+    cparams.n_seq_max = n_seq
+    cparams.n_ctx = n_seq * (max(len(p) for p in prompts) + new)  # split evenly across the sequences
+    cparams.n_batch = cparams.n_ubatch = max(n_prompt, n_seq)  # the whole prefill in one ubatch
+    cparams.n_threads = cparams.n_threads_batch = threads
+    ctx = L.llama_init_from_model(model, cparams)
+    if not ctx:
+        L.llama_model_free(model)
+        raise RuntimeError("llama.cpp could not create the context")
+    batch = L.llama_batch_init(max(n_prompt, n_seq), 0, 1)
+
+    def fill(entries):  # entries: (token, pos, seq, wants logits)
+        for i, (tok, pos, seq, out) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, out
+        batch.n_tokens = len(entries)
+
+    def decode():
+        rc = L.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def run():
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        chains = []
+        for s in range(n_seq):
+            chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(top_k))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(top_p, 1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed + s))
+            chains.append(chain)
+        try:
+            fill([(t, j, s, j == len(p) - 1) for s, p in enumerate(prompts) for j, t in enumerate(p)])
+            decode()
+            idx = [sum(len(q) for q in prompts[:s + 1]) - 1 for s in range(n_seq)]  # each prompt's last token
+            out: list[list[int]] = [[] for _ in prompts]
+            while True:
+                for s in range(n_seq):
+                    out[s].append(L.llama_sampler_sample(chains[s], ctx, idx[s]))
+                if len(out[0]) == new:
+                    return out
+                fill([(out[s][-1], len(prompts[s]) + len(out[s]) - 1, s, True) for s in range(n_seq)])
+                decode()
+                idx = list(range(n_seq))
+        finally:
+            for chain in chains:
+                L.llama_sampler_free(chain)  # a chain frees the samplers added to it
+
+    def close():
+        L.llama_batch_free(batch)
+        L.llama_free(ctx)
+        L.llama_model_free(model)
+
+    return run, close
+
+
 def worker(engine: str, job: dict) -> dict:
     threads, new = job["threads"], job["new_tokens"]
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     prompts = prompts_for(job)
     greedy = job["case"] == "greedy"
+    close = None  # set by engines whose native objects are freed by hand after the timed run
     if engine == "hf" or engine.startswith("gptgen"):
         import torch
 
@@ -251,9 +327,9 @@ def worker(engine: str, job: dict) -> dict:
             res = gen.generate_batch(starts, max_length=new, min_length=new, include_prompt_in_result=False,
                                      end_token=[], **kw)
             return [r.sequences_ids[0] for r in res]
+    elif engine.startswith("llama") and not greedy:
+        run, close = llama_batched(job["gguf"], prompts, new, threads)
     elif engine.startswith("llama"):
-        if not greedy:
-            return {"skipped": "llama-cpp-python decodes one sequence at a time here"}
         from llama_cpp import Llama
 
         llm = Llama(model_path=job["gguf"], n_ctx=256, n_threads=threads, n_threads_batch=threads,
@@ -273,6 +349,8 @@ def worker(engine: str, job: dict) -> dict:
     t0 = time.perf_counter()
     tokens = run()
     dt = time.perf_counter() - t0
+    if close:
+        close()
     assert all(len(t) == new for t in tokens), [len(t) for t in tokens]
     return {"tokens_per_s": len(prompts) * new / dt, "tokens": tokens[0][:32], "compile_s": job.get("compile_s"),
             "eager_tokens": job.get("eager_tokens"), "native": job.get("native")}
