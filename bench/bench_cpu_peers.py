@@ -9,8 +9,12 @@ decode step).
     python bench/bench_cpu_peers.py --ppl             # int8/bf16 perplexity cost on a model trained on books
 
 Instruction-set masks: an engine name with "@avx2" (or "@portable") runs with GPTGEN_CPU_FEATURES set to it
-(gptgen: the AVX2 + FMA path) and CT2_FORCE_CPU_ISA=AVX2 (CTranslate2), so an AVX-512 machine also measures
-what an AVX2-only CPU runs. llama.cpp's ISA is fixed when it is built. "gptgen-default" is what a user gets
+(gptgen: the AVX2 + FMA path), CT2_FORCE_CPU_ISA=AVX2 (CTranslate2's own kernels), ONEDNN_MAX_CPU_ISA=AVX2 and
+MKL_ENABLE_INSTRUCTIONS=AVX2 (the GEMM libraries under CTranslate2 and PyTorch, which otherwise pick AVX512-VNNI
+themselves) and ATEN_CPU_CAPABILITY=avx2 (PyTorch's own kernels), so an AVX-512 machine also measures what an
+AVX2-only CPU runs. llama.cpp's ISA is fixed when it is built: "llama-*@avx2" runs with the interpreter given
+by --llama-python-avx2, a venv whose llama-cpp-python was built for AVX2 (CMAKE_ARGS in docs/performance.md),
+and each llama row prints the features its build reports. "gptgen-default" is what a user gets
 with no option (the runner's choice: the native fp32 step on CPU); "gptgen-int8dyn" the best mode.
 Batch-1 figures are also given as a fraction of the machine's memory bandwidth, measured in the same run
 (a large copy on the same threads): bytes of weights read per token x tokens/s / copy bandwidth. The load
@@ -64,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--llama-convert", help="path of llama.cpp's convert_hf_to_gguf.py (default: gptgen's writer)")
     p.add_argument("--llama-python", help="a Python interpreter with llama-cpp-python (default: this one)")
+    p.add_argument("--llama-python-avx2", help="the interpreter for llama-*@avx2: llama-cpp-python built without "
+                   "AVX-512 (without it those rows are skipped)")
     p.add_argument("--tokenizer", default=os.environ.get("GPTGEN_DATA_DIR", str(REPO.parent / "shared" / "data"))
                    + "/gpt2-tokenizer", help="a GPT-2 tokenizer directory (CTranslate2 needs the vocabulary)")
     p.add_argument("--workdir", help="keep converted models here (default: a temporary directory)")
@@ -302,7 +308,7 @@ def worker(engine: str, job: dict) -> dict:
                 return generate_ids(model, prompts, max_new_tokens=new, eos_token_id=[], compile=compile_, **kw)
         from gptgen import native
 
-        job["native"] = native.status()["decoder"].get("path")
+        job["native"] = f"native library path {native.status()['decoder'].get('path')}"
     elif engine.startswith("ct2"):
         import threading
 
@@ -345,6 +351,13 @@ def worker(engine: str, job: dict) -> dict:
             return [out]
     else:
         raise SystemExit(f"unknown engine {engine}")
+    if engine.startswith("llama"):  # what this llama.cpp build runs (its instruction set is fixed when built)
+        import re
+
+        import llama_cpp
+
+        found = re.findall(r"(\w+) = 1", llama_cpp.llama_print_system_info().decode())
+        job["native"] = "llama.cpp build " + "+".join(f for f in found if f.startswith(("AVX", "AMX", "FMA")))
     run()  # warm-up
     t0 = time.perf_counter()
     tokens = run()
@@ -356,12 +369,23 @@ def worker(engine: str, job: dict) -> dict:
             "eager_tokens": job.get("eager_tokens"), "native": job.get("native")}
 
 
+# What each mask sets: gptgen's path, CTranslate2's own kernels, and the libraries under CTranslate2 and PyTorch
+# (oneDNN, MKL, ATen's vectorized kernels), which pick their instruction set themselves: CT2_FORCE_CPU_ISA alone
+# leaves CTranslate2's int8 GEMM (oneDNN) on AVX512-VNNI.
+ISA_MASKS = {
+    "avx2": dict(GPTGEN_CPU_FEATURES="avx2", CT2_FORCE_CPU_ISA="AVX2", ONEDNN_MAX_CPU_ISA="AVX2",
+                 DNNL_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2", ATEN_CPU_CAPABILITY="avx2"),
+    "portable": dict(GPTGEN_CPU_FEATURES="portable", CT2_FORCE_CPU_ISA="GENERIC", ONEDNN_MAX_CPU_ISA="SSE41",
+                     DNNL_MAX_CPU_ISA="SSE41", MKL_ENABLE_INSTRUCTIONS="SSE4_2", ATEN_CPU_CAPABILITY="default"),
+}
+
+
 def run_worker(engine: str, job: dict, python: str | None = None) -> dict:
     base, _, isa = engine.partition("@")
     cmd = [python or sys.executable, __file__, "--worker", base, "--job", json.dumps(job)]
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"])}
     if isa:
-        env.update(GPTGEN_CPU_FEATURES=isa, CT2_FORCE_CPU_ISA=isa.upper() if isa != "portable" else "GENERIC")
+        env.update(ISA_MASKS[isa])
     load = loadavg()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode < 0 or proc.returncode > 128:
@@ -475,7 +499,14 @@ def main(argv=None) -> int:
             for r in range(args.rounds):
                 for e in engines:
                     j = dict(job, ct2_dir=paths.get(e), gguf=paths.get(e))
-                    res = run_worker(e, j, llama_python if e.startswith("llama") else None)
+                    if e.startswith("llama") and e.endswith("@avx2"):
+                        if not args.llama_python_avx2:
+                            info[e] = {"skipped": "llama.cpp's instruction set is fixed at build: pass "
+                                                  "--llama-python-avx2 (llama-cpp-python built for AVX2)"}
+                            continue
+                        res = run_worker(e, j, args.llama_python_avx2)
+                    else:
+                        res = run_worker(e, j, llama_python if e.startswith("llama") else None)
                     if "tokens_per_s" in res:
                         results[e].append(res["tokens_per_s"])
                         loads[e].append(res.get("load"))
@@ -506,7 +537,7 @@ def main(argv=None) -> int:
                 med = statistics.median(results[e])
                 extra = f"  (first-call compile {info[e]['compile_s']} s)" if info[e].get("compile_s") else ""
                 if info[e].get("native"):
-                    extra += f"  [native library path {info[e]['native']}]"
+                    extra += f"  [{info[e]['native']}]"
                 ratio = f"{med / hf:5.2f}x HF" if hf else ""
                 if case == "greedy":
                     frac = weight_bytes_per_token(e, shape) * med / bandwidth

@@ -223,6 +223,33 @@ def test_kernel_rows_are_independent_and_threads_do_not_change_numbers(path):
     assert torch.equal(int8_ops.linear(x[3:8].contiguous(), packed, offset, wscale, bias, n), one[3:8])
 
 
+def test_vector_quantization_equals_the_reference_on_every_path(path):
+    """Each path quantizes activations with its own vector code (8 or 16 floats at a time, a scalar tail): the
+    products must equal the reference at widths around the vector widths, where every .5 is a tie (amax 127:
+    the multiplier is exactly 1), and a non-finite row must come out as the portable path's."""
+    g = torch.Generator().manual_seed(11)
+    for k in (1, 7, 8, 9, 15, 16, 17, 31, 33, 64, 65):
+        n = 20
+        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        packed, offset = int8_ops.pack(q)
+        wscale, bias = torch.rand(n, generator=g) * 0.01, torch.randn(n, generator=g)
+        ties = (torch.randint(-253, 254, (3, k), generator=g).float() / 2)  # halves: ties under round-half-even
+        ties[:, 0] = 127.0
+        x = torch.cat([ties, torch.randn(4, k, generator=g) * 3])
+        got = int8_ops.linear(x, packed, offset, wscale, bias, n)
+        assert torch.equal(got, brute_force(x, q, wscale, bias)), (path, k)
+        assert torch.equal(got, int8_ops.reference(x, q, wscale, bias)), (path, k)
+        odd = torch.randn(3, k, generator=g)
+        odd[0, k // 2] = float("nan")
+        odd[1, k - 1] = float("inf")
+        odd[2, 0] = -float("inf")
+        mine = int8_ops.linear(odd, packed, offset, wscale, bias, n)
+        with int8_ops.use_path("portable"):
+            portable = int8_ops.linear(odd, packed, offset, wscale, bias, n)
+        assert torch.equal(mine.isnan(), portable.isnan()), (path, k)
+        assert torch.equal(mine.nan_to_num(), portable.nan_to_num()), (path, k)
+
+
 def test_int8_weights_of_minus_128_and_wide_rows_are_exact_on_every_path(path):
     """The whole int8 range (-128 too: the AVX2 path's |w| is 128 there) against the widest activations (+-127)
     over long rows (K = 1,536: GPT-2's MLP width), where a saturating int16 pair sum would show."""

@@ -169,7 +169,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def reference(x: torch.Tensor, q: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The kernel's numbers with PyTorch operations (exact int32 sums by torch._int_mm), float32 (M, N)."""
     xq, xs = quantize_rows(x)
-    acc = torch._int_mm(xq, q.t()).float()
+    # (torch 2.13's _int_mm gives wrong sums at K = 1 on CPU: there the product is one multiply per element)
+    acc = (torch._int_mm(xq, q.t()) if q.shape[1] > 1 else xq.int() * q.t().int()).float()
     y = acc * xs[:, None] * wscale
     return y + bias if bias is not None else y
 

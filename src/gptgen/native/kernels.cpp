@@ -132,6 +132,38 @@ inline void block_rows(const int8_t* blk, const uint8_t* q, int64_t Kp, const fl
   }
 }
 
+// Rows of x quantized as quantize_rows does (the same numbers): |x| max, x * (127 / amax) rounded half to even
+// (vroundps), + 128, the low byte of each int32 kept.
+inline void quantize_v(const float* x, int64_t M, int64_t K, int64_t Kp, uint8_t* q, float* scales) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i low_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                             0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    __m256 mx = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(row + k), absmask), mx);
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mx);
+    float amax = 0.f;
+    for (int j = 0; j < 8; ++j) amax = std::max(amax, lanes[j]);
+    for (int64_t t = k; t < K; ++t) amax = std::max(amax, std::fabs(row[t]));
+    amax = std::max(amax, 1e-12f);
+    const float inv = 127.0f / amax;
+    scales[m] = amax / 127.0f;
+    uint8_t* out = q + m * Kp;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (k = 0; k + 8 <= K; k += 8) {
+      const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(row + k), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256i b = _mm256_shuffle_epi8(_mm256_add_epi32(_mm256_cvtps_epi32(r), _mm256_set1_epi32(128)), low_bytes);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(b, order)));
+    }
+    for (; k < K; ++k) out[k] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyintf(row[k] * inv)) + 128);
+    std::fill(out + K, out + Kp, static_cast<uint8_t>(128));
+  }
+}
+
 inline void gemv_i8_v_blocks(const uint8_t* qp, const float* xsp, int64_t M, int64_t Kp, const int8_t* wp,
                              const float* ws, const float* bp, int64_t N, float* yp, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
@@ -336,6 +368,30 @@ void amx_rows(const uint8_t* qp, const float* xsp, int64_t M, int64_t Kp, const 
   _tile_release();
 }
 #endif
+
+// Rows of x quantized as quantize_rows does (the same numbers), 16 at a time; vpmovdb keeps each int32's low byte.
+inline void quantize(const float* x, int64_t M, int64_t K, int64_t Kp, uint8_t* q, float* scales) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 msk = static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1u);
+      mx = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(msk, row + k)), mx);  // (a NaN |x| leaves mx)
+    }
+    const float amax = std::max(_mm512_reduce_max_ps(mx), 1e-12f);
+    const float inv = 127.0f / amax;
+    scales[m] = amax / 127.0f;
+    uint8_t* out = q + m * Kp;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 msk = static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1u);
+      const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(msk, row + k), vinv),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm512_mask_cvtepi32_storeu_epi8(out + k, msk, _mm512_add_epi32(_mm512_cvtps_epi32(r), _mm512_set1_epi32(128)));
+    }
+    std::fill(out + K, out + Kp, static_cast<uint8_t>(128));
+  }
+}
 
 // Rows from which AMX takes over (fewer rows stream the weights at the same speed either way).
 constexpr int64_t kAmxMinRows = 5;
@@ -573,6 +629,7 @@ inline void residual(float* x_, const float* y, int64_t n, bool bf16) {
 
 // The paths' kernels, and the one in use -------------------------------------------------------------------
 struct Ops {
+  void (*quantize)(const float*, int64_t, int64_t, int64_t, uint8_t*, float*);
   void (*gemv_i8)(const uint8_t*, const float*, int64_t, int64_t, const int8_t*, const int32_t*, const float*,
                   const float*, int64_t, int64_t, float*);
   void (*gemv_f32)(const float*, int64_t, int64_t, const float*, const float*, int64_t, int64_t, float*);
@@ -583,12 +640,12 @@ struct Ops {
   void (*residual)(float*, const float*, int64_t, bool);
 };
 
-const Ops kPortableOps{portable::gemv_i8, portable::gemv_f32, portable::round_bf16, portable::attend<float>,
+const Ops kPortableOps{quantize_rows<float>, portable::gemv_i8, portable::gemv_f32, portable::round_bf16, portable::attend<float>,
                        portable::attend<at::BFloat16>, portable::activate, portable::residual};
 #ifdef GPTGEN_X86
-const Ops kAvx2Ops{avx2::gemv_i8_v, avx2::gemv_f32_v, avx2::round_bf16, avx2::attend<float>,
+const Ops kAvx2Ops{avx2::quantize_v, avx2::gemv_i8_v, avx2::gemv_f32_v, avx2::round_bf16, avx2::attend<float>,
                    avx2::attend<at::BFloat16>, avx2::activate, avx2::residual};
-const Ops kAvx512Ops{avx512::gemv_rows, avx512::gemv_f32, static_cast<void (*)(float*, int64_t)>(avx512::round_bf16),
+const Ops kAvx512Ops{avx512::quantize, avx512::gemv_rows, avx512::gemv_f32, static_cast<void (*)(float*, int64_t)>(avx512::round_bf16),
                      avx512::attend<float>, avx512::attend<at::BFloat16>, avx512::activate, avx512::residual};
 #endif
 
@@ -653,7 +710,7 @@ at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& packed, co
   std::vector<uint8_t> q(padded_rows(M) * Kp, static_cast<uint8_t>(128));
   std::vector<float> xs(M);
   if (x.scalar_type() == at::kFloat)
-    quantize_rows(x.data_ptr<float>(), M, K, Kp, q.data(), xs.data());
+    ops().quantize(x.data_ptr<float>(), M, K, Kp, q.data(), xs.data());
   else
     quantize_rows(x.data_ptr<at::BFloat16>(), M, K, Kp, q.data(), xs.data());
   const bool has_bias = bias.has_value() && bias->defined();
@@ -781,7 +838,7 @@ struct Int8Decoder : torch::CustomClassHolder {
     }
     q.assign(padded_rows(B) * p.Kp, static_cast<uint8_t>(128));
     xs.resize(B);
-    quantize_rows(in, B, p.K, p.Kp, q.data(), xs.data());
+    ops().quantize(in, B, p.K, p.Kp, q.data(), xs.data());
     ops().gemv_i8(q.data(), xs.data(), B, p.Kp, p.packed.data_ptr<int8_t>(), p.offset.data_ptr<int32_t>(),
               p.wscale.data_ptr<float>(), p.bias.numel() ? p.bias.data_ptr<float>() : nullptr, p.Nb, p.N, out);
     if (round && bf16) ops().round_bf16(out, B * p.N);
