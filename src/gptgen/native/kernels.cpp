@@ -132,6 +132,116 @@ inline void block_rows(const int8_t* blk, const uint8_t* q, int64_t Kp, const fl
   }
 }
 
+// e^x as generic.h's exp_s computes it (the same operations in the same order, so the same numbers), 8 at a time.
+inline __m256 exp_v(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// activate (generic.h's numbers: ReLU, tanh GELU with exp_v; erf GELU element by element), 8 at a time
+inline void activate_v(float* v, int64_t n, int64_t activation, bool bf16) {
+  at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+    int64_t i = i0;
+    if (activation != 1)
+      for (; i + 8 <= i1; i += 8) {
+        const __m256 a = _mm256_loadu_ps(v + i);
+        __m256 out;
+        if (activation == 0) {
+          out = _mm256_max_ps(a, _mm256_setzero_ps());
+        } else {
+          const __m256 a3 = _mm256_mul_ps(_mm256_mul_ps(a, a), a);
+          const __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                         _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), a3), a));
+          out = _mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_v(_mm256_mul_ps(_mm256_set1_ps(-2.0f), u))));
+        }
+        _mm256_storeu_ps(v + i, out);
+        if (bf16) round_bf16(v + i, 8);
+      }
+    activate_range(v, i, i1, activation, bf16);
+  });
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+constexpr int64_t kMaxChunks8 = 32;  // head widths up to 256 in vector registers; wider heads take generic.h's
+
+// One new query per row and head against the cache: scores by 8-wide FMAs (the last D % 8 in scalar),
+// softmax with exp_v, the weighted sum of values by FMAs. generic.h's attend_heads in vectors.
+template <typename T>
+inline void attend_heads_v(const AttnArgs<T>& a, int64_t i0, int64_t i1) {
+  const int64_t H = a.H, D = a.D, inner = H * D, T_ = a.T_, full = D / 8;
+  std::vector<float> s(a.Lmax), tail(D);
+  __m256 qv[kMaxChunks8], acc[kMaxChunks8];
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t b = i / H, hh = i % H, L = a.slots[b] + 1;
+    const float* q = a.qkv + b * 3 * inner + hh * D;
+    const T* kr = a.kc + (b * H + hh) * T_ * D;
+    const T* vr = a.vc + (b * H + hh) * T_ * D;
+    for (int64_t c = 0; c < full; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < L; ++t) {
+      if (a.mask && !a.mask[b * a.mask_stride + t]) { s[t] = -INFINITY; continue; }
+      __m256 dot = _mm256_setzero_ps();
+      for (int64_t c = 0; c < full; ++c) dot = _mm256_fmadd_ps(qv[c], load8(kr + t * D + 8 * c), dot);
+      float d = hsum(dot);
+      for (int64_t e = 8 * full; e < D; ++e) d += q[e] * static_cast<float>(kr[t * D + e]);
+      s[t] = d * a.scale;
+      mx = std::max(mx, s[t]);
+    }
+    __m256 vsum = _mm256_setzero_ps();
+    const __m256 vmx = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 8 <= L; t += 8) {  // e^(s - max), 0 where masked
+      const __m256 v = _mm256_loadu_ps(s.data() + t);
+      const __m256 e = _mm256_and_ps(_mm256_cmp_ps(v, ninf, _CMP_NEQ_OQ), exp_v(_mm256_sub_ps(v, vmx)));
+      _mm256_storeu_ps(s.data() + t, e);
+      vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum(vsum);
+    for (; t < L; ++t) {
+      s[t] = s[t] == -INFINITY ? 0.f : exp_s(s[t] - mx);
+      sum += s[t];
+    }
+    for (int64_t c = 0; c < full; ++c) acc[c] = _mm256_setzero_ps();
+    std::fill(tail.begin(), tail.end(), 0.f);
+    for (t = 0; t < L; ++t) {
+      if (s[t] == 0.f) continue;
+      const float p = s[t] / sum;
+      const __m256 pv = _mm256_set1_ps(p);
+      for (int64_t c = 0; c < full; ++c) acc[c] = _mm256_fmadd_ps(pv, load8(vr + t * D + 8 * c), acc[c]);
+      for (int64_t e = 8 * full; e < D; ++e) tail[e] += p * static_cast<float>(vr[t * D + e]);
+    }
+    float* o = a.out + b * inner + hh * D;
+    for (int64_t c = 0; c < full; ++c) _mm256_storeu_ps(o + 8 * c, acc[c]);
+    for (int64_t e = 8 * full; e < D; ++e) o[e] = tail[e];
+    if (a.bf16) round_bf16(o, D);
+  }
+}
+
+template <typename T>
+inline void attend_v(const AttnArgs<T>& a) {
+  if (a.D > 8 * kMaxChunks8) return attend(a);
+  at::parallel_for(0, a.B * a.H, 1, [&](int64_t i0, int64_t i1) { attend_heads_v(a, i0, i1); });
+}
+
 // Rows of x quantized as quantize_rows does (the same numbers): |x| max, x * (127 / amax) rounded half to even
 // (vroundps), + 128, the low byte of each int32 kept.
 inline void quantize_v(const float* x, int64_t M, int64_t K, int64_t Kp, uint8_t* q, float* scales) {
@@ -588,7 +698,7 @@ inline void attend_heads(const AttnArgs<T>& a, int64_t i0, int64_t i1) {
 
 template <typename T>
 inline void attend(const AttnArgs<T>& a) {
-  if (a.D > 16 * kMaxChunks) return avx2::attend(a);
+  if (a.D > 16 * kMaxChunks) return avx2::attend_v(a);
   at::parallel_for(0, a.B * a.H, 1, [&](int64_t i0, int64_t i1) { attend_heads(a, i0, i1); });
 }
 
@@ -643,8 +753,8 @@ struct Ops {
 const Ops kPortableOps{quantize_rows<float>, portable::gemv_i8, portable::gemv_f32, portable::round_bf16, portable::attend<float>,
                        portable::attend<at::BFloat16>, portable::activate, portable::residual};
 #ifdef GPTGEN_X86
-const Ops kAvx2Ops{avx2::quantize_v, avx2::gemv_i8_v, avx2::gemv_f32_v, avx2::round_bf16, avx2::attend<float>,
-                   avx2::attend<at::BFloat16>, avx2::activate, avx2::residual};
+const Ops kAvx2Ops{avx2::quantize_v, avx2::gemv_i8_v, avx2::gemv_f32_v, avx2::round_bf16, avx2::attend_v<float>,
+                   avx2::attend_v<at::BFloat16>, avx2::activate_v, avx2::residual};
 const Ops kAvx512Ops{avx512::quantize, avx512::gemv_rows, avx512::gemv_f32, static_cast<void (*)(float*, int64_t)>(avx512::round_bf16),
                      avx512::attend<float>, avx512::attend<at::BFloat16>, avx512::activate, avx512::residual};
 #endif
