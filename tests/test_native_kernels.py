@@ -140,20 +140,38 @@ def test_without_kernels_sampling_still_works(tmp_path, env, state):
 
 
 def test_built_library_is_cached_and_reused(tmp_path):
-    """A second process loads the library the first one built, without compiling it again."""
+    """A second process loads the library the first one built, without compiling it again; another compiler
+    builds its own (the compiler and its flags are part of the cache key)."""
     if LIB is None:
         pytest.skip(f"native kernels not built: {native.status()['detail']}")
     import os
+    import shutil
 
+    real = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+    log = tmp_path / "calls.log"
+    wrappers = []
+    for name in ("cc-a", "cc-b"):  # compilers that log each call, then compile with the real one
+        w = tmp_path / name
+        w.write_text(f'#!/bin/sh\necho "$0" >> {log}\nexec {real} "$@"\n')
+        w.chmod(0o755)
+        wrappers.append(w)
     code = "from gptgen.native import sampler as native\nassert native.library() is not None\nprint(native.status()['detail'])\n"
-    env = {**os.environ, "GPTGEN_CACHE_DIR": str(tmp_path)}
-    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert first.returncode == 0, first.stderr[-2000:]
-    built = sorted((tmp_path / "native").glob("kernels-*.so"))
-    assert len(built) == 1 and first.stdout.strip() == str(built[0])
+    env = {**os.environ, "GPTGEN_CACHE_DIR": str(tmp_path / "cache"), "CC": str(wrappers[0])}
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip()
+
+    first = run()
+    built = sorted((tmp_path / "cache" / "native").glob("kernels-*.so"))
+    assert len(built) == 1 and first == str(built[0])
     stamp = built[0].stat().st_mtime_ns
-    env["CC"] = "false"  # a rebuild would fail: the cached file must be used
-    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert built[0].stat().st_mtime_ns == stamp
-    assert not list((tmp_path / "native").glob("*.so.tmp*")) and len(list((tmp_path / "native").iterdir())) == 1
+    assert log.read_text().splitlines() == [str(wrappers[0])]
+    assert run() == first  # the cached file, not compiled again
+    assert built[0].stat().st_mtime_ns == stamp and log.read_text().splitlines() == [str(wrappers[0])]
+    env["CC"] = str(wrappers[1])
+    other = run()
+    assert other != first and log.read_text().splitlines() == [str(wrappers[0]), str(wrappers[1])]
+    names = sorted(p.name for p in (tmp_path / "cache" / "native").iterdir())
+    assert len(names) == 2 and all(n.startswith("kernels-") and n.endswith(".so") for n in names)

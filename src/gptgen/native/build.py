@@ -79,12 +79,14 @@ OUT = "{out}"
 def build_and_load(stem: str, source: Path, key: bytes, compiler_path: str | None, missing: str,
                    commands: Callable[[str], list[list[str]]], load: Callable[[Path], T], status: dict,
                    lock: threading.Lock, timeout: float = 300) -> T | None:
-    """The library `stem` built from source once per source, CPU and key (into cache_dir(), else a temporary
+    """The library `stem` built from source once per source, CPU, compile commands and key (into cache_dir(), else a temporary
     directory) and loaded; None where it cannot be had, with status[state/detail] saying why.
 
     commands(compiler_path): the compile commands to try in turn (OUT marks the output); load(path): the loaded
     library. `missing` is the detail when no compiler was found."""
-    digest = hashlib.sha256(source.read_bytes() + cpu_key().encode() + key).hexdigest()[:16]
+    # the compiler and its flags are part of the key: another CXX or a changed command builds anew
+    how = repr(commands(compiler_path)).encode() if compiler_path else b""
+    digest = hashlib.sha256(source.read_bytes() + cpu_key().encode() + key + how).hexdigest()[:16]
     with lock:
         fallback = Path(tempfile.gettempdir()) / f"gptgen-native-{getattr(os, 'getuid', lambda: 0)()}"
         for directory in (cache_dir(), fallback):
