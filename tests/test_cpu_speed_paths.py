@@ -264,13 +264,15 @@ def test_a_float32_model_takes_the_native_step_where_it_runs(monkeypatch):
 
 @pytest.mark.parametrize("mask,mode,says", [
     ("portable", "int8-dynamic", "no vector int8 kernel on this CPU"),
-    ("avx2", "int8", "no AVX512-BF16 or AMX"),
+    ("portable", "int8", "no vector kernel on this CPU"),
+    ("avx2 native-off", "int8", "no AVX512-BF16 or AMX"),
+    ("avx2", "int8", None),
     ("avx2", "int8-dynamic", None),
 ])
 def test_a_quantize_mode_without_a_fast_path_says_so_once_at_load(mask, mode, says):
     """On a CPU (here: masked by GPTGEN_CPU_FEATURES) where a quantize mode has no fast path, quantizing says so
     in one stderr line naming what is missing and what runs instead, once per process; where it has one
-    (int8-dynamic on AVX2), nothing is said."""
+    (both int8 modes on AVX2, through the native step), nothing is said. "native-off": GPTGEN_NATIVE=0."""
     import os
     import subprocess
     import sys
@@ -283,7 +285,8 @@ def test_a_quantize_mode_without_a_fast_path_says_so_once_at_load(mask, mode, sa
             "    m = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))\n"
             f"    quantize_model(m, {mode!r}, compute_dtype=torch.float32)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, GPTGEN_CPU_FEATURES=mask))
+                          env=dict(os.environ, GPTGEN_CPU_FEATURES=mask.split()[0],
+                                   **({"GPTGEN_NATIVE": "0"} if "native-off" in mask else {})))
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if "quantize=" in line]
     if says is None:

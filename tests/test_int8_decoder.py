@@ -448,3 +448,29 @@ def test_every_instruction_set_path_gives_the_layers_logits(path, style):
             want = q(ids).float()
             d = (_steps(gptgen.native.decoder(q), q, ids) - want).abs()
             assert d.median().item() < median_tol and d.max().item() < bound, (dtype, d.median().item(), d.max().item())
+        # weight-only int8: float activations, so float32 is within float rounding (no activation flips)
+        for dtype, median_tol, bound in ((torch.float32, MEDIAN_TOL, ROW_TOL), (torch.bfloat16, 0.02, 1.0)):
+            w8 = quantize_model(copy.deepcopy(fp32), "int8", compute_dtype=dtype)
+            want = w8(ids).float()
+            d = (_steps(gptgen.native.decoder(w8), w8, ids) - want).abs()
+            assert d.median().item() < median_tol and d.max().item() < bound, ("int8", dtype, d.median().item(),
+                                                                                d.max().item())
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_weight_only_int8_decodes_through_the_native_step(style, monkeypatch):
+    """quantize="int8" (int8 weights, float activations) takes the native step on CPU (the runner's choice), and
+    its greedy tokens are the layers' (24 steps of 3 prompts, 3 seeds; float32 compute: the two differ only in
+    float rounding, so at most one sequence of 9 may part at a near tie)."""
+    from gptgen.generation.runner import select_backend
+
+    differ = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = quantize_model(GPT(STYLES[style]()).eval(), "int8", compute_dtype=torch.float32)
+        backend, step = select_backend(model)
+        assert backend == "native" and step is not None
+        native, layers = generate_both(model, monkeypatch, max_new_tokens=24)
+        assert [len(t) for t in native] == [24, 24, 24]
+        differ += [(seed, r) for r in range(3) if native[r] != layers[r]]
+    assert len(differ) <= 1, differ

@@ -22,11 +22,11 @@ def weights_key(model) -> tuple:
 
 
 def decoder(model):
-    """The native one-token decode step of `model` (float32 or quantize="int8-dynamic", on CPU), built once per
+    """The native one-token decode step of `model` (float32, quantize="int8-dynamic" or "int8", on CPU), built once per
     model and rebuilt when its weights change; None where it cannot run here."""
     from . import step as int8_step
 
-    if getattr(model, "quantized", None) == "int8-dynamic":
+    if getattr(model, "quantized", None) in ("int8-dynamic", "int8"):
         return int8_step.decoder(model)
     if getattr(model, "quantized", None) is not None:
         return None
@@ -53,12 +53,16 @@ def quantize_notice(mode: str, device: str = "cpu") -> str | None:
     from ..hardware import cpu_bf16_native, cpu_features
     from . import int8
 
-    if mode == "int8":
-        if cpu_bf16_native():
+    if mode == "int8":  # decoded by the native step's weight-only product, else by PyTorch's (fast with bf16 units)
+        if (int8.available() and int8.current_path() in int8.FAST_INT8_PATHS) or cpu_bf16_native():
             return None
-        return (f"quantize='int8' has no fast path on this CPU ({cpu_features().model}: no AVX512-BF16 or AMX): it runs "
-                "PyTorch's weight-only int8 product in float32 instead, slower than float32 weights here; "
-                "quantize='int8-dynamic' (int8 x int8 kernel) or no quantization decodes faster.")
+        if int8.available():
+            missing = int8.paths().get("avx2") or "no AVX2 + FMA"
+            return (f"quantize='int8' has no vector kernel on this CPU ({missing}): it runs the portable C++ "
+                    "kernel instead, which may be slower than float32.")
+        return (f"quantize='int8' has no fast path here ({int8.status()['detail']}; {cpu_features().model}: no "
+                "AVX512-BF16 or AMX): it runs PyTorch's weight-only int8 product in float32 instead, slower than "
+                "float32 weights here; no quantization decodes faster.")
     if mode == "int8-dynamic":
         if not int8.available():
             return (f"quantize='int8-dynamic' has no native kernel here ({int8.status()['detail']}): it runs "

@@ -356,6 +356,72 @@ inline void gemv_f32_v(const float* x, int64_t M, int64_t K, const float* wp, co
                        float* y) {
   at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) { gemv_f32_v_blocks(x, M, K, wp, bp, N, y, b0, b1); });
 }
+
+// Weight-only int8 (W packed (ceil(N/16), K, 16) int8): each k is 16 bytes, widened to two 8-float vectors
+// (vpmovsxbd, vcvtdq2ps) once for the R rows that multiply them by FMA; scaled per output at the end.
+template <int R, int U>
+inline void block_rows_w8(const int8_t* blk, const float* x, int64_t K, const float* ws, const float* bias, float* y,
+                          int64_t ldy, int64_t nn) {
+  __m256 acc[R][2 * U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < 2 * U; ++u) acc[r][u] = _mm256_setzero_ps();
+  auto widen = [](const int8_t* p, __m256& lo, __m256& hi) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
+  };
+  int64_t k = 0;
+  for (; k + U <= K; k += U)
+    for (int u = 0; u < U; ++u) {
+      __m256 w0, w1;
+      widen(blk + (k + u) * kBlock, w0, w1);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xb = _mm256_set1_ps(x[r * K + k + u]);
+        acc[r][2 * u] = _mm256_fmadd_ps(xb, w0, acc[r][2 * u]);
+        acc[r][2 * u + 1] = _mm256_fmadd_ps(xb, w1, acc[r][2 * u + 1]);
+      }
+    }
+  for (; k < K; ++k) {
+    __m256 w0, w1;
+    widen(blk + k * kBlock, w0, w1);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xb = _mm256_set1_ps(x[r * K + k]);
+      acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float out[kBlock];
+    for (int h = 0; h < 2; ++h) {
+      __m256 sum = acc[r][h];
+      for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[r][2 * u + h]);
+      sum = _mm256_add_ps(_mm256_mul_ps(sum, _mm256_load_ps(ws + 8 * h)), _mm256_load_ps(bias + 8 * h));
+      _mm256_store_ps(out + 8 * h, sum);
+    }
+    std::memcpy(y + r * ldy, out, nn * sizeof(float));
+  }
+}
+
+inline void gemv_w8_v(const float* x, int64_t M, int64_t K, const int8_t* wp, const float* ws, const float* bp,
+                      int64_t Nb, int64_t N, float* y) {
+  at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int8_t* blk = wp + b * K * kBlock;
+      const int64_t n0 = b * kBlock, nn = std::min<int64_t>(kBlock, N - n0);
+      alignas(32) float s[kBlock] = {0.f}, bb[kBlock] = {0.f};
+      std::memcpy(s, ws + n0, nn * sizeof(float));
+      if (bp) std::memcpy(bb, bp + n0, nn * sizeof(float));
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) block_rows_w8<4, 1>(blk, x + m * K, K, s, bb, y + m * N + n0, N, nn);
+      switch (M - m) {
+        case 3: block_rows_w8<3, 1>(blk, x + m * K, K, s, bb, y + m * N + n0, N, nn); break;
+        case 2: block_rows_w8<2, 2>(blk, x + m * K, K, s, bb, y + m * N + n0, N, nn); break;
+        case 1: block_rows_w8<1, 4>(blk, x + m * K, K, s, bb, y + m * N + n0, N, nn); break;
+        default: break;
+      }
+    }
+  });
+}
 }  // namespace avx2
 #pragma GCC pop_options
 #endif  // GPTGEN_X86
@@ -590,6 +656,55 @@ void gemv_f32(const float* x, int64_t M, int64_t K, const float* wp, const float
   });
 }
 
+// Weight-only int8 (W packed (ceil(N/16), K, 16) int8): each k's 16 bytes widened to 16 floats (vpmovsxbd,
+// vcvtdq2ps) once for the R rows that multiply them by FMA; scaled per output at the end.
+template <int R, int U>
+inline void block_rows_w8(const int8_t* blk, const float* x, int64_t K, __m512 wscale, __m512 bias, float* y,
+                          int64_t ldy, __mmask16 mask) {
+  __m512 acc[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+  auto widen = [](const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  };
+  int64_t k = 0;
+  for (; k + U <= K; k += U)
+    for (int u = 0; u < U; ++u) {
+      const __m512 w = widen(blk + (k + u) * kBlock);
+      for (int r = 0; r < R; ++r) acc[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k + u]), w, acc[r][u]);
+    }
+  for (; k < K; ++k) {
+    const __m512 w = widen(blk + k * kBlock);
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), w, acc[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512 sum = acc[r][0];
+    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[r][u]);
+    _mm512_mask_storeu_ps(y + r * ldy, mask, _mm512_add_ps(_mm512_mul_ps(sum, wscale), bias));
+  }
+}
+
+void gemv_w8(const float* x, int64_t M, int64_t K, const int8_t* wp, const float* ws, const float* bp, int64_t Nb,
+             int64_t N, float* y) {
+  at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int8_t* blk = wp + b * K * kBlock;
+      const int64_t n0 = b * kBlock, nn = std::min<int64_t>(kBlock, N - n0);
+      const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
+      const __m512 s = _mm512_maskz_loadu_ps(mask, ws + n0);
+      const __m512 bb = bp ? _mm512_maskz_loadu_ps(mask, bp + n0) : _mm512_setzero_ps();
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) block_rows_w8<4, 2>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask);
+      switch (M - m) {
+        case 3: block_rows_w8<3, 2>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask); break;
+        case 2: block_rows_w8<2, 4>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask); break;
+        case 1: block_rows_w8<1, 8>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask); break;
+        default: break;
+      }
+    }
+  });
+}
+
 // Vector helpers of the decode step ---------------------------------------------------------------------------
 // float -> bfloat16 -> float with round-to-nearest-even, as c10::BFloat16 rounds (NaN stays NaN).
 inline __m512 round_bf16(__m512 v) {
@@ -743,6 +858,7 @@ struct Ops {
   void (*gemv_i8)(const uint8_t*, const float*, int64_t, int64_t, const int8_t*, const int32_t*, const float*,
                   const float*, int64_t, int64_t, float*);
   void (*gemv_f32)(const float*, int64_t, int64_t, const float*, const float*, int64_t, int64_t, float*);
+  void (*gemv_w8)(const float*, int64_t, int64_t, const int8_t*, const float*, const float*, int64_t, int64_t, float*);
   void (*round_bf16)(float*, int64_t);
   void (*attend_f32)(const AttnArgs<float>&);
   void (*attend_bf16)(const AttnArgs<at::BFloat16>&);
@@ -750,12 +866,12 @@ struct Ops {
   void (*residual)(float*, const float*, int64_t, bool);
 };
 
-const Ops kPortableOps{quantize_rows<float>, portable::gemv_i8, portable::gemv_f32, portable::round_bf16, portable::attend<float>,
+const Ops kPortableOps{quantize_rows<float>, portable::gemv_i8, portable::gemv_f32, portable::gemv_w8, portable::round_bf16, portable::attend<float>,
                        portable::attend<at::BFloat16>, portable::activate, portable::residual};
 #ifdef GPTGEN_X86
-const Ops kAvx2Ops{avx2::quantize_v, avx2::gemv_i8_v, avx2::gemv_f32_v, avx2::round_bf16, avx2::attend_v<float>,
+const Ops kAvx2Ops{avx2::quantize_v, avx2::gemv_i8_v, avx2::gemv_f32_v, avx2::gemv_w8_v, avx2::round_bf16, avx2::attend_v<float>,
                    avx2::attend_v<at::BFloat16>, avx2::activate_v, avx2::residual};
-const Ops kAvx512Ops{avx512::quantize, avx512::gemv_rows, avx512::gemv_f32, static_cast<void (*)(float*, int64_t)>(avx512::round_bf16),
+const Ops kAvx512Ops{avx512::quantize, avx512::gemv_rows, avx512::gemv_f32, avx512::gemv_w8, static_cast<void (*)(float*, int64_t)>(avx512::round_bf16),
                      avx512::attend<float>, avx512::attend<at::BFloat16>, avx512::activate, avx512::residual};
 #endif
 
@@ -831,17 +947,19 @@ at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& packed, co
 
 
 
-// Int8Decoder: the whole one-token decode step of an int8-dynamic GPT in one call ------------------------------
+// Int8Decoder: the whole one-token decode step of a float32, int8-dynamic or weight-only int8 GPT in one call ---
 //
 // What GPT.forward does for one new token per row over the KV cache (pre-norm GPT-2 or post-norm KerasHub
-// blocks, ReLU / GELU / tanh GELU), with every Linear the product above. A compiled step spends about as
+// blocks, ReLU / GELU / tanh GELU), with every Linear one of the products above. A compiled step spends about as
 // long in the glue between its ~50 kernels (calls, buffers, the per-call checks of torch.compile) as in the
 // products; here the glue is a loop. Values are rounded to the model's dtype where the PyTorch model rounds
 // them (each layer's output, the residual sums), so the step follows the eager model's numbers closely.
 struct Product {
-  at::Tensor packed, offset, wscale, bias;  // fp32 products: packed (Nb, K, 16) float32; offset, wscale unused
+  // int8 x int8: packed (Nb, Kp/4, 16, 4) int8. fp32: packed (Nb, K, 16) float32 (offset, wscale unused).
+  // Weight-only int8 (w8): packed (Nb, K, 16) int8 and wscale (offset unused).
+  at::Tensor packed, offset, wscale, bias;
   int64_t K = 0, N = 0, Kp = 0, Nb = 0;
-  bool f32 = false;
+  bool f32 = false, w8 = false;
 };
 
 struct Int8Decoder : torch::CustomClassHolder {
@@ -860,8 +978,9 @@ struct Int8Decoder : torch::CustomClassHolder {
   static Product product(const std::vector<at::Tensor>& t, size_t i) {
     Product p{t[i], t[i + 1], t[i + 2], t[i + 3]};
     p.f32 = p.packed.scalar_type() == at::kFloat;
+    p.w8 = p.packed.scalar_type() == at::kChar && p.packed.dim() == 3;
     p.Nb = p.packed.size(0);
-    p.Kp = p.f32 ? p.packed.size(1) : p.packed.size(1) * 4;
+    p.Kp = p.f32 || p.w8 ? p.packed.size(1) : p.packed.size(1) * 4;
     p.N = p.offset.numel();  // fp32 products: a placeholder of N elements
     return p;
   }
@@ -900,12 +1019,15 @@ struct Int8Decoder : torch::CustomClassHolder {
 
   static void check_product(const Product& p) {
     const std::optional<at::Tensor> bias = p.bias.numel() ? std::optional<at::Tensor>(p.bias) : std::nullopt;
-    if (!p.f32) {
+    if (!p.f32 && !p.w8) {
       check_weight(p.packed, p.offset, p.wscale, bias, p.K, p.N);
       return;
     }
     TORCH_CHECK(p.packed.dim() == 3 && p.packed.is_contiguous() && p.packed.size(1) == p.K && p.packed.size(2) == kBlock &&
-                p.Nb * kBlock >= p.N && (p.Nb - 1) * kBlock < p.N, "Int8Decoder: an fp32 weight of the wrong shape");
+                p.Nb * kBlock >= p.N && (p.Nb - 1) * kBlock < p.N, "Int8Decoder: a weight of the wrong shape");
+    if (p.w8)
+      TORCH_CHECK(p.wscale.scalar_type() == at::kFloat && p.wscale.is_contiguous() && p.wscale.numel() == p.N,
+                  "wscale: float32 (N,)");
     if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == p.N, "bias: float32 (N,)");
   }
 
@@ -943,6 +1065,12 @@ struct Int8Decoder : torch::CustomClassHolder {
   void linear(const Product& p, const float* in, float* out, int64_t B, bool round = true) {
     if (p.f32) {
       ops().gemv_f32(in, B, p.K, p.packed.data_ptr<float>(), p.bias.numel() ? p.bias.data_ptr<float>() : nullptr, p.Nb, p.N, out);
+      if (round && bf16) ops().round_bf16(out, B * p.N);
+      return;
+    }
+    if (p.w8) {
+      ops().gemv_w8(in, B, p.K, p.packed.data_ptr<int8_t>(), p.wscale.data_ptr<float>(),
+                    p.bias.numel() ? p.bias.data_ptr<float>() : nullptr, p.Nb, p.N, out);
       if (round && bf16) ops().round_bf16(out, B * p.N);
       return;
     }

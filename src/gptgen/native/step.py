@@ -1,8 +1,9 @@
-"""The native one-token decode step of an int8-dynamic GPT (Int8Decoder in gptgen/int8_ops.cpp), built per model.
+"""The native one-token decode step of a float32, int8-dynamic or weight-only int8 GPT (Int8Decoder in
+gptgen/native/kernels.cpp), built per model.
 
-The step runs what GPT.forward does for one new token per row over the KV cache, with every Linear the int8
-product of gptgen.int8_ops, in one call: the per-call engine (engine.ModelBackend) and the serving engine
-(slot_cache.SlotModel) decode int8-dynamic models on CPU through it.
+The step runs what GPT.forward does for one new token per row over the KV cache, with every Linear the model's
+product (float32; int8 x int8 of gptgen.native.int8; or int8 weights times float activations), in one call: the
+runner (generation/runner.py) decodes such models on CPU through it, for the per-call and the batch engine.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (
 
 
 def decoder(model, weights_key=None):
-    """The one-token decode step of an int8-dynamic GPT, or of a float32 GPT (its weights packed into a copy),
+    """The one-token decode step of an int8-dynamic or weight-only int8 GPT (its int8 weights repacked into a
+    copy), or of a float32 GPT (its weights packed into a copy),
     as one native call (torch.classes.gptgen.Int8Decoder), built once per model and rebuilt when its tensors
     change; None where it cannot run (the kernel library is unavailable, the model is on another device or
     dtype, or a layer differs from the step's). weights_key(model): for a float32 model, a key of its
@@ -27,10 +29,11 @@ def decoder(model, weights_key=None):
     # Rebuilt when the model's tensors change (load_state_dict, model.to(dtype)): the step holds them, and
     # float32 copies of the layer norms. fp32 weights are packed into copies too: an in-place update (an
     # optimizer step) must rebuild them, so their key also samples the values.
-    int8 = getattr(model, "quantized", None) == "int8-dynamic"
-    if not int8 and weights_key is None:
+    mode = getattr(model, "quantized", None)
+    int8, w8 = mode == "int8-dynamic", mode == "int8"
+    if not (int8 or w8) and weights_key is None:
         return None
-    key = _tensors_key(model) if int8 else weights_key(model)
+    key = _tensors_key(model) if int8 or w8 else weights_key(model)
     cached = _decoders.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -42,6 +45,9 @@ def decoder(model, weights_key=None):
     if int8:
         layers_ok = dtype in (torch.float32, torch.bfloat16) and all(
             getattr(m, "kernel", False) and isinstance(getattr(m, "packed", None), torch.Tensor) for m in linears)
+    elif w8:
+        layers_ok = dtype in (torch.float32, torch.bfloat16) and all(
+            isinstance(getattr(m, "weight_int8", None), torch.Tensor) for m in linears)
     else:
         layers_ok = (getattr(model, "quantized", None) is None and dtype == torch.float32
                      and all(type(m) is torch.nn.Linear for m in linears))
@@ -55,7 +61,11 @@ def decoder(model, weights_key=None):
             bias = f32(m.bias) if m.bias is not None else torch.empty(0)
             if int8:
                 return [m.packed, m.offset, m.scale, bias]
-            return [_pack_f32(m.weight), torch.empty(m.out_features, dtype=torch.int32), torch.empty(0), bias]
+            if w8:
+                return [_pack_blocks(m.weight_int8, torch.int8), torch.empty(m.out_features, dtype=torch.int32),
+                        f32(m.scale), bias]
+            return [_pack_blocks(m.weight, torch.float32), torch.empty(m.out_features, dtype=torch.int32),
+                    torch.empty(0), bias]
 
         tensors = [model.embed.wte.weight.detach().contiguous(), model.embed.wpe.weight.detach().contiguous()]
         eps = model.blocks[0].ln_1.eps  # GPTConfig has at least one layer
@@ -76,11 +86,12 @@ def decoder(model, weights_key=None):
     return dec
 
 
-def _pack_f32(w: torch.Tensor) -> torch.Tensor:
-    """An fp32 weight (N, K) as the native step reads it: (ceil(N/16), K, 16), each k a line of 16 outputs."""
+def _pack_blocks(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A weight (N, K) as the native step's fp32 and weight-only int8 products read it: (ceil(N/16), K, 16) of
+    `dtype`, each k a line of 16 outputs."""
     n, k = w.shape
     np_ = -(-n // 16) * 16
-    padded = torch.zeros(np_, k, dtype=torch.float32)
+    padded = torch.zeros(np_, k, dtype=dtype)
     padded[:n] = w.detach()
     return padded.view(np_ // 16, 16, k).transpose(1, 2).contiguous()
 
