@@ -3,8 +3,10 @@
 Every nn.Linear of the decoder blocks and the LM head becomes an Int8Linear: int8 weights with one
 symmetric scale per output row (absmax / 127), activations left in floating point. A one-token decode
 step reads every weight once, so its time follows the bytes of the weights: int8 reads a quarter of
-fp32's. The product runs in PyTorch's weight-only int8 kernel (aten._weight_int8pack_mm, the one
-gpt-fast uses), in bf16 where the CPU has bf16 units and in fp32 elsewhere.
+fp32's. On CPU the decode step runs in gptgen's native step (gptgen.native: the int8 weights widened to
+float in registers, AVX2 / AVX-512 / portable C++), on every CPU; the layers themselves (prefill, GPU, no
+C++ compiler) use PyTorch's weight-only int8 kernel (aten._weight_int8pack_mm, the one gpt-fast uses), in
+bf16 where the CPU has bf16 units and in fp32 elsewhere.
 
 "int8-dynamic" (Int8DynamicLinear) also quantizes the activations: each row of a layer's input becomes
 int8 at run time (symmetric, max|x| / 127, as CTranslate2's and llama.cpp's int8 modes do) and the product
