@@ -489,6 +489,31 @@ def test_gptgen_serve_compile_warms_the_engine_up_before_serving(monkeypatch, ca
     assert "compiled in 1.5 s" in capsys.readouterr().out
 
 
+def test_serve_compile_says_there_is_nothing_to_compile_when_the_native_step_runs(monkeypatch, capsys, gpt2_lm):
+    """gptgen serve --compile on a model the native step decodes: no warm-up, and one line saying why."""
+    import uvicorn
+
+    import gptgen.lm
+    import gptgen.native
+    from gptgen.cli import main
+    from gptgen.generation.batcher import BatchEngine
+
+    if gptgen.native.decoder(gpt2_lm.model) is None:
+        pytest.skip("the native step does not run here")
+    seen = {"warm_ups": 0}
+    monkeypatch.setattr(gptgen.lm, "load", lambda model, **kw: gpt2_lm)
+    monkeypatch.setattr(BatchEngine, "warm_up", lambda self: seen.__setitem__("warm_ups", seen["warm_ups"] + 1) or 0.0)
+
+    def run(app, **kw):
+        seen["engine"] = app.build().state.gptgen.engine
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    assert main(["serve", "--model", "m", "--compile", "--max-batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert seen["engine"].runner.backend == "native" and seen["warm_ups"] == 0
+    assert "nothing to compile" in out and "native one-token step" in out and "compiled in" not in out
+
+
 def test_create_app_compile_warms_its_engine_up_before_starting_it(monkeypatch, gpt2_lm):
     """create_app(lm, compile=True) builds BatchEngine(compile=True) and runs its warm-up in the app's
     lifespan, before the engine thread starts (warm-up stubbed: no compile)."""

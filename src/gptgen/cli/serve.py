@@ -100,6 +100,11 @@ def run_serve(args) -> int:
         if engine.compile_cpu:  # here rather than in the app's start-up, so the time is printed
             print(f"gptgen: compiling the decode step for batches 1-{args.max_batch} ...", flush=True)
             print(f"gptgen: compiled in {engine.warm_up():.1f} s", flush=True)
+        elif args.compile and engine.runner.backend == "native":
+            from ..native import status as native_status
+
+            print("gptgen: --compile has nothing to compile: the native one-token step decodes this model "
+                  f"({native_status()['decoder'].get('path')} path)", flush=True)
         print(f"gptgen: {name} ({lm.num_parameters():,} parameters) is ready: /health answers 200", flush=True)
         return app
 
