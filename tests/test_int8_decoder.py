@@ -457,6 +457,19 @@ def test_every_instruction_set_path_gives_the_layers_logits(path, style):
                                                                                 d.max().item())
 
 
+@pytest.mark.parametrize("path", _paths())
+def test_weight_only_int8_at_many_rows_gives_the_layers_logits(path):
+    """More than 4 rows take the weight-only product's other form (each block widened to float once, then the
+    fp32 product over every row): 6 and 9 rows on each path, within float rounding of the layers."""
+    torch.manual_seed(3)
+    w8 = quantize_model(GPT(STYLES["gpt2"]()).eval(), "int8", compute_dtype=torch.float32)
+    with int8_ops.use_path(path), torch.no_grad():
+        for rows in (6, 9):
+            ids = torch.randint(0, w8.config.vocab_size, (rows, 5), generator=torch.Generator().manual_seed(rows))
+            d = (_steps(gptgen.native.decoder(w8), w8, ids) - w8(ids).float()).abs()
+            assert d.max().item() < ROW_TOL, (path, rows, d.max().item())
+
+
 @pytest.mark.parametrize("style", list(STYLES))
 def test_weight_only_int8_decodes_through_the_native_step(style, monkeypatch):
     """quantize="int8" (int8 weights, float activations) takes the native step on CPU (the runner's choice), and

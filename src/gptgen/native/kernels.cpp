@@ -402,6 +402,32 @@ inline void block_rows_w8(const int8_t* blk, const float* x, int64_t K, const fl
   }
 }
 
+// More than 4 rows: the block's weights are widened to float once (into a per-thread buffer that stays in
+// L1/L2) and the fp32 product runs over every row, with the same sums as block_rows_w8 (same U per row group).
+inline void gemv_w8_widened(const float* x, int64_t M, int64_t K, const int8_t* blk, const float* s, const float* bb,
+                            int64_t N, float* y, int64_t n0, int64_t nn) {
+  static thread_local std::vector<float> wide;
+  wide.resize(K * kBlock);
+  for (int64_t k = 0; k < K; ++k) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + k * kBlock));
+    _mm256_storeu_ps(wide.data() + k * kBlock, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
+    _mm256_storeu_ps(wide.data() + k * kBlock + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b))));
+  }
+  alignas(32) static const float zero[kBlock] = {0.f};
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) block_rows_f32<4, 1>(wide.data(), x + m * K, K, zero, y + m * N + n0, N, nn);
+  switch (M - m) {
+    case 3: block_rows_f32<3, 1>(wide.data(), x + m * K, K, zero, y + m * N + n0, N, nn); break;
+    case 2: block_rows_f32<2, 2>(wide.data(), x + m * K, K, zero, y + m * N + n0, N, nn); break;
+    case 1: block_rows_f32<1, 4>(wide.data(), x + m * K, K, zero, y + m * N + n0, N, nn); break;
+    default: break;
+  }
+  for (int64_t r = 0; r < M; ++r) {  // sum * scale + bias, as block_rows_w8 ends
+    float* yr = y + r * N + n0;
+    for (int64_t n = 0; n < nn; ++n) yr[n] = yr[n] * s[n] + bb[n];
+  }
+}
+
 inline void gemv_w8_v(const float* x, int64_t M, int64_t K, const int8_t* wp, const float* ws, const float* bp,
                       int64_t Nb, int64_t N, float* y) {
   at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) {
@@ -411,6 +437,10 @@ inline void gemv_w8_v(const float* x, int64_t M, int64_t K, const int8_t* wp, co
       alignas(32) float s[kBlock] = {0.f}, bb[kBlock] = {0.f};
       std::memcpy(s, ws + n0, nn * sizeof(float));
       if (bp) std::memcpy(bb, bp + n0, nn * sizeof(float));
+      if (M > 4) {
+        gemv_w8_widened(x, M, K, blk, s, bb, N, y, n0, nn);
+        continue;
+      }
       int64_t m = 0;
       for (; m + 4 <= M; m += 4) block_rows_w8<4, 1>(blk, x + m * K, K, s, bb, y + m * N + n0, N, nn);
       switch (M - m) {
@@ -687,12 +717,32 @@ inline void block_rows_w8(const int8_t* blk, const float* x, int64_t K, __m512 w
 void gemv_w8(const float* x, int64_t M, int64_t K, const int8_t* wp, const float* ws, const float* bp, int64_t Nb,
              int64_t N, float* y) {
   at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) {
+    static thread_local std::vector<float> wide;
     for (int64_t b = b0; b < b1; ++b) {
       const int8_t* blk = wp + b * K * kBlock;
       const int64_t n0 = b * kBlock, nn = std::min<int64_t>(kBlock, N - n0);
       const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
       const __m512 s = _mm512_maskz_loadu_ps(mask, ws + n0);
       const __m512 bb = bp ? _mm512_maskz_loadu_ps(mask, bp + n0) : _mm512_setzero_ps();
+      if (M > 4) {  // widen the block once (a per-thread buffer in L1/L2), then the fp32 product over every row:
+        wide.resize(K * kBlock);  // the same sums as block_rows_w8 (same U per row group)
+        for (int64_t k = 0; k < K; ++k)
+          _mm512_storeu_ps(wide.data() + k * kBlock, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + k * kBlock)))));
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) block_rows_f32<4, 2>(wide.data(), x + m * K, K, _mm512_setzero_ps(), y + m * N + n0, N, mask);
+        switch (M - m) {
+          case 3: block_rows_f32<3, 2>(wide.data(), x + m * K, K, _mm512_setzero_ps(), y + m * N + n0, N, mask); break;
+          case 2: block_rows_f32<2, 4>(wide.data(), x + m * K, K, _mm512_setzero_ps(), y + m * N + n0, N, mask); break;
+          case 1: block_rows_f32<1, 8>(wide.data(), x + m * K, K, _mm512_setzero_ps(), y + m * N + n0, N, mask); break;
+          default: break;
+        }
+        for (int64_t r = 0; r < M; ++r) {  // sum * scale + bias, as block_rows_w8 ends
+          float* yr = y + r * N + n0;
+          _mm512_mask_storeu_ps(yr, mask, _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, yr), s), bb));
+        }
+        continue;
+      }
       int64_t m = 0;
       for (; m + 4 <= M; m += 4) block_rows_w8<4, 2>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask);
       switch (M - m) {
