@@ -74,6 +74,25 @@ def test_fit_records_the_auto_precision(monkeypatch, env, want):
     assert len(begin) == 1 and begin[0]["precision"] == want
 
 
+def test_weight_only_int8_computes_in_fp32_where_the_native_step_decodes_it(monkeypatch):
+    """On a CPU with bf16 units (forced here) int8-dynamic keeps bf16 compute, but weight-only int8 computes in
+    fp32 wherever the native step runs (its products sum in fp32; bf16 would only add roundings)."""
+    from gptgen.config import GPTConfig
+    from gptgen.model import GPT
+    from gptgen.native import int8 as int8_ops
+    from gptgen.quantize import quantize_model
+
+    monkeypatch.setenv("GPTGEN_CPU_BF16", "1")
+
+    def dtype_after(mode):
+        m = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+        return quantize_model(m, mode).embed.wte.weight.dtype
+
+    assert dtype_after("int8") == (torch.float32 if int8_ops.available() else torch.bfloat16)
+    if int8_ops.available():
+        assert dtype_after("int8-dynamic") == torch.bfloat16
+
+
 def test_int8_linear_equals_the_dequantized_product():
     torch.manual_seed(0)
     lin = torch.nn.Linear(48, 40)

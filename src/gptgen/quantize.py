@@ -158,11 +158,18 @@ def _notice_once(mode: str, device) -> None:
         logging.getLogger("gptgen.quantize").warning(line)
 
 
-def default_compute_dtype(device: torch.device | str = "cpu") -> torch.dtype:
-    """bf16 where the CPU has bf16 units (the int8 kernel is fastest there), fp32 elsewhere."""
+def default_compute_dtype(device: torch.device | str = "cpu", mode: str = "int8") -> torch.dtype:
+    """bf16 where the CPU has bf16 units (PyTorch's weight-only int8 kernel is fastest there), fp32 elsewhere;
+    fp32 for weight-only int8 wherever gptgen's native step decodes it (its products sum in fp32 either way,
+    and bf16 would only add roundings: measured slower than the fp32 step at batch 16)."""
     from .hardware import cpu_bf16_native
+    from .native import int8 as int8_ops
 
-    return torch.bfloat16 if torch.device(device).type == "cpu" and cpu_bf16_native() else torch.float32
+    if torch.device(device).type != "cpu":
+        return torch.float32
+    if mode == "int8" and int8_ops.available():
+        return torch.float32
+    return torch.bfloat16 if cpu_bf16_native() else torch.float32
 
 
 def quantize_model(model: nn.Module, mode: str = "int8", compute_dtype: torch.dtype | None = None) -> nn.Module:
@@ -185,7 +192,7 @@ def quantize_model(model: nn.Module, mode: str = "int8", compute_dtype: torch.dt
     if mode == "int8-dynamic" and device.type != "cpu":
         raise ConfigError(f"int8-dynamic quantization runs on CPU; the model is on {device} (use int8 there, or "
                           "move the model to CPU first).")
-    dtype = compute_dtype or default_compute_dtype(device)
+    dtype = compute_dtype or default_compute_dtype(device, mode)
     replace = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     for name, mod in replace:
         parent_name, _, child = name.rpartition(".")
