@@ -717,33 +717,15 @@ inline void block_rows_w8(const int8_t* blk, const float* x, int64_t K, __m512 w
 void gemv_w8(const float* x, int64_t M, int64_t K, const int8_t* wp, const float* ws, const float* bp, int64_t Nb,
              int64_t N, float* y) {
   at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) {
-    static thread_local std::vector<float> wide;
     for (int64_t b = b0; b < b1; ++b) {
       const int8_t* blk = wp + b * K * kBlock;
       const int64_t n0 = b * kBlock, nn = std::min<int64_t>(kBlock, N - n0);
       const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
       const __m512 s = _mm512_maskz_loadu_ps(mask, ws + n0);
       const __m512 bb = bp ? _mm512_maskz_loadu_ps(mask, bp + n0) : _mm512_setzero_ps();
-      if (M > 4) {  // widen the block once (a per-thread buffer in L1/L2), then the fp32 product over every row:
-        wide.resize(K * kBlock);  // the same sums as block_rows_w8 (same U per row group)
-        for (int64_t k = 0; k < K; ++k)
-          _mm512_storeu_ps(wide.data() + k * kBlock, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + k * kBlock)))));
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) block_rows_f32<4, 2>(wide.data(), x + m * K, K, _mm512_setzero_ps(), y + m * N + n0, N, mask);
-        switch (M - m) {
-          case 3: block_rows_f32<3, 2>(wide.data(), x + m * K, K, _mm512_setzero_ps(), y + m * N + n0, N, mask); break;
-          case 2: block_rows_f32<2, 4>(wide.data(), x + m * K, K, _mm512_setzero_ps(), y + m * N + n0, N, mask); break;
-          case 1: block_rows_f32<1, 8>(wide.data(), x + m * K, K, _mm512_setzero_ps(), y + m * N + n0, N, mask); break;
-          default: break;
-        }
-        for (int64_t r = 0; r < M; ++r) {  // sum * scale + bias, as block_rows_w8 ends
-          float* yr = y + r * N + n0;
-          _mm512_mask_storeu_ps(yr, mask, _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, yr), s), bb));
-        }
-        continue;
-      }
       int64_t m = 0;
+      // 8 rows a pass (32 vector registers hold their sums): each k's 16 bytes widened once for 8 FMAs
+      for (; m + 8 <= M; m += 8) block_rows_w8<8, 1>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask);
       for (; m + 4 <= M; m += 4) block_rows_w8<4, 2>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask);
       switch (M - m) {
         case 3: block_rows_w8<3, 2>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask); break;
