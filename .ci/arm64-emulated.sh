@@ -153,7 +153,8 @@ start=$SECONDS
 run() { "$PY" -m pytest -q -p no:cacheprovider "$@" || failed=1; }
 run tests/test_int8_dynamic.py -k "kernel_equals_reference or minus_128 or vector_quantization or rows_are_independent or quantize_rows or greedy_tokens"
 run tests/test_native_kernels.py
-run tests/test_int8_decoder.py -k "every_instruction_set_path or greedy_tokens"
+run tests/test_int8_decoder.py -k "every_instruction_set_path or greedy_tokens or weight_only"
+run tests/test_cpu_speed_paths.py -k "dequantized_product"
 echo "emulated tests: $((SECONDS - start)) s"
 [ "$failed" -eq 0 ] && echo "arm64 (emulated): all passed" || echo "arm64 (emulated): FAILURES" >&2
 exit "$failed"

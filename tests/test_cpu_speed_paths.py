@@ -99,6 +99,15 @@ def test_int8_linear_equals_the_dequantized_product():
     q = Int8Linear(lin.weight, lin.bias, torch.float32)
     x = torch.randn(3, 5, 48)
     torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.dequantized(), lin.bias), rtol=1e-5, atol=1e-5)
+    # few rows take PyTorch's weight-only kernel where it is exact (it was not on aarch64 at widths off a
+    # multiple of 8): every width gives the dequantized product
+    for k in (48, 63, 100):
+        lk = torch.nn.Linear(k, 24)
+        qk = Int8Linear(lk.weight, lk.bias, torch.float32)
+        for rows in (1, 3, 5):
+            xk = torch.randn(rows, k)
+            torch.testing.assert_close(qk(xk), torch.nn.functional.linear(xk, qk.dequantized(), lk.bias),
+                                       rtol=1e-5, atol=1e-5)
     # per-row absmax scaling: the weight error is at most half a step of each row
     err = (q.dequantized() - lin.weight).abs().amax(dim=1)
     assert bool((err <= q.scale.float() / 2 + 1e-7).all())

@@ -167,11 +167,13 @@ def test_built_library_is_cached_and_reused(tmp_path):
     built = sorted((tmp_path / "cache" / "native").glob("kernels-*.so"))
     assert len(built) == 1 and first == str(built[0])
     stamp = built[0].stat().st_mtime_ns
-    assert log.read_text().splitlines() == [str(wrappers[0])]
+    calls = log.read_text().splitlines()  # one compile, or more where a first command is refused (-mcpu=native)
+    assert calls and set(calls) == {str(wrappers[0])}
     assert run() == first  # the cached file, not compiled again
-    assert built[0].stat().st_mtime_ns == stamp and log.read_text().splitlines() == [str(wrappers[0])]
+    assert built[0].stat().st_mtime_ns == stamp and log.read_text().splitlines() == calls
     env["CC"] = str(wrappers[1])
     other = run()
-    assert other != first and log.read_text().splitlines() == [str(wrappers[0]), str(wrappers[1])]
+    later = log.read_text().splitlines()[len(calls):]
+    assert other != first and later and set(later) == {str(wrappers[1])}
     names = sorted(p.name for p in (tmp_path / "cache" / "native").iterdir())
     assert len(names) == 2 and all(n.startswith("kernels-") and n.endswith(".so") for n in names)

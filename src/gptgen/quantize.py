@@ -21,6 +21,7 @@ copy. The quality cost is measured in bench/bench_cpu_peers.py --ppl (docs/perfo
 from __future__ import annotations
 
 import logging
+import platform
 
 import torch
 import torch.nn as nn
@@ -52,6 +53,9 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = q.shape[1], q.shape[0]
         self.compute_dtype = compute_dtype
         self.register_buffer("weight_int8", q.contiguous())
+        # aten._weight_int8pack_mm gives wrong sums on aarch64 (torch 2.10) when in_features is not a multiple
+        # of 8 (measured under emulation: errors of 0.05-22 at K = 1..255 off multiples of 8); exact on x86-64
+        self.kernel_ok = self.in_features % 8 == 0 or platform.machine().lower() in ("x86_64", "amd64")
         self.register_buffer("scale", scale.to(compute_dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
 
@@ -67,7 +71,8 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
         # Compiled (the decode step), inductor turns the int8 product into a fused GEMM at any row count.
-        if x2.device.type == "cpu" and (x2.shape[0] <= KERNEL_MAX_ROWS or torch.compiler.is_compiling()):
+        if (x2.device.type == "cpu" and self.kernel_ok
+                and (x2.shape[0] <= KERNEL_MAX_ROWS or torch.compiler.is_compiling())):
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)
         else:  # many rows (prefill, evaluation, wide batches): the kernel is a GEMV; dequantize instead
             y = F.linear(x2, self.weight_int8.to(self.compute_dtype)) * self.scale
