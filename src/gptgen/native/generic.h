@@ -37,21 +37,24 @@ inline void gemv_i8(const uint8_t* qp, const float* xsp, int64_t M, int64_t Kp, 
   at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) { gemv_i8_blocks(qp, xsp, M, Kp, wp, ws, bp, N, yp, b0, b1); });
 }
 
-inline void gemv_f32_blocks(const float* x, int64_t M, int64_t K, const float* wp, const float* bp, int64_t N,
-                            float* y, int64_t b0, int64_t b1) {
+// y (M, N) = rows of x times a weight packed as (ceil(N/16), K, 16) of float32, or of int8 (weight-only int8:
+// float activations, ws the scale per output): y[m, n] = (sum_k x[m, k] * float(W[n, k])) [* ws[n]] + bias[n]
+template <typename W>
+inline void gemv_blocks(const float* x, int64_t M, int64_t K, const W* wp, const float* ws, const float* bp, int64_t N,
+                        float* y, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
-    const float* blk = wp + b * K * kBlock;
+    const W* blk = wp + b * K * kBlock;
     const int64_t n0 = b * kBlock, nn = std::min<int64_t>(kBlock, N - n0);
     for (int64_t m = 0; m < M; ++m) {
       float acc[kBlock] = {0.f};
       const float* xm = x + m * K;
       for (int64_t k = 0; k < K; ++k) {
         const float xv = xm[k];
-        const float* w = blk + k * kBlock;
-        for (int n = 0; n < kBlock; ++n) acc[n] += xv * w[n];
+        const W* w = blk + k * kBlock;
+        for (int n = 0; n < kBlock; ++n) acc[n] += xv * static_cast<float>(w[n]);
       }
       for (int64_t n = 0; n < nn; ++n) {
-        const float v = acc[n];
+        const float v = ws ? acc[n] * ws[n0 + n] : acc[n];
         y[m * N + n0 + n] = bp ? v + bp[n0 + n] : v;
       }
     }
@@ -60,35 +63,12 @@ inline void gemv_f32_blocks(const float* x, int64_t M, int64_t K, const float* w
 
 inline void gemv_f32(const float* x, int64_t M, int64_t K, const float* wp, const float* bp, int64_t Nb, int64_t N,
                      float* y) {
-  at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) { gemv_f32_blocks(x, M, K, wp, bp, N, y, b0, b1); });
-}
-
-// y (M, N) = rows of x times an int8 weight packed as (ceil(N/16), K, 16) (weight-only int8: float activations),
-// y[m, n] = (sum_k x[m, k] * float(W[n, k])) * ws[n] + bias[n]
-inline void gemv_w8_blocks(const float* x, int64_t M, int64_t K, const int8_t* wp, const float* ws, const float* bp,
-                           int64_t N, float* y, int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    const int8_t* blk = wp + b * K * kBlock;
-    const int64_t n0 = b * kBlock, nn = std::min<int64_t>(kBlock, N - n0);
-    for (int64_t m = 0; m < M; ++m) {
-      float acc[kBlock] = {0.f};
-      const float* xm = x + m * K;
-      for (int64_t k = 0; k < K; ++k) {
-        const float xv = xm[k];
-        const int8_t* w = blk + k * kBlock;
-        for (int n = 0; n < kBlock; ++n) acc[n] += xv * static_cast<float>(w[n]);
-      }
-      for (int64_t n = 0; n < nn; ++n) {
-        const float v = acc[n] * ws[n0 + n];
-        y[m * N + n0 + n] = bp ? v + bp[n0 + n] : v;
-      }
-    }
-  }
+  at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) { gemv_blocks(x, M, K, wp, nullptr, bp, N, y, b0, b1); });
 }
 
 inline void gemv_w8(const float* x, int64_t M, int64_t K, const int8_t* wp, const float* ws, const float* bp,
                     int64_t Nb, int64_t N, float* y) {
-  at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) { gemv_w8_blocks(x, M, K, wp, ws, bp, N, y, b0, b1); });
+  at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) { gemv_blocks(x, M, K, wp, ws, bp, N, y, b0, b1); });
 }
 
 // float -> bfloat16 -> float, round to nearest even (c10::BFloat16's rounding; NaN stays NaN)

@@ -37,6 +37,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if (defined(__x86_64__) || defined(_M_X64)) && !defined(GPTGEN_PORTABLE_ONLY)  // (-DGPTGEN_PORTABLE_ONLY: what
@@ -298,83 +299,30 @@ inline void gemv_i8_v(const uint8_t* qp, const float* xsp, int64_t M, int64_t Kp
   at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) { gemv_i8_v_blocks(qp, xsp, M, Kp, wp, ws, bp, N, yp, b0, b1); });
 }
 
-// fp32: each k is one 64-byte line of 16 outputs (two 8-wide halves) times the broadcast activation (FMA).
-template <int R, int U>
-inline void block_rows_f32(const float* blk, const float* x, int64_t K, const float* bias, float* y, int64_t ldy,
-                           int64_t nn) {
+// fp32 and weight-only int8 products: each k is one line of 16 outputs (64 bytes of float32, or 16 int8 widened
+// to two 8-float vectors by vpmovsxbd + vcvtdq2ps once for the R rows) times the broadcast activation (FMA);
+// int8 sums are scaled per output at the end.
+inline void line16(const float* p, __m256& lo, __m256& hi) {
+  lo = _mm256_loadu_ps(p);
+  hi = _mm256_loadu_ps(p + 8);
+}
+inline void line16(const int8_t* p, __m256& lo, __m256& hi) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
+}
+
+template <typename W, int R, int U>
+inline void block_rows16(const W* blk, const float* x, int64_t K, const float* ws, const float* bias, float* y,
+                         int64_t ldy, int64_t nn) {
   __m256 acc[R][2 * U];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < 2 * U; ++u) acc[r][u] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + U <= K; k += U)
-    for (int u = 0; u < U; ++u) {
-      const __m256 w0 = _mm256_loadu_ps(blk + (k + u) * kBlock), w1 = _mm256_loadu_ps(blk + (k + u) * kBlock + 8);
-      for (int r = 0; r < R; ++r) {
-        const __m256 xb = _mm256_set1_ps(x[r * K + k + u]);
-        acc[r][2 * u] = _mm256_fmadd_ps(xb, w0, acc[r][2 * u]);
-        acc[r][2 * u + 1] = _mm256_fmadd_ps(xb, w1, acc[r][2 * u + 1]);
-      }
-    }
-  for (; k < K; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(blk + k * kBlock), w1 = _mm256_loadu_ps(blk + k * kBlock + 8);
-    for (int r = 0; r < R; ++r) {
-      const __m256 xb = _mm256_set1_ps(x[r * K + k]);
-      acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    alignas(32) float out[kBlock];
-    for (int h = 0; h < 2; ++h) {
-      __m256 sum = acc[r][h];
-      for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[r][2 * u + h]);
-      _mm256_store_ps(out + 8 * h, _mm256_add_ps(sum, _mm256_load_ps(bias + 8 * h)));
-    }
-    std::memcpy(y + r * ldy, out, nn * sizeof(float));
-  }
-}
-
-inline void gemv_f32_v_blocks(const float* x, int64_t M, int64_t K, const float* wp, const float* bp, int64_t N,
-                              float* y, int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    const float* blk = wp + b * K * kBlock;
-    const int64_t n0 = b * kBlock, nn = std::min<int64_t>(kBlock, N - n0);
-    alignas(32) float bb[kBlock] = {0.f};
-    if (bp) std::memcpy(bb, bp + n0, nn * sizeof(float));
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) block_rows_f32<4, 1>(blk, x + m * K, K, bb, y + m * N + n0, N, nn);
-    switch (M - m) {
-      case 3: block_rows_f32<3, 1>(blk, x + m * K, K, bb, y + m * N + n0, N, nn); break;
-      case 2: block_rows_f32<2, 2>(blk, x + m * K, K, bb, y + m * N + n0, N, nn); break;
-      case 1: block_rows_f32<1, 4>(blk, x + m * K, K, bb, y + m * N + n0, N, nn); break;
-      default: break;
-    }
-  }
-}
-
-inline void gemv_f32_v(const float* x, int64_t M, int64_t K, const float* wp, const float* bp, int64_t Nb, int64_t N,
-                       float* y) {
-  at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) { gemv_f32_v_blocks(x, M, K, wp, bp, N, y, b0, b1); });
-}
-
-// Weight-only int8 (W packed (ceil(N/16), K, 16) int8): each k is 16 bytes, widened to two 8-float vectors
-// (vpmovsxbd, vcvtdq2ps) once for the R rows that multiply them by FMA; scaled per output at the end.
-template <int R, int U>
-inline void block_rows_w8(const int8_t* blk, const float* x, int64_t K, const float* ws, const float* bias, float* y,
-                          int64_t ldy, int64_t nn) {
-  __m256 acc[R][2 * U];
-  for (int r = 0; r < R; ++r)
-    for (int u = 0; u < 2 * U; ++u) acc[r][u] = _mm256_setzero_ps();
-  auto widen = [](const int8_t* p, __m256& lo, __m256& hi) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-    hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
-  };
   int64_t k = 0;
   for (; k + U <= K; k += U)
     for (int u = 0; u < U; ++u) {
       __m256 w0, w1;
-      widen(blk + (k + u) * kBlock, w0, w1);
+      line16(blk + (k + u) * kBlock, w0, w1);
       for (int r = 0; r < R; ++r) {
         const __m256 xb = _mm256_set1_ps(x[r * K + k + u]);
         acc[r][2 * u] = _mm256_fmadd_ps(xb, w0, acc[r][2 * u]);
@@ -383,7 +331,7 @@ inline void block_rows_w8(const int8_t* blk, const float* x, int64_t K, const fl
     }
   for (; k < K; ++k) {
     __m256 w0, w1;
-    widen(blk + k * kBlock, w0, w1);
+    line16(blk + k * kBlock, w0, w1);
     for (int r = 0; r < R; ++r) {
       const __m256 xb = _mm256_set1_ps(x[r * K + k]);
       acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
@@ -395,63 +343,69 @@ inline void block_rows_w8(const int8_t* blk, const float* x, int64_t K, const fl
     for (int h = 0; h < 2; ++h) {
       __m256 sum = acc[r][h];
       for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[r][2 * u + h]);
-      sum = _mm256_add_ps(_mm256_mul_ps(sum, _mm256_load_ps(ws + 8 * h)), _mm256_load_ps(bias + 8 * h));
-      _mm256_store_ps(out + 8 * h, sum);
+      if constexpr (std::is_same_v<W, int8_t>) sum = _mm256_mul_ps(sum, _mm256_load_ps(ws + 8 * h));
+      _mm256_store_ps(out + 8 * h, _mm256_add_ps(sum, _mm256_load_ps(bias + 8 * h)));
     }
     std::memcpy(y + r * ldy, out, nn * sizeof(float));
   }
 }
 
-// More than 4 rows: the block's weights are widened to float once (into a per-thread buffer that stays in
-// L1/L2) and the fp32 product runs over every row, with the same sums as block_rows_w8 (same U per row group).
-inline void gemv_w8_widened(const float* x, int64_t M, int64_t K, const int8_t* blk, const float* s, const float* bb,
-                            int64_t N, float* y, int64_t n0, int64_t nn) {
-  static thread_local std::vector<float> wide;
-  wide.resize(K * kBlock);
-  for (int64_t k = 0; k < K; ++k) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + k * kBlock));
-    _mm256_storeu_ps(wide.data() + k * kBlock, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
-    _mm256_storeu_ps(wide.data() + k * kBlock + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b))));
-  }
-  alignas(32) static const float zero[kBlock] = {0.f};
+// R rows at a time (4, then the 3/2/1-row tail with more independent sums each)
+template <typename W>
+inline void row_groups16(const W* blk, const float* x, int64_t M, int64_t K, const float* s, const float* bb, float* y,
+                         int64_t N, int64_t nn) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) block_rows_f32<4, 1>(wide.data(), x + m * K, K, zero, y + m * N + n0, N, nn);
+  for (; m + 4 <= M; m += 4) block_rows16<W, 4, 1>(blk, x + m * K, K, s, bb, y + m * N, N, nn);
   switch (M - m) {
-    case 3: block_rows_f32<3, 1>(wide.data(), x + m * K, K, zero, y + m * N + n0, N, nn); break;
-    case 2: block_rows_f32<2, 2>(wide.data(), x + m * K, K, zero, y + m * N + n0, N, nn); break;
-    case 1: block_rows_f32<1, 4>(wide.data(), x + m * K, K, zero, y + m * N + n0, N, nn); break;
+    case 3: block_rows16<W, 3, 1>(blk, x + m * K, K, s, bb, y + m * N, N, nn); break;
+    case 2: block_rows16<W, 2, 2>(blk, x + m * K, K, s, bb, y + m * N, N, nn); break;
+    case 1: block_rows16<W, 1, 4>(blk, x + m * K, K, s, bb, y + m * N, N, nn); break;
     default: break;
-  }
-  for (int64_t r = 0; r < M; ++r) {  // sum * scale + bias, as block_rows_w8 ends
-    float* yr = y + r * N + n0;
-    for (int64_t n = 0; n < nn; ++n) yr[n] = yr[n] * s[n] + bb[n];
   }
 }
 
-inline void gemv_w8_v(const float* x, int64_t M, int64_t K, const int8_t* wp, const float* ws, const float* bp,
-                      int64_t Nb, int64_t N, float* y) {
+// y = x W^T (* ws) + bias for W float32 or int8 (ws: the int8 scales; unused for float32). With more than 4 rows
+// an int8 block is widened to float once (a per-thread buffer that stays in L1/L2) and the float product runs
+// over every row: the same sums as the int8 kernel (same U per row group), without widening per 4 rows.
+template <typename W>
+inline void gemv16_v(const float* x, int64_t M, int64_t K, const W* wp, const float* ws, const float* bp, int64_t Nb,
+                     int64_t N, float* y) {
   at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) {
+    static thread_local std::vector<float> wide;
+    alignas(32) static const float zero[kBlock] = {0.f};
     for (int64_t b = b0; b < b1; ++b) {
-      const int8_t* blk = wp + b * K * kBlock;
+      const W* blk = wp + b * K * kBlock;
       const int64_t n0 = b * kBlock, nn = std::min<int64_t>(kBlock, N - n0);
       alignas(32) float s[kBlock] = {0.f}, bb[kBlock] = {0.f};
-      std::memcpy(s, ws + n0, nn * sizeof(float));
+      if (ws) std::memcpy(s, ws + n0, nn * sizeof(float));
       if (bp) std::memcpy(bb, bp + n0, nn * sizeof(float));
-      if (M > 4) {
-        gemv_w8_widened(x, M, K, blk, s, bb, N, y, n0, nn);
-        continue;
+      if constexpr (std::is_same_v<W, int8_t>) {
+        if (M > 4) {
+          wide.resize(K * kBlock);
+          for (int64_t k = 0; k < K; ++k) {
+            __m256 lo, hi;
+            line16(blk + k * kBlock, lo, hi);
+            _mm256_storeu_ps(wide.data() + k * kBlock, lo);
+            _mm256_storeu_ps(wide.data() + k * kBlock + 8, hi);
+          }
+          row_groups16<float>(wide.data(), x, M, K, nullptr, zero, y + n0, N, nn);
+          for (int64_t r = 0; r < M; ++r) {  // sum * scale + bias, as block_rows16<int8_t> ends
+            float* yr = y + r * N + n0;
+            for (int64_t n = 0; n < nn; ++n) yr[n] = yr[n] * s[n] + bb[n];
+          }
+          continue;
+        }
       }
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) block_rows_w8<4, 1>(blk, x + m * K, K, s, bb, y + m * N + n0, N, nn);
-      switch (M - m) {
-        case 3: block_rows_w8<3, 1>(blk, x + m * K, K, s, bb, y + m * N + n0, N, nn); break;
-        case 2: block_rows_w8<2, 2>(blk, x + m * K, K, s, bb, y + m * N + n0, N, nn); break;
-        case 1: block_rows_w8<1, 4>(blk, x + m * K, K, s, bb, y + m * N + n0, N, nn); break;
-        default: break;
-      }
+      row_groups16(blk, x, M, K, s, bb, y + n0, N, nn);
     }
   });
 }
+
+inline void gemv_f32_v(const float* x, int64_t M, int64_t K, const float* wp, const float* bp, int64_t Nb, int64_t N,
+                       float* y) {
+  gemv16_v(x, M, K, wp, nullptr, bp, Nb, N, y);
+}
+
 }  // namespace avx2
 #pragma GCC pop_options
 #endif  // GPTGEN_X86
@@ -642,99 +596,66 @@ void gemv_rows(const uint8_t* qp, const float* xsp, int64_t M, int64_t Kp, const
   });
 }
 
-// fp32 products of the native step (a float32 model decoded with compile=True): W packed as (ceil(N/16), K, 16)
-// floats, so each k is one 64-byte line of 16 outputs, multiplied by the broadcast activation (FMA).
-template <int R, int U>
-inline void block_rows_f32(const float* blk, const float* x, int64_t K, __m512 bias, float* y, int64_t ldy,
-                           __mmask16 mask) {
+// fp32 and weight-only int8 products of the native step: W packed as (ceil(N/16), K, 16), so each k is one line of
+// 16 outputs (64 bytes of float32, or 16 int8 widened to floats by vpmovsxbd + vcvtdq2ps once for the R rows),
+// multiplied by the broadcast activation (FMA); int8 sums are scaled per output at the end.
+inline __m512 line16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 line16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <typename W, int R, int U>
+inline void block_rows16(const W* blk, const float* x, int64_t K, __m512 wscale, __m512 bias, float* y, int64_t ldy,
+                         __mmask16 mask) {
   __m512 acc[R][U];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + U <= K; k += U)
     for (int u = 0; u < U; ++u) {
-      const __m512 w = _mm512_loadu_ps(blk + (k + u) * kBlock);
+      const __m512 w = line16(blk + (k + u) * kBlock);
       for (int r = 0; r < R; ++r) acc[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k + u]), w, acc[r][u]);
     }
   for (; k < K; ++k) {
-    const __m512 w = _mm512_loadu_ps(blk + k * kBlock);
+    const __m512 w = line16(blk + k * kBlock);
     for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), w, acc[r][0]);
   }
   for (int r = 0; r < R; ++r) {
     __m512 sum = acc[r][0];
     for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[r][u]);
+    if constexpr (std::is_same_v<W, int8_t>) sum = _mm512_mul_ps(sum, wscale);
     _mm512_mask_storeu_ps(y + r * ldy, mask, _mm512_add_ps(sum, bias));
   }
 }
 
+// y = x W^T (* ws) + bias for W float32 or int8 (ws: the int8 scales; unused for float32)
+template <typename W>
+void gemv16(const float* x, int64_t M, int64_t K, const W* wp, const float* ws, const float* bp, int64_t Nb, int64_t N,
+            float* y) {
+  at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const W* blk = wp + b * K * kBlock;
+      const int64_t n0 = b * kBlock, nn = std::min<int64_t>(kBlock, N - n0);
+      const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
+      const __m512 s = ws ? _mm512_maskz_loadu_ps(mask, ws + n0) : _mm512_setzero_ps();
+      const __m512 bb = bp ? _mm512_maskz_loadu_ps(mask, bp + n0) : _mm512_setzero_ps();
+      int64_t m = 0;
+      if constexpr (std::is_same_v<W, int8_t>)  // 8 rows a pass (their sums fit the 32 vector registers): each
+        for (; m + 8 <= M; m += 8)              // k's bytes widened once per 8 FMAs (fp32 measured no gain)
+          block_rows16<W, 8, 1>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask);
+      for (; m + 4 <= M; m += 4) block_rows16<W, 4, 2>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask);
+      switch (M - m) {
+        case 3: block_rows16<W, 3, 2>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask); break;
+        case 2: block_rows16<W, 2, 4>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask); break;
+        case 1: block_rows16<W, 1, 8>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask); break;
+        default: break;
+      }
+    }
+  });
+}
+
 void gemv_f32(const float* x, int64_t M, int64_t K, const float* wp, const float* bp, int64_t Nb, int64_t N, float* y) {
-  at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* blk = wp + b * K * kBlock;
-      const int64_t n0 = b * kBlock, nn = std::min<int64_t>(kBlock, N - n0);
-      const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
-      const __m512 bb = bp ? _mm512_maskz_loadu_ps(mask, bp + n0) : _mm512_setzero_ps();
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) block_rows_f32<4, 2>(blk, x + m * K, K, bb, y + m * N + n0, N, mask);
-      switch (M - m) {
-        case 3: block_rows_f32<3, 2>(blk, x + m * K, K, bb, y + m * N + n0, N, mask); break;
-        case 2: block_rows_f32<2, 4>(blk, x + m * K, K, bb, y + m * N + n0, N, mask); break;
-        case 1: block_rows_f32<1, 8>(blk, x + m * K, K, bb, y + m * N + n0, N, mask); break;
-        default: break;
-      }
-    }
-  });
-}
-
-// Weight-only int8 (W packed (ceil(N/16), K, 16) int8): each k's 16 bytes widened to 16 floats (vpmovsxbd,
-// vcvtdq2ps) once for the R rows that multiply them by FMA; scaled per output at the end.
-template <int R, int U>
-inline void block_rows_w8(const int8_t* blk, const float* x, int64_t K, __m512 wscale, __m512 bias, float* y,
-                          int64_t ldy, __mmask16 mask) {
-  __m512 acc[R][U];
-  for (int r = 0; r < R; ++r)
-    for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
-  auto widen = [](const int8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  };
-  int64_t k = 0;
-  for (; k + U <= K; k += U)
-    for (int u = 0; u < U; ++u) {
-      const __m512 w = widen(blk + (k + u) * kBlock);
-      for (int r = 0; r < R; ++r) acc[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k + u]), w, acc[r][u]);
-    }
-  for (; k < K; ++k) {
-    const __m512 w = widen(blk + k * kBlock);
-    for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), w, acc[r][0]);
-  }
-  for (int r = 0; r < R; ++r) {
-    __m512 sum = acc[r][0];
-    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[r][u]);
-    _mm512_mask_storeu_ps(y + r * ldy, mask, _mm512_add_ps(_mm512_mul_ps(sum, wscale), bias));
-  }
-}
-
-void gemv_w8(const float* x, int64_t M, int64_t K, const int8_t* wp, const float* ws, const float* bp, int64_t Nb,
-             int64_t N, float* y) {
-  at::parallel_for(0, Nb, 4, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int8_t* blk = wp + b * K * kBlock;
-      const int64_t n0 = b * kBlock, nn = std::min<int64_t>(kBlock, N - n0);
-      const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1u);
-      const __m512 s = _mm512_maskz_loadu_ps(mask, ws + n0);
-      const __m512 bb = bp ? _mm512_maskz_loadu_ps(mask, bp + n0) : _mm512_setzero_ps();
-      int64_t m = 0;
-      // 8 rows a pass (32 vector registers hold their sums): each k's 16 bytes widened once for 8 FMAs
-      for (; m + 8 <= M; m += 8) block_rows_w8<8, 1>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask);
-      for (; m + 4 <= M; m += 4) block_rows_w8<4, 2>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask);
-      switch (M - m) {
-        case 3: block_rows_w8<3, 2>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask); break;
-        case 2: block_rows_w8<2, 4>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask); break;
-        case 1: block_rows_w8<1, 8>(blk, x + m * K, K, s, bb, y + m * N + n0, N, mask); break;
-        default: break;
-      }
-    }
-  });
+  gemv16(x, M, K, wp, nullptr, bp, Nb, N, y);
 }
 
 // Vector helpers of the decode step ---------------------------------------------------------------------------
@@ -901,9 +822,9 @@ struct Ops {
 const Ops kPortableOps{quantize_rows<float>, portable::gemv_i8, portable::gemv_f32, portable::gemv_w8, portable::round_bf16, portable::attend<float>,
                        portable::attend<at::BFloat16>, portable::activate, portable::residual};
 #ifdef GPTGEN_X86
-const Ops kAvx2Ops{avx2::quantize_v, avx2::gemv_i8_v, avx2::gemv_f32_v, avx2::gemv_w8_v, avx2::round_bf16, avx2::attend_v<float>,
+const Ops kAvx2Ops{avx2::quantize_v, avx2::gemv_i8_v, avx2::gemv_f32_v, avx2::gemv16_v<int8_t>, avx2::round_bf16, avx2::attend_v<float>,
                    avx2::attend_v<at::BFloat16>, avx2::activate_v, avx2::residual};
-const Ops kAvx512Ops{avx512::quantize, avx512::gemv_rows, avx512::gemv_f32, avx512::gemv_w8, static_cast<void (*)(float*, int64_t)>(avx512::round_bf16),
+const Ops kAvx512Ops{avx512::quantize, avx512::gemv_rows, avx512::gemv_f32, avx512::gemv16<int8_t>, static_cast<void (*)(float*, int64_t)>(avx512::round_bf16),
                      avx512::attend<float>, avx512::attend<at::BFloat16>, avx512::activate, avx512::residual};
 #endif
 
