@@ -1,10 +1,11 @@
 // gptgen's native kernels: the int8 x int8 product of quantize="int8-dynamic" (gptgen::int8_dynamic_linear)
-// and the one-token decode step of a float32 or int8-dynamic GPT (gptgen.Int8Decoder), on one of several
-// instruction-set paths chosen at run time (gptgen::set_isa, from gptgen.hardware's detection):
+// and the one-token decode step of a float32, int8-dynamic or weight-only int8 GPT (gptgen.Int8Decoder), on one
+// of several instruction-set paths chosen at run time (gptgen::set_isa, from gptgen.hardware's detection):
 //
 //   0 portable   plain C++ (generic.h) for the baseline instruction set: any CPU and compiler
-//   1 avx2       AVX2 + FMA: int8 sums by vpmaddubsw / vpmaddwd, fp32 products by FMA, generic.h vectorized
-//   2 avx512     AVX512F/BW/VL + AVX512-VNNI: int8 sums by vpdpbusd, 16-wide fp32 products and helpers
+//   1 avx2       AVX2 + FMA: int8 sums by vpmaddubsw / vpmaddwd, fp32 and int8-weight products by FMA, 8-wide
+//                quantization, attention and activation; the rest generic.h, vectorized by the compiler
+//   2 avx512     AVX512F/BW/VL + AVX512-VNNI: int8 sums by vpdpbusd, 16-wide products and helpers
 //   3 amx        the avx512 path, with AMX tiles (tdpbusd) for products of 5 rows or more
 //
 // The library is compiled for the baseline instruction set; each path's functions are compiled with their
@@ -13,8 +14,8 @@
 // (sdot) path would be one more namespace with the two products, like avx2's.
 //
 // A decode step multiplies one row (or a few) by every weight matrix once: its time is the time to stream
-// the weights. Weight-only int8 kernels convert every weight to floating point first and run below the
-// cache bandwidth; int8 x int8 sums leave the stream the only cost.
+// the weights. The weight-only int8 product widens each weight to float in registers (reading a quarter of
+// fp32's bytes, at two conversions per 16 weights and pass); int8 x int8 sums need no conversion at all.
 //
 // Layout: the weight (N, K) is packed as (ceil(N/16), Kp/4, 16, 4): for each block of 16 output rows, four
 // consecutive k of all 16 rows lie in one 64-byte line, the operand of one dpbusd (two vpmaddubsw on AVX2).
