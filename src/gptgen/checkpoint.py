@@ -233,8 +233,14 @@ def _read_config(directory: Path) -> dict:
         raise CheckpointError(f"Model directory {directory} does not exist.")
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {CONFIG_FILE}; it is not a model directory.")
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in the file at path (config.json, adapter_config.json); one sentence where it is not
+    valid JSON or not an object."""
     try:
-        data = json.loads(path.read_text("utf-8"))
+        data = json.loads(Path(path).read_text("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt).") from None
     if not isinstance(data, dict):

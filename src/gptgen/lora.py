@@ -249,19 +249,13 @@ def is_adapter_dir(directory: str | os.PathLike) -> bool:
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json, tensors under gptgen's names) of a peft LoRA adapter directory."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from .checkpoint import load_safetensors, read_json_object  # (checkpoint imports this module lazily too)
 
     directory = Path(directory)
     cfg_path = directory / ADAPTER_CONFIG
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory} has no {ADAPTER_CONFIG}; it is not a LoRA adapter directory.")
-    try:
-        config = json.loads(cfg_path.read_text("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{cfg_path} is not valid JSON (truncated or corrupt).") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{cfg_path} does not hold a JSON object.")
+    config = read_json_object(cfg_path)
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise CheckpointError(f"{directory} holds a {config.get('peft_type')} adapter; gptgen loads LoRA adapters only.")
     for key, ok in (("use_dora", False), ("bias", "none")):
@@ -273,10 +267,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
                               "gptgen loads LoRA A/B weights only.")
     weights = directory / ADAPTER_WEIGHTS
     if weights.is_file():
-        try:
-            raw = load_file(str(weights))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{weights} is truncated or corrupt ({exc}).") from None
+        raw = load_safetensors(weights)
     elif (directory / "adapter_model.bin").is_file():
         try:
             raw = torch.load(str(directory / "adapter_model.bin"), map_location="cpu", weights_only=True)
