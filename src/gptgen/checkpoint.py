@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import GPTConfig
 from .errors import CheckpointError, ConfigError
+from .files import load_safetensors, read_json_object
 from .model import GPT
 
 CONFIG_FILE = "config.json"
@@ -236,26 +236,6 @@ def _read_config(directory: Path) -> dict:
     return read_json_object(path)
 
 
-def read_json_object(path: Path) -> dict:
-    """The JSON object in the file at path (config.json, adapter_config.json); one sentence where it is not
-    valid JSON or not an object."""
-    try:
-        data = json.loads(Path(path).read_text("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt).") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object.")
-    return data
-
-
-def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent} has no weights file {path.name}.")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is truncated or corrupt ({exc}).") from None
-
 
 def resolve_dir(name_or_dir: str | os.PathLike, revision: str | None = None, *, config_only: bool = False) -> Path:
     """A local model directory for a directory, a Hub repo id ("user/repo@rev") or a KerasHub preset name."""
@@ -303,7 +283,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
     state, adapter = lora.split_lora_state(state)  # a LoRA run's checkpoint: base + adapter
     model = _build_with_state(config, state, directory)
     if adapter:  # loaded for use: the adapter folded into the weights (settings from adapter_config.json)
-        settings = json.loads((directory / lora.ADAPTER_CONFIG).read_text("utf-8")) if lora.is_adapter_dir(directory) else {}
+        settings = read_json_object(directory / lora.ADAPTER_CONFIG) if lora.is_adapter_dir(directory) else {}
         lora.apply_adapter(model, settings, adapter, where=str(directory))
         lora.merge_lora(model)
     model.name_or_path = str(directory)

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import CheckpointError, ConfigError
+from .files import load_safetensors, read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -249,7 +250,6 @@ def is_adapter_dir(directory: str | os.PathLike) -> bool:
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json, tensors under gptgen's names) of a peft LoRA adapter directory."""
-    from .checkpoint import load_safetensors, read_json_object  # (checkpoint imports this module lazily too)
 
     directory = Path(directory)
     cfg_path = directory / ADAPTER_CONFIG
