@@ -236,7 +236,6 @@ def _read_config(directory: Path) -> dict:
     return read_json_object(path)
 
 
-
 def resolve_dir(name_or_dir: str | os.PathLike, revision: str | None = None, *, config_only: bool = False) -> Path:
     """A local model directory for a directory, a Hub repo id ("user/repo@rev") or a KerasHub preset name."""
     from . import hub

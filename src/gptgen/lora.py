@@ -250,7 +250,6 @@ def is_adapter_dir(directory: str | os.PathLike) -> bool:
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json, tensors under gptgen's names) of a peft LoRA adapter directory."""
-
     directory = Path(directory)
     cfg_path = directory / ADAPTER_CONFIG
     if not cfg_path.is_file():

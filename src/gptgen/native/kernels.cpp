@@ -935,7 +935,7 @@ struct Int8Decoder : torch::CustomClassHolder {
     p.w8 = p.packed.scalar_type() == at::kChar && p.packed.dim() == 3;
     p.Nb = p.packed.size(0);
     p.Kp = p.f32 || p.w8 ? p.packed.size(1) : p.packed.size(1) * 4;
-    p.N = p.offset.numel();  // fp32 products: a placeholder of N elements
+    p.N = p.offset.numel();  // fp32 and w8 products: a placeholder of N elements
     return p;
   }
 
@@ -1017,22 +1017,18 @@ struct Int8Decoder : torch::CustomClassHolder {
 
   // out (B, p.N) = the product of in (B, p.K), rounded to the model's dtype
   void linear(const Product& p, const float* in, float* out, int64_t B, bool round = true) {
+    const float* bias = p.bias.numel() ? p.bias.data_ptr<float>() : nullptr;
     if (p.f32) {
-      ops().gemv_f32(in, B, p.K, p.packed.data_ptr<float>(), p.bias.numel() ? p.bias.data_ptr<float>() : nullptr, p.Nb, p.N, out);
-      if (round && bf16) ops().round_bf16(out, B * p.N);
-      return;
+      ops().gemv_f32(in, B, p.K, p.packed.data_ptr<float>(), bias, p.Nb, p.N, out);
+    } else if (p.w8) {
+      ops().gemv_w8(in, B, p.K, p.packed.data_ptr<int8_t>(), p.wscale.data_ptr<float>(), bias, p.Nb, p.N, out);
+    } else {
+      q.assign(padded_rows(B) * p.Kp, static_cast<uint8_t>(128));
+      xs.resize(B);
+      ops().quantize(in, B, p.K, p.Kp, q.data(), xs.data());
+      ops().gemv_i8(q.data(), xs.data(), B, p.Kp, p.packed.data_ptr<int8_t>(), p.offset.data_ptr<int32_t>(),
+                    p.wscale.data_ptr<float>(), bias, p.Nb, p.N, out);
     }
-    if (p.w8) {
-      ops().gemv_w8(in, B, p.K, p.packed.data_ptr<int8_t>(), p.wscale.data_ptr<float>(),
-                    p.bias.numel() ? p.bias.data_ptr<float>() : nullptr, p.Nb, p.N, out);
-      if (round && bf16) ops().round_bf16(out, B * p.N);
-      return;
-    }
-    q.assign(padded_rows(B) * p.Kp, static_cast<uint8_t>(128));
-    xs.resize(B);
-    ops().quantize(in, B, p.K, p.Kp, q.data(), xs.data());
-    ops().gemv_i8(q.data(), xs.data(), B, p.Kp, p.packed.data_ptr<int8_t>(), p.offset.data_ptr<int32_t>(),
-              p.wscale.data_ptr<float>(), p.bias.numel() ? p.bias.data_ptr<float>() : nullptr, p.Nb, p.N, out);
     if (round && bf16) ops().round_bf16(out, B * p.N);
   }
 
